@@ -1,0 +1,29 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="soup-megatron",
+    version="0.1.0",
+    description="SOUP (token-level single-sample mix-policy RL) post-training on megatron-core and SGLang",
+    python_requires=">=3.10",
+    packages=find_packages(include=["soup_megatron", "soup_megatron.*"]),
+    install_requires=[
+        "torch>=2.4",
+        "transformers>=4.57",
+        "tokenizers>=0.21",
+        "omegaconf>=2.3",
+        "math-verify>=0.8",
+        "safetensors>=0.4",
+        "tqdm",
+        "rich",
+        "matplotlib",
+        "tensorboard",
+        "pyarrow",
+    ],
+    extras_require={
+        "megatron": ["megatron-core>=0.13"],
+        "sglang": ["sglang>=0.5", "requests"],
+        "launch": ["nemo-run>=0.5", "leptonai<0.47"],
+        "dev": ["pytest>=8", "pytest-timeout"],
+    },
+    entry_points={"console_scripts": ["soup-megatron=soup_megatron.cli:main"]},
+)

@@ -1,0 +1,10 @@
+"""soup-megatron: SOUP (token-level single-sample mix-policy RL) post-training.
+
+Data flow, one package per stage: data/ (prompts) -> history/ (historical checkpoints, prefixes)
+-> rollout/ (continuations) -> reward.py -> algo/ (advantage, token-ratio loss) -> actor/ (update)
+-> trainer.py (weight sync, history rotation, checkpoints).
+"""
+
+from transformers.utils import logging as _hf_logging
+
+_hf_logging.disable_progress_bar()  # per-save shard bars would drown the run's own progress bar

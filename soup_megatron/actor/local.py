@@ -1,0 +1,88 @@
+"""Local PyTorch actor on the Hugging Face model (CPU or one GPU), micro-batched."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from ..algo.loss import LossConfig, aggregation_weights, loss_mask, soup_loss
+from ..config import ActorConfig
+from ..model.hf import load_model, load_weights_into, read_state_dict, token_logprobs
+from .base import TokenBatch, trim
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+class LocalActor:
+    def __init__(self, model_path: str | Path, cfg: ActorConfig):
+        self.model_path = Path(model_path)
+        self.model = load_model(model_path)
+        self.cfg = cfg
+        self.version = 0
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    def _micro_batches(self, batch: TokenBatch):
+        for start in range(0, len(batch), self.cfg.micro_batch_size):
+            yield trim(batch.select(torch.arange(start, min(start + self.cfg.micro_batch_size, len(batch)))))
+
+    @torch.no_grad()
+    def logprobs(self, batch: TokenBatch, temperature: float, with_entropy: bool = False):
+        self.model.eval()
+        width = batch.input_ids.shape[1] - 1
+        logp = torch.zeros(len(batch), width)
+        entropy = torch.zeros(len(batch), width) if with_entropy else None
+        for start, mb in zip(range(0, len(batch), self.cfg.micro_batch_size), self._micro_batches(batch)):
+            lp, ent = token_logprobs(self.model, mb.input_ids, mb.attention_mask, temperature, with_entropy)
+            logp[start: start + len(mb), : lp.shape[1]] = lp
+            if with_entropy:
+                entropy[start: start + len(mb), : ent.shape[1]] = ent
+        return logp, entropy
+
+    def train_minibatch(self, batch: TokenBatch, loss_cfg: LossConfig, temperature: float) -> dict:
+        self.model.train()
+        mask = loss_mask(batch.segment, loss_cfg.prefix_mode)
+        num_tokens = float(mask.sum())
+        self.optimizer.zero_grad(set_to_none=True)
+        total_loss = 0.0
+        stats = {"ratio": [], "clipped": [], "entropy": [], "segment": []}
+        for mb in self._micro_batches(batch):
+            logp, entropy = token_logprobs(self.model, mb.input_ids, mb.attention_mask, temperature, True)  # entropy is logged per segment
+            weights = aggregation_weights(loss_mask(mb.segment, loss_cfg.prefix_mode), loss_cfg.loss_agg,
+                                          len(batch), num_tokens)
+            loss, tok = soup_loss(logp, mb.old_logp, mb.behaviour_logp, mb.advantages, mb.segment, weights,
+                                  loss_cfg, entropy=entropy, ref_logp=mb.ref_logp)
+            loss.backward()
+            total_loss += loss.item()
+            for key, value in (("ratio", tok["ratio"]), ("clipped", tok["clipped"]),
+                               ("entropy", entropy.detach()), ("segment", mb.segment)):
+                stats[key].append(value.flatten())
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.optimizer.step()
+        self.model.eval()
+        out = {k: torch.cat(v) for k, v in stats.items()}
+        out.update(loss=total_loss, grad_norm=float(grad_norm))
+        return out
+
+    def rollout_weights(self):
+        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+    def save_hf(self, path: Path) -> None:
+        path = Path(path)
+        self.model.save_pretrained(path)
+        for name in TOKENIZER_FILES:
+            if (self.model_path / name).is_file():
+                shutil.copy2(self.model_path / name, path / name)
+
+    def save_state(self, path: Path) -> None:
+        path = Path(path)
+        self.save_hf(path / "model")
+        torch.save({"optimizer": self.optimizer.state_dict(), "version": self.version}, path / "optimizer.pt")
+
+    def load_state(self, path: Path) -> None:
+        path = Path(path)
+        load_weights_into(self.model, read_state_dict(path / "model"))
+        state = torch.load(path / "optimizer.pt", weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.version = state["version"]

@@ -1,0 +1,272 @@
+"""Typed run configuration: OmegaConf YAML + dotted command-line overrides, validated at start-up.
+
+Every switch of the SOUP specification lives here with its default. `load_config` refuses an unknown
+key, a wrong type or an inconsistent value before any work starts, naming the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A configuration value the run cannot start with."""
+
+
+@dataclass
+class TinyModelConfig:
+    """Architecture and SFT warm-start of the locally built demo model (`soup-megatron prepare`)."""
+
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 384
+    sft_steps: int = 300
+    sft_batch_size: int = 64
+    sft_lr: float = 3e-3
+    sft_examples: int = 4000
+
+
+@dataclass
+class ModelConfig:
+    path: str = "runs/tiny_model"  # an ordinary HF checkpoint directory (config.json, safetensors, tokenizer)
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+
+
+@dataclass
+class ArithmeticConfig:
+    """Built-in verifiable task: sums worked step by step, one line per step, then `A: <answer>`."""
+
+    min_terms: int = 3
+    max_terms: int = 4
+    max_operand: int = 99
+
+
+@dataclass
+class DataConfig:
+    source: str = "arithmetic"  # arithmetic | file
+    train_path: str = ""  # JSONL or Parquet, with source=file
+    heldout_path: str = ""
+    prompt_field: str = "prompt"
+    answer_field: str = "answer"
+    template: str = "{prompt}"  # how a prompt is laid out for the model; `{prompt}` is the row's text
+    train_size: int = 2000  # built-in task only
+    heldout_size: int = 200
+    arithmetic: ArithmeticConfig = field(default_factory=ArithmeticConfig)
+
+
+@dataclass
+class RewardConfig:
+    type: str = "exact"  # exact | math_verify | custom
+    function: str = ""  # custom: "package.module:function(response, answer) -> float"
+
+
+@dataclass
+class RolloutConfig:
+    backend: str = "local"
+    prompts_per_step: int = 16  # B
+    group_size: int = 8  # G
+    max_response_len: int = 48
+    temperature: float = 1.0
+    threads: int = 0  # torch threads of a background engine process; 0 = leave torch's default
+
+
+@dataclass
+class SoupConfig:
+    mode: str = "token"  # token (SOUP) | trajectory (whole historical trajectories join the group)
+    mix_fraction: float = 0.5  # share of each group that is mixed; 0.0 is GRPO
+    prefix_source: str = "checkpoint"  # checkpoint | replay
+    cut_min: float = 0.2
+    cut_max: float = 0.8
+    cut_at: str = "token"  # token | line
+    prefix_mode: str = "clip"  # clip | decoupled | shaped | mask
+    prefix_clip: Optional[float] = None  # clip range of prefix tokens in `clip` mode; None = algo's
+    is_cap: float = 2.0  # decoupled: cap of the behaviour weight pi_old / pi_h
+    shaping_gamma: float = 0.1  # shaped: r / (r + gamma)
+    lookahead: int = 2  # batches of prefixes generated ahead of the trainer; 0 = on the critical path
+    replay_per_prompt: int = 4  # replay: past rollouts kept per prompt
+
+
+@dataclass
+class HistoryConfig:
+    keep: int = 4
+    interval: int = 10
+    pick: str = "uniform"  # uniform | newest | oldest
+
+
+@dataclass
+class AlgoConfig:
+    adv_norm: str = "std"  # std | none (Dr.GRPO)
+    adv_eps: float = 1e-6
+    loss_agg: str = "token_mean"  # token_mean | seq_mean_token_mean | seq_mean_token_sum
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    kl_coef: float = 0.0
+    entropy_coef: float = 0.0
+    epochs: int = 1
+    minibatches: int = 2  # optimizer steps per epoch; the step's samples are split evenly
+
+
+@dataclass
+class ActorConfig:
+    backend: str = "local"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    micro_batch_size: int = 64
+
+
+@dataclass
+class TrainerConfig:
+    steps: int = 60
+    out_dir: str = "runs/soup"
+    eval_interval: int = 10
+    eval_pass_samples: int = 4  # samples per held-out prompt for pass@1; greedy accuracy is always computed
+    save_interval: int = 5
+    keep_checkpoints: int = 2
+    tensorboard: bool = True
+    plots: bool = True
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    seed: int = 1
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    soup: SoupConfig = field(default_factory=SoupConfig)
+    history: HistoryConfig = field(default_factory=HistoryConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    actor: ActorConfig = field(default_factory=ActorConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+CHOICES = {
+    "data.source": ("arithmetic", "file"),
+    "reward.type": ("exact", "math_verify", "custom"),
+    "rollout.backend": ("local",),
+    "soup.mode": ("token", "trajectory"),
+    "soup.prefix_source": ("checkpoint", "replay"),
+    "soup.cut_at": ("token", "line"),
+    "soup.prefix_mode": ("clip", "decoupled", "shaped", "mask"),
+    "history.pick": ("uniform", "newest", "oldest"),
+    "algo.adv_norm": ("std", "none"),
+    "algo.loss_agg": ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum"),
+    "actor.backend": ("local",),
+}
+
+# (key, predicate, what is allowed)
+RULES = [
+    ("soup.mix_fraction", lambda c: 0.0 <= c.soup.mix_fraction <= 1.0, "a number in [0, 1]"),
+    ("soup.cut_min", lambda c: 0.0 <= c.soup.cut_min <= 1.0, "a number in [0, 1]"),
+    ("soup.cut_max", lambda c: 0.0 <= c.soup.cut_max <= 1.0, "a number in [0, 1]"),
+    ("soup.cut_min", lambda c: c.soup.cut_min <= c.soup.cut_max, "at most soup.cut_max"),
+    ("soup.prefix_clip", lambda c: c.soup.prefix_clip is None or c.soup.prefix_clip > 0, "null or > 0"),
+    ("soup.is_cap", lambda c: c.soup.is_cap > 0, "> 0"),
+    ("soup.shaping_gamma", lambda c: c.soup.shaping_gamma > 0, "> 0"),
+    ("soup.lookahead", lambda c: c.soup.lookahead >= 0, ">= 0"),
+    ("soup.replay_per_prompt", lambda c: c.soup.replay_per_prompt >= 1, ">= 1"),
+    ("history.keep", lambda c: c.history.keep >= 1, ">= 1"),
+    ("history.interval", lambda c: c.history.interval >= 1, ">= 1"),
+    ("rollout.prompts_per_step", lambda c: c.rollout.prompts_per_step >= 1, ">= 1"),
+    ("rollout.group_size", lambda c: c.rollout.group_size >= 2, ">= 2 (group advantages need two samples)"),
+    ("rollout.max_response_len", lambda c: c.rollout.max_response_len >= 1, ">= 1"),
+    ("rollout.temperature", lambda c: c.rollout.temperature > 0, "> 0"),
+    ("rollout.threads", lambda c: c.rollout.threads >= 0, ">= 0"),
+    ("algo.clip_low", lambda c: 0 < c.algo.clip_low < 1, "in (0, 1)"),
+    ("algo.clip_high", lambda c: c.algo.clip_high > 0, "> 0"),
+    ("algo.kl_coef", lambda c: c.algo.kl_coef >= 0, ">= 0"),
+    ("algo.entropy_coef", lambda c: c.algo.entropy_coef >= 0, ">= 0"),
+    ("algo.epochs", lambda c: c.algo.epochs >= 1, ">= 1"),
+    ("algo.minibatches", lambda c: c.algo.minibatches >= 1, ">= 1"),
+    (
+        "algo.minibatches",
+        lambda c: (c.rollout.prompts_per_step * c.rollout.group_size) % c.algo.minibatches == 0,
+        "a divisor of rollout.prompts_per_step * rollout.group_size",
+    ),
+    ("actor.lr", lambda c: c.actor.lr > 0, "> 0"),
+    ("actor.micro_batch_size", lambda c: c.actor.micro_batch_size >= 1, ">= 1"),
+    ("trainer.steps", lambda c: c.trainer.steps >= 0, ">= 0"),
+    ("trainer.eval_interval", lambda c: c.trainer.eval_interval >= 0, ">= 0 (0 = only at start and end)"),
+    ("trainer.save_interval", lambda c: c.trainer.save_interval >= 1, ">= 1"),
+    ("trainer.keep_checkpoints", lambda c: c.trainer.keep_checkpoints >= 1, ">= 1"),
+    ("data.train_path", lambda c: c.data.source != "file" or bool(c.data.train_path), "a path when data.source=file"),
+    ("data.heldout_path", lambda c: c.data.source != "file" or bool(c.data.heldout_path), "a path when data.source=file"),
+    ("data.template", lambda c: "{prompt}" in c.data.template, "a string containing {prompt}"),
+    ("reward.function", lambda c: c.reward.type != "custom" or ":" in c.reward.function, "'module:function' when reward.type=custom"),
+    ("data.arithmetic.min_terms", lambda c: 2 <= c.data.arithmetic.min_terms <= c.data.arithmetic.max_terms, ">= 2 and <= data.arithmetic.max_terms"),
+    ("data.arithmetic.max_operand", lambda c: c.data.arithmetic.max_operand >= 1, ">= 1"),
+]
+
+
+def _allowed_keys(full_key: str) -> list[str]:
+    """Field names of the section that holds `full_key` (for the unknown-key message)."""
+    obj: Any = Config()
+    for part in full_key.split(".")[:-1]:
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return []
+    return [f.name for f in fields(obj)] if is_dataclass(obj) else []
+
+
+def _merge(base, layer, source: str):
+    try:
+        return OmegaConf.merge(base, layer)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or ""
+        msg = getattr(exc, "msg", str(exc)).splitlines()[0]
+        if "not in struct" in msg or ("Key '" in msg and "not in" in msg):
+            allowed = ", ".join(_allowed_keys(key))
+            raise ConfigError(f"{source}: unknown key '{key}'. Allowed here: {allowed}") from None
+        raise ConfigError(f"{source}: bad value for '{key}': {msg}") from None
+
+
+def load_config(path: Optional[str] = None, overrides: tuple[str, ...] | list[str] = ()) -> Config:
+    """YAML file (optional) then `a.b=value` overrides onto the typed defaults; validated."""
+    merged = OmegaConf.structured(Config)
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            layer = OmegaConf.load(p)
+        except Exception as exc:  # YAML syntax errors come in several exception types
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        merged = _merge(merged, layer, str(path))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like key=value (for example trainer.steps=20)")
+        try:
+            layer = OmegaConf.from_dotlist([item])
+        except OmegaConfBaseException as exc:
+            raise ConfigError(f"override '{item}': {exc}") from None
+        merged = _merge(merged, layer, f"override '{item}'")
+    cfg: Config = OmegaConf.to_object(merged)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    for key, allowed in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r} is not allowed; choose one of: {', '.join(allowed)}")
+    for key, ok, what in RULES:
+        if not ok(cfg):
+            value = cfg
+            for part in key.split("."):
+                value = getattr(value, part)
+            raise ConfigError(f"{key}={value!r} is not allowed; expected {what}")
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

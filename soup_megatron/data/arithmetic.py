@@ -1,0 +1,71 @@
+"""Built-in verifiable task: multi-term sums worked one step per line, ending with an answer line.
+
+    prompt:   "17+5+40=?\n"
+    response: "17+5=22\n22+40=62\nA: 62"
+
+Seeded and split by a hash of the problem text, so the held-out set never overlaps the training set.
+"""
+
+from __future__ import annotations
+
+import random
+import zlib
+
+from .prompts import Prompt
+
+ANSWER_PREFIX = "A: "
+
+
+def _problem(rng: random.Random, min_terms: int, max_terms: int, max_operand: int) -> list[int]:
+    return [rng.randint(1, max_operand) for _ in range(rng.randint(min_terms, max_terms))]
+
+
+def prompt_text(terms: list[int]) -> str:
+    return "+".join(map(str, terms)) + "=?\n"
+
+
+def worked_solution(terms: list[int]) -> str:
+    lines, total = [], terms[0]
+    for term in terms[1:]:
+        lines.append(f"{total}+{term}={total + term}")
+        total += term
+    return "\n".join(lines) + f"\n{ANSWER_PREFIX}{total}"
+
+
+def _is_heldout(text: str) -> bool:
+    return zlib.crc32(text.encode()) % 10 == 0
+
+
+def make_split(split: str, size: int, seed: int, min_terms: int, max_terms: int, max_operand: int) -> list[Prompt]:
+    """`size` distinct problems of the `train` or `heldout` split (disjoint by construction)."""
+    if split not in ("train", "heldout"):
+        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+    rng = random.Random(f"arithmetic-{seed}-{split}")
+    want_heldout = split == "heldout"
+    seen: set[str] = set()
+    out: list[Prompt] = []
+    attempts = 0
+    while len(out) < size:
+        attempts += 1
+        if attempts > 200 * size + 1000:
+            raise ValueError(
+                f"data.arithmetic: cannot find {size} distinct {split} problems with terms in "
+                f"[{min_terms}, {max_terms}] and operands up to {max_operand}; widen the task or ask for fewer"
+            )
+        terms = _problem(rng, min_terms, max_terms, max_operand)
+        text = prompt_text(terms)
+        if text in seen or _is_heldout(text) != want_heldout:
+            continue
+        seen.add(text)
+        out.append(Prompt(uid=f"{split}-{len(out)}", text=text, answer=str(sum(terms)),
+                          solution=worked_solution(terms)))
+    return out
+
+
+def extract_answer(response: str) -> str | None:
+    """The text after the last `A: ` line marker, or None when the response never answered."""
+    idx = response.rfind(ANSWER_PREFIX)
+    if idx < 0:
+        return None
+    rest = response[idx + len(ANSWER_PREFIX):].strip()
+    return rest.splitlines()[0] if rest else ""

@@ -1,0 +1,110 @@
+"""Prompts: the rows a run trains and evaluates on, from local JSONL / Parquet or the built-in task.
+
+A malformed row is refused with the file, the line (row) and the field named. The order prompts are
+drawn in is a pure function of (seed, step), so a resumed run sees exactly the same batches.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import DataConfig
+
+
+class DataError(ValueError):
+    """A data file or row that cannot be used."""
+
+
+@dataclass(frozen=True)
+class Prompt:
+    uid: str  # stable id: replay buffers and prefix caches are keyed by it
+    text: str  # already laid out by data.template
+    answer: str
+    solution: str = ""  # a reference solution where the source has one (SFT warm start)
+
+
+def _rows(path: Path) -> list[tuple[int, object]]:
+    """(line number, row) pairs; line numbers are 1-based file lines for JSONL, row numbers for Parquet."""
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    if path.suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(path)
+        except Exception as exc:
+            raise DataError(f"{path}: cannot read Parquet: {exc}") from None
+        return list(enumerate(table.to_pylist(), start=1))
+    if path.suffix not in (".jsonl", ".json"):
+        raise DataError(f"{path}: expected a .jsonl or .parquet file")
+    rows = []
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append((lineno, json.loads(line)))
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+    return rows
+
+
+def _field(path: Path, lineno: int, row: object, name: str) -> str:
+    if not isinstance(row, dict):
+        raise DataError(f"{path}:{lineno}: expected an object with field '{name}', got {type(row).__name__}")
+    if name not in row:
+        raise DataError(f"{path}:{lineno}: missing field '{name}' (row has: {', '.join(map(str, row)) or 'nothing'})")
+    value = row[name]
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise DataError(f"{path}:{lineno}: field '{name}' must be a string or a number, got {type(value).__name__}")
+    text = str(value)
+    if not text.strip():
+        raise DataError(f"{path}:{lineno}: field '{name}' is empty")
+    return text
+
+
+def load_file(path: str | Path, prompt_field: str, answer_field: str, template: str = "{prompt}") -> list[Prompt]:
+    path = Path(path)
+    prompts = []
+    for lineno, row in _rows(path):
+        text = _field(path, lineno, row, prompt_field)
+        answer = _field(path, lineno, row, answer_field)
+        prompts.append(Prompt(uid=f"{path.name}:{lineno}", text=template.format(prompt=text), answer=answer))
+    if not prompts:
+        raise DataError(f"{path}: no rows")
+    return prompts
+
+
+def load_splits(cfg: DataConfig, seed: int) -> tuple[list[Prompt], list[Prompt]]:
+    """(train, heldout) prompts for a run."""
+    if cfg.source == "file":
+        return (load_file(cfg.train_path, cfg.prompt_field, cfg.answer_field, cfg.template),
+                load_file(cfg.heldout_path, cfg.prompt_field, cfg.answer_field, cfg.template))
+    from .arithmetic import make_split
+
+    a = cfg.arithmetic
+    return tuple(  # type: ignore[return-value]
+        [Prompt(p.uid, cfg.template.format(prompt=p.text), p.answer, p.solution)
+         for p in make_split(split, size, seed, a.min_terms, a.max_terms, a.max_operand)]
+        for split, size in (("train", cfg.train_size), ("heldout", cfg.heldout_size))
+    )
+
+
+def prompts_for_step(prompts: list[Prompt], step: int, batch: int, seed: int) -> list[Prompt]:
+    """The `batch` prompts of training step `step` (0-based): epochs of seeded permutations, concatenated."""
+    out = []
+    for pos in range(step * batch, (step + 1) * batch):
+        epoch, offset = divmod(pos, len(prompts))
+        out.append(prompts[_epoch_order(len(prompts), seed, epoch)[offset]])
+    return out
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(n: int, seed: int, epoch: int) -> tuple[int, ...]:
+    order = list(range(n))
+    random.Random(f"order-{seed}-{epoch}").shuffle(order)
+    return tuple(order)

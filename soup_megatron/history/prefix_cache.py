@@ -1,0 +1,146 @@
+"""`prefix_source = checkpoint`: historical trajectories generated ahead of the trainer.
+
+Historical weights are fixed, so the trajectories for step t can be written while the trainer is
+still on step t - lookahead. A worker process holds its own rollout engine, loads the checkpoints
+it is asked for from the history store, and fills one job per step in order.
+
+Determinism (a resumed run must match an uninterrupted one): the job for step t is created when the
+trainer starts step t - lookahead, with the pool as it is at that moment (the snapshot) and a seed
+derived from (seed, t); both are saved in trainer checkpoints, so a resumed run regenerates exactly
+the same trajectories. Every version a job may read is pinned in the store until the job is taken.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import queue
+import random
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from ..rollout import build_engine
+from ..rollout.base import GenerationRequest
+from ..sample import Sample, Trajectory
+from .base import pick_versions
+from .store import CheckpointStore
+
+# slots planned for a step: (prompt uid, prompt token ids), one per historical trajectory needed
+Plan = Callable[[int], list[tuple[str, tuple[int, ...]]]]
+
+
+@dataclass
+class PrefixJob:
+    step: int
+    snapshot: list[int]
+    uids: list[str]
+    prompt_ids: list[tuple[int, ...]]
+    versions: list[int]
+    paths: dict[int, str]
+    max_new_tokens: int
+    temperature: float
+    seed: int
+
+
+def _worker(backend: str, threads: int, jobs: mp.Queue, results: mp.Queue) -> None:
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    engine = None
+    while True:
+        job: Optional[PrefixJob] = jobs.get()
+        if job is None:
+            return
+        try:
+            started = time.perf_counter()
+            out: list[Optional[Trajectory]] = [None] * len(job.uids)
+            for version in sorted(set(job.versions)):
+                if engine is None:
+                    engine = build_engine(backend, job.paths[version], version)
+                elif engine.version != version:
+                    engine.load_weights(Path(job.paths[version]), version)
+                rows = [i for i, v in enumerate(job.versions) if v == version]
+                gens = engine.generate(
+                    [GenerationRequest(job.prompt_ids[i], (), job.max_new_tokens) for i in rows],
+                    job.temperature, job.seed + version)
+                for i, g in zip(rows, gens):
+                    out[i] = Trajectory(job.uids[i], g.token_ids, g.logprobs, [version] * len(g.token_ids),
+                                        g.finish_reason == "stop")
+            results.put((job.step, out, time.perf_counter() - started, None))
+        except Exception:
+            results.put((job.step, None, 0.0, traceback.format_exc()))
+
+
+class PrefixCache:
+    def __init__(self, store: CheckpointStore, plan: Plan, *, lookahead: int, pick: str, seed: int,
+                 max_new_tokens: int, temperature: float, backend: str = "local", threads: int = 0):
+        self.store, self.plan, self.lookahead, self.pick, self.seed = store, plan, lookahead, pick, seed
+        self.max_new_tokens, self.temperature = max_new_tokens, temperature
+        ctx = mp.get_context("spawn")
+        self._jobs, self._results = ctx.Queue(), ctx.Queue()
+        self._proc = ctx.Process(target=_worker, args=(backend, threads, self._jobs, self._results),
+                                 name="soup-prefix-worker", daemon=True)
+        self._proc.start()
+        self._pending: dict[int, tuple[list[int], list[int]]] = {}  # step -> (snapshot, picked versions)
+        self._done: dict[int, list[Trajectory]] = {}
+        self.generation_seconds: dict[int, float] = {}
+
+    def _submit(self, step: int, snapshot: list[int]) -> None:
+        slots = self.plan(step)
+        versions = pick_versions(snapshot, len(slots), self.pick, random.Random(f"pick-{self.seed}-{step}"))
+        self.store.pin(f"prefix-{step}", versions)
+        self._pending[step] = (list(snapshot), versions)
+        self._jobs.put(PrefixJob(
+            step=step, snapshot=list(snapshot), uids=[u for u, _ in slots], prompt_ids=[p for _, p in slots],
+            versions=versions, paths={v: str(self.store.path(v)) for v in set(versions)},
+            max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+            seed=random.Random(f"prefix-{self.seed}-{step}").randrange(2**31)))
+
+    def schedule(self, step: int) -> None:
+        for t in range(step, step + self.lookahead + 1):
+            if t not in self._pending and t not in self._done:
+                self._submit(t, self.store.members())
+
+    def take(self, step: int) -> list[Optional[Trajectory]]:
+        if step not in self._pending and step not in self._done:
+            raise RuntimeError(f"prefixes for step {step} were never scheduled")
+        while step not in self._done:
+            try:
+                done_step, trajs, seconds, error = self._results.get(timeout=1.0)
+            except queue.Empty:
+                if not self._proc.is_alive():
+                    raise RuntimeError(f"the prefix worker died (exit code {self._proc.exitcode}) "
+                                       f"while step {step} was pending") from None
+                continue
+            if error:
+                raise RuntimeError(f"prefix generation for step {done_step} failed in the worker:\n{error}")
+            self._done[done_step] = trajs
+            self.generation_seconds[done_step] = seconds
+        self._pending.pop(step, None)
+        self.store.unpin(f"prefix-{step}")
+        return self._done.pop(step)
+
+    def record(self, samples: Sequence[Sample]) -> None:
+        pass  # historical checkpoints, not past rollouts, write these prefixes
+
+    def state(self) -> dict:
+        return {"pending": {str(t): snapshot for t, (snapshot, _) in sorted(self._pending.items())}}
+
+    def restore(self, state: dict) -> None:
+        for t, snapshot in sorted((int(t), s) for t, s in state.get("pending", {}).items()):
+            self._submit(t, snapshot)
+
+    def pinned_versions(self) -> set[int]:
+        """Versions the pending jobs read (a trainer checkpoint must keep them to resume)."""
+        return {v for _, versions in self._pending.values() for v in versions}
+
+    def close(self) -> None:
+        if self._proc.is_alive():
+            self._jobs.put(None)
+            self._proc.join(timeout=10)
+            if self._proc.is_alive():
+                self._proc.terminate()
+                self._proc.join(timeout=5)

@@ -1,0 +1,89 @@
+"""Hugging Face model helpers shared by the local actor and the in-process rollout engine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be loaded."""
+
+
+def load_model(path: str | Path):
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path}: not an HF checkpoint directory (no config.json); "
+                              "for the demo run `soup-megatron prepare --config configs/tiny_cpu.yaml` first")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model.eval()
+    return model
+
+
+def load_tokenizer(path: str | Path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(Path(path))
+    if tok.eos_token_id is None:
+        raise CheckpointError(f"{path}: tokenizer has no eos_token")
+    return tok
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of an HF checkpoint directory (single or sharded safetensors)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{path}: no *.safetensors weights")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(f))
+    return state
+
+
+def load_weights_into(model, source: Path | Mapping[str, torch.Tensor]) -> None:
+    """Copy weights into `model`; refuses (and changes nothing) when names or shapes do not match."""
+    state = read_state_dict(source) if isinstance(source, (str, Path)) else source
+    own = model.state_dict()
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    missing = [k for k in own if k not in state and not (tied and k == "lm_head.weight")]
+    unexpected = [k for k in state if k not in own]
+    bad = [k for k in state if k in own and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or bad:
+        raise CheckpointError(
+            f"weights do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}, wrong shape {bad[:3]}")
+    with torch.no_grad():
+        for k, v in state.items():
+            own[k].copy_(v)
+
+
+def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 1.0,
+                   with_entropy: bool = False):
+    """Log-prob of token t given tokens < t, for t >= 1 (shape [N, T-1]); entropy of the same
+    distributions when asked. Right padding is assumed (position ids are plain ranges)."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    logp_all = F.log_softmax(logits, dim=-1)
+    logp = logp_all.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    if not with_entropy:
+        return logp, None
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, entropy
+
+
+def right_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(list(r), dtype=torch.long)
+        mask[i, : len(r)] = 1
+    return ids, mask

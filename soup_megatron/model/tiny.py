@@ -1,0 +1,108 @@
+"""The demo model, made locally with nothing downloaded: a character tokenizer built with `tokenizers`
+and a ~1M-parameter Qwen2 (`transformers`), saved as an ordinary HF checkpoint directory, then
+warm-started by a short SFT on the built-in task so the starting policy is weak but not hopeless.
+"""
+
+from __future__ import annotations
+
+import math
+import string
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..config import Config
+from ..data.prompts import load_splits
+from ..io import atomic_dir
+
+EOS = "<|endoftext|>"
+UNK = "<unk>"
+
+
+def build_tokenizer():
+    """Character-level fast tokenizer over printable ASCII (each character is one token)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = sorted(set(string.printable) - set("\t\r\x0b\x0c"))
+    vocab = {tok: i for i, tok in enumerate([EOS, UNK] + chars)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS, unk_token=UNK)
+
+
+def build_model(cfg: Config, vocab_size: int, eos_id: int):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    t = cfg.model.tiny
+    hf_cfg = Qwen2Config(
+        vocab_size=vocab_size,
+        hidden_size=t.hidden_size,
+        num_hidden_layers=t.num_layers,
+        num_attention_heads=t.num_heads,
+        num_key_value_heads=t.num_kv_heads,
+        intermediate_size=t.intermediate_size,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=eos_id,
+        eos_token_id=eos_id,
+        pad_token_id=eos_id,
+    )
+    torch.manual_seed(cfg.seed)
+    return Qwen2ForCausalLM(hf_cfg)
+
+
+def sft_batches(tokenizer, examples: list[tuple[str, str]], batch_size: int, steps: int, seed: int):
+    """Right-padded (input_ids, labels) batches; labels mask the prompt so only the response is learned."""
+    gen = torch.Generator().manual_seed(seed)
+    eos = tokenizer.eos_token_id
+    encoded = []
+    for prompt, solution in examples:
+        p = tokenizer.encode(prompt)
+        r = tokenizer.encode(solution) + [eos]
+        encoded.append((p + r, [-100] * len(p) + r))
+    for _ in range(steps):
+        idx = torch.randint(len(encoded), (batch_size,), generator=gen).tolist()
+        width = max(len(encoded[i][0]) for i in idx)
+        ids = torch.full((batch_size, width), eos)
+        labels = torch.full((batch_size, width), -100)
+        for row, i in enumerate(idx):
+            seq, lab = encoded[i]
+            ids[row, : len(seq)] = torch.tensor(seq)
+            labels[row, : len(lab)] = torch.tensor(lab)
+        yield ids, labels
+
+
+def prepare_tiny_model(cfg: Config, progress: bool = True) -> Path:
+    """Build tokenizer + model, SFT them on the task's training split, save to `model.path` atomically."""
+    if cfg.data.source != "arithmetic":
+        raise ValueError("prepare builds the demo model for the built-in task; set data.source=arithmetic")
+    out = Path(cfg.model.path)
+    tokenizer = build_tokenizer()
+    model = build_model(cfg, len(tokenizer), tokenizer.eos_token_id)
+    t = cfg.model.tiny
+    train, _ = load_splits(cfg.data, cfg.seed)
+    examples = [(p.text, p.solution) for p in train[: t.sft_examples]]
+    opt = torch.optim.AdamW(model.parameters(), lr=t.sft_lr, weight_decay=0.0)
+    warmup = max(1, t.sft_steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / t.sft_steps)))
+    )
+    model.train()
+    bar = tqdm(sft_batches(tokenizer, examples, t.sft_batch_size, t.sft_steps, cfg.seed),
+               total=t.sft_steps, desc="SFT warm start", disable=not progress)
+    for ids, labels in bar:
+        loss = model(input_ids=ids, labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return out

@@ -1,0 +1,98 @@
+"""In-process rollout engine on `transformers`: batched sampling with a KV cache.
+
+Finished rows leave the batch (their cache rows are dropped), so a batch whose rows need fewer new
+tokens, as SOUP continuations do, costs fewer decode FLOPs than a batch of full on-policy samples.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..model.hf import load_model, load_tokenizer, load_weights_into, right_pad, token_logprobs
+from .base import Generation, GenerationRequest, WeightSource
+
+
+class LocalEngine:
+    def __init__(self, model_path: str | Path, version: int = 0, max_batch: int = 256):
+        self.model = load_model(model_path)
+        self.eos_id = load_tokenizer(model_path).eos_token_id
+        self.version = version
+        self.max_batch = max_batch
+
+    def load_weights(self, source: WeightSource, version: int) -> None:
+        load_weights_into(self.model, source)
+        self.version = version
+
+    @torch.no_grad()
+    def generate(self, requests: Sequence[GenerationRequest], temperature: float, seed: int) -> list[Generation]:
+        gen = torch.Generator().manual_seed(seed)
+        out: list[Generation] = []
+        for start in range(0, len(requests), self.max_batch):
+            out.extend(self._generate_batch(requests[start: start + self.max_batch], temperature, gen))
+        return out
+
+    def _generate_batch(self, requests, temperature: float, gen: torch.Generator) -> list[Generation]:
+        n = len(requests)
+        contexts = [list(r.prompt_ids) + list(r.prefix_ids) for r in requests]
+        width = max(len(c) for c in contexts)
+        ids = torch.full((n, width), self.eos_id, dtype=torch.long)
+        mask = torch.zeros((n, width), dtype=torch.long)
+        for i, c in enumerate(contexts):  # left padding: every row's next token sits in the last column
+            ids[i, width - len(c):] = torch.tensor(c)
+            mask[i, width - len(c):] = 1
+        budget = torch.tensor([r.max_new_tokens for r in requests])
+        results = [Generation([], [], "length", self.version) for _ in requests]
+        active = torch.arange(n)[budget > 0]
+        if len(active) == 0:
+            return results
+        ids, mask, budget = ids[active], mask[active], budget[active]
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = None
+        step_ids, step_pos = ids, positions
+        produced = 0
+        while len(active):
+            out = self.model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos,
+                             past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            logits = out.logits[:, -1].float()
+            if temperature > 0:
+                logp_all = F.log_softmax(logits / temperature, dim=-1)
+                token = torch.multinomial(logp_all.exp(), 1, generator=gen).squeeze(-1)
+            else:
+                logp_all = F.log_softmax(logits, dim=-1)
+                token = logp_all.argmax(-1)
+            logp = logp_all.gather(-1, token[:, None]).squeeze(-1)
+            produced += 1
+            done = (token == self.eos_id) | (budget <= produced)
+            for row, idx in enumerate(active.tolist()):
+                res = results[idx]
+                res.token_ids.append(int(token[row]))
+                res.logprobs.append(float(logp[row]))
+                if token[row] == self.eos_id:
+                    res.finish_reason = "stop"
+            keep = (~done).nonzero().squeeze(-1)
+            if len(keep) == 0:
+                break
+            if len(keep) < len(active):
+                cache.batch_select_indices(keep)
+                active, mask, budget, token = active[keep], mask[keep], budget[keep], token[keep]
+                step_pos = step_pos[keep]
+            mask = torch.cat([mask, torch.ones((len(active), 1), dtype=mask.dtype)], dim=1)
+            step_pos = step_pos[:, -1:] + 1
+            step_ids = token[:, None]
+        return results
+
+    @torch.no_grad()
+    def score(self, contexts: Sequence[Sequence[int]], targets: Sequence[Sequence[int]],
+              temperature: float) -> list[list[float]]:
+        rows = [list(c) + list(t) for c, t in zip(contexts, targets)]
+        ids, mask = right_pad(rows, self.eos_id)
+        logp, _ = token_logprobs(self.model, ids, mask, temperature)
+        return [logp[i, len(c) - 1: len(c) - 1 + len(t)].tolist() for i, (c, t) in enumerate(zip(contexts, targets))]
+
+    def close(self) -> None:
+        self.model = None

@@ -1,0 +1,328 @@
+"""The SOUP training loop, one function per stage of the data flow:
+
+    prompts -> prefix (historical policy) -> continuation (rollout engine) -> reward -> advantage
+            -> old log-probs -> token-ratio loss, PPO epochs -> weight sync -> history
+
+GRPO (`soup.mix_fraction = 0`) and trajectory-level mixing (`soup.mode = trajectory`) run through the
+same code. Every random choice is derived from (seed, step), and a trainer checkpoint holds weights,
+optimizer, history pool, pending prefix jobs and the replay buffer, so a run killed at any point and
+resumed reaches the same state as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import time
+import zlib
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+from tqdm import tqdm
+
+from .actor import build_actor
+from .actor.base import TokenBatch
+from .algo.advantage import group_advantages
+from .algo.loss import LossConfig
+from .algo.mixing import cut_point, mixed_count
+from .algo.stats import mean_over_updates, segment_stats
+from .config import Config, to_yaml
+from .data.prompts import Prompt, load_splits, prompts_for_step
+from .history.base import NoPrefixes
+from .history.prefix_cache import PrefixCache
+from .history.replay import ReplayBuffer
+from .history.store import CheckpointStore
+from .evaluate import heldout_metrics
+from .io import atomic_dir, atomic_write_json, atomic_write_text, read_json, remove_tmp_leftovers
+from .metrics import MetricsLog, plot_curves
+from .model.hf import load_tokenizer
+from .reward import build_reward
+from .rollout import build_engine
+from .rollout.base import GenerationRequest
+from .sample import CONTINUATION, PREFIX, PROMPT, Sample, Trajectory
+
+
+def step_seed(seed: int, step: int, stream: str) -> int:
+    """An independent, reproducible random stream per (seed, step, purpose)."""
+    return zlib.crc32(f"{seed}-{step}-{stream}".encode())
+
+
+@dataclass
+class Timer:
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        yield
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.out = Path(cfg.trainer.out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.ckpt_root = self.out / "checkpoints"
+        self.ckpt_root.mkdir(exist_ok=True)
+        remove_tmp_leftovers(self.ckpt_root)
+        self.tokenizer = load_tokenizer(cfg.model.path)
+        self.eos_id = self.tokenizer.eos_token_id
+        self.newline_ids = frozenset(self.tokenizer.encode("\n"))
+        self.train_prompts, self.heldout = load_splits(cfg.data, cfg.seed)
+        self.reward_fn = build_reward(cfg.reward)
+        self.loss_cfg = LossConfig.from_config(cfg)
+        self._prompt_ids: dict[str, tuple[int, ...]] = {}
+        self.n_mix = mixed_count(cfg.rollout.group_size, cfg.soup.mix_fraction)
+
+        self.actor = build_actor(cfg.actor, cfg.model.path)
+        self.engine = build_engine(cfg.rollout.backend, cfg.model.path, version=0)
+        self.ref_engine = build_engine(cfg.rollout.backend, cfg.model.path, version=0) if cfg.algo.kl_coef > 0 else None
+        self.start_step = 0
+        latest = self.ckpt_root / "latest"
+        resume_state = None
+        if latest.is_file():
+            self.store = CheckpointStore(self.out / "history", cfg.history.keep)
+            resume_state = self._load_checkpoint(self.ckpt_root / latest.read_text().strip())
+        else:  # a fresh run; history a crash left before the first trainer checkpoint is not ours to reuse
+            shutil.rmtree(self.out / "history", ignore_errors=True)
+            self.store = CheckpointStore(self.out / "history", cfg.history.keep)
+            self.store.add(0, self.actor.save_hf)  # the initial policy is the first member of H
+        self.prefixes = self._build_prefix_source()
+        if resume_state is not None:
+            self.prefixes.restore(resume_state["prefixes"])
+        self.metrics = MetricsLog(self.out, cfg.trainer.tensorboard, self.start_step)
+        atomic_write_text(self.out / "config.yaml", to_yaml(cfg))
+
+    # ---- setup ---------------------------------------------------------------------------------
+    def prompt_ids(self, prompt: Prompt) -> tuple[int, ...]:
+        if prompt.uid not in self._prompt_ids:
+            self._prompt_ids[prompt.uid] = tuple(self.tokenizer.encode(prompt.text))
+        return self._prompt_ids[prompt.uid]
+
+    def step_prompts(self, step: int) -> list[Prompt]:
+        return prompts_for_step(self.train_prompts, step, self.cfg.rollout.prompts_per_step, self.cfg.seed)
+
+    def plan(self, step: int) -> list[tuple[str, tuple[int, ...]]]:
+        """Historical trajectories step `step` needs: `n_mix` per prompt, prompt-major."""
+        return [(p.uid, self.prompt_ids(p)) for p in self.step_prompts(step) for _ in range(self.n_mix)]
+
+    def _build_prefix_source(self):
+        c = self.cfg
+        if self.n_mix == 0:
+            return NoPrefixes()
+        if c.soup.prefix_source == "replay":
+            return ReplayBuffer(self.plan, c.soup.replay_per_prompt, c.seed)
+        return PrefixCache(self.store, self.plan, lookahead=c.soup.lookahead, pick=c.history.pick, seed=c.seed,
+                           max_new_tokens=c.rollout.max_response_len, temperature=c.rollout.temperature,
+                           backend=c.rollout.backend, threads=c.rollout.threads)
+
+    # ---- one step ------------------------------------------------------------------------------
+    def rollout(self, step: int, timer: Timer) -> tuple[list[Sample], dict]:
+        """Prefixes from the historical source, continuations from the on-policy engine."""
+        c = self.cfg
+        prompts = self.step_prompts(step)
+        with timer("prefix_wait"):
+            self.prefixes.schedule(step)
+            history = self.prefixes.take(step)
+        cut_rng = random.Random(step_seed(c.seed, step, "cut"))
+        samples, requests = [], []
+        misses = 0
+        for i, prompt in enumerate(prompts):
+            for j in range(c.rollout.group_size):
+                s = Sample(prompt=prompt, prompt_ids=list(self.prompt_ids(prompt)))
+                traj: Optional[Trajectory] = history[i * self.n_mix + j] if j < self.n_mix else None
+                misses += j < self.n_mix and traj is None
+                if traj is not None:
+                    s.mixed = True
+                    s.cut = len(traj.token_ids) if c.soup.mode == "trajectory" else cut_point(
+                        traj.token_ids, traj.finished, cut_rng, c.soup.cut_min, c.soup.cut_max, c.soup.cut_at,
+                        self.newline_ids)
+                    s.response_ids = traj.token_ids[: s.cut]
+                    s.behaviour_logp = traj.logprobs[: s.cut]
+                    s.versions = traj.versions[: s.cut]
+                    s.segments = [PREFIX] * s.cut
+                    if s.cut == len(traj.token_ids):
+                        s.finish_reason = "stop" if traj.finished else "length"
+                samples.append(s)
+                requests.append(GenerationRequest(tuple(s.prompt_ids), tuple(s.response_ids),
+                                                  0 if s.finish_reason else c.rollout.max_response_len - s.cut))
+        with timer("rollout"):
+            generations = self.engine.generate(requests, c.rollout.temperature, step_seed(c.seed, step, "rollout"))
+        for s, g in zip(samples, generations):
+            if s.finish_reason:
+                continue
+            s.response_ids += g.token_ids
+            s.behaviour_logp += g.logprobs
+            s.versions += [g.version] * len(g.token_ids)
+            s.segments += [CONTINUATION] * len(g.token_ids)
+            s.finish_reason = g.finish_reason
+        info = {"mix/replay_misses": float(misses),
+                "tokens/decoded": float(sum(len(g.token_ids) for g in generations)),
+                "tokens/prefix": float(sum(s.cut for s in samples))}
+        return samples, info
+
+    def score(self, samples: list[Sample]) -> None:
+        """Reward on the whole response (prefix + continuation), then group advantages."""
+        for s in samples:
+            s.reward = float(self.reward_fn(self.tokenizer.decode(s.response_ids, skip_special_tokens=True),
+                                            s.prompt.answer))
+        adv = group_advantages(torch.tensor([s.reward for s in samples]), self.cfg.rollout.group_size,
+                               self.cfg.algo.adv_norm, self.cfg.algo.adv_eps)
+        for s, a in zip(samples, adv.tolist()):
+            s.advantage = a
+
+    def make_batch(self, samples: list[Sample]) -> TokenBatch:
+        width = max(len(s.prompt_ids) + len(s.response_ids) for s in samples)
+        n = len(samples)
+        ids = torch.full((n, width), self.eos_id, dtype=torch.long)
+        mask = torch.zeros((n, width), dtype=torch.long)
+        segment = torch.full((n, width - 1), PROMPT, dtype=torch.long)
+        behaviour = torch.zeros((n, width - 1))
+        versions = torch.full((n, width - 1), -1, dtype=torch.long)
+        for i, s in enumerate(samples):
+            p, r = len(s.prompt_ids), len(s.response_ids)
+            ids[i, : p + r] = torch.tensor(s.prompt_ids + s.response_ids)
+            mask[i, : p + r] = 1
+            segment[i, p - 1: p - 1 + r] = torch.tensor(s.segments, dtype=torch.long)
+            behaviour[i, p - 1: p - 1 + r] = torch.tensor(s.behaviour_logp)
+            versions[i, p - 1: p - 1 + r] = torch.tensor(s.versions, dtype=torch.long)
+        return TokenBatch(ids, mask, segment, behaviour, versions, torch.tensor([s.advantage for s in samples]))
+
+    def update(self, batch: TokenBatch, step: int, timer: Timer) -> dict:
+        """Old log-probs, then PPO epochs over shuffled minibatches with the SOUP loss."""
+        c = self.cfg
+        with timer("train"):
+            batch.old_logp, _ = self.actor.logprobs(batch, c.rollout.temperature)
+            if self.ref_engine is not None:
+                batch.ref_logp, _ = self._reference_logprobs(batch)
+            per_update = []
+            size = len(batch) // c.algo.minibatches
+            gen = torch.Generator().manual_seed(step_seed(c.seed, step, "minibatch"))
+            for _ in range(c.algo.epochs):
+                order = torch.randperm(len(batch), generator=gen)
+                for m in range(c.algo.minibatches):
+                    out = self.actor.train_minibatch(batch.select(order[m * size: (m + 1) * size]), self.loss_cfg,
+                                                     c.rollout.temperature)
+                    stats = segment_stats(out["segment"], out["ratio"], out["clipped"], out["entropy"])
+                    stats.update(loss=out["loss"], grad_norm=out["grad_norm"])
+                    per_update.append(stats)
+            self.actor.version = step + 1
+        stats = mean_over_updates(per_update)
+        cont = batch.segment == CONTINUATION
+        if cont.any():  # train/rollout mismatch of pi_old on the tokens the engine wrote
+            gap = (batch.old_logp - batch.behaviour_logp)[cont].abs()
+            stats.update({"logp_gap/mean": float(gap.mean()), "logp_gap/max": float(gap.max())})
+        return stats
+
+    def _reference_logprobs(self, batch: TokenBatch):
+        ref = torch.zeros_like(batch.behaviour_logp)
+        lengths = batch.attention_mask.sum(-1).tolist()
+        rows = [batch.input_ids[i, : lengths[i]].tolist() for i in range(len(batch))]
+        scores = self.ref_engine.score([r[:1] for r in rows], [r[1:] for r in rows], self.cfg.rollout.temperature)
+        for i, s in enumerate(scores):
+            ref[i, : len(s)] = torch.tensor(s)
+        return ref, None
+
+    def sync_and_record(self, step: int, samples: list[Sample], timer: Timer) -> None:
+        with timer("weight_sync"):
+            self.engine.load_weights(self.actor.rollout_weights(), self.actor.version)
+        with timer("history"):
+            if (step + 1) % self.cfg.history.interval == 0:
+                self.store.add(step + 1, self.actor.save_hf)
+            self.prefixes.record(samples)
+
+    # ---- evaluation ----------------------------------------------------------------------------
+    def evaluate(self, step: int) -> dict:
+        """Held-out greedy accuracy and sampled pass@1 of the current policy (the on-policy engine)."""
+        c = self.cfg
+        return heldout_metrics(self.engine, self.tokenizer, self.heldout, self.reward_fn,
+                               max_new_tokens=c.rollout.max_response_len, temperature=c.rollout.temperature,
+                               pass_samples=c.trainer.eval_pass_samples, seed=step_seed(c.seed, step, "eval"))
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+    def save_checkpoint(self, step: int) -> None:
+        """Everything needed to continue after `step` steps, written atomically, then `latest` flips."""
+        name = f"step_{step:06d}"
+        with atomic_dir(self.ckpt_root / name) as tmp:
+            self.actor.save_state(tmp / "actor")
+            torch.save({"prefixes": self.prefixes.state()}, tmp / "prefixes.pt")
+            atomic_write_json(tmp / "state.json", {"step": step, "history_members": self.store.members(),
+                                                   "engine_version": self.engine.version})
+        atomic_write_text(self.ckpt_root / "latest", name + "\n")
+        self.store.pin("trainer-checkpoint", set(self.store.members()) | self.prefixes.pinned_versions())
+        self.store.collect()
+        for old in sorted(self.ckpt_root.glob("step_*"))[: -self.cfg.trainer.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def _load_checkpoint(self, path: Path) -> dict:
+        if not (path / "state.json").is_file():
+            raise RuntimeError(f"{self.ckpt_root / 'latest'} names {path.name}, but {path} is missing or incomplete; "
+                               "restore it or start a fresh run in another trainer.out_dir")
+        state = read_json(path / "state.json")
+        self.actor.load_state(path / "actor")
+        self.engine.load_weights(self.actor.rollout_weights(), self.actor.version)
+        self.store.restore(state["history_members"])
+        self.store.pin("trainer-checkpoint", state["history_members"])
+        self.start_step = state["step"]
+        extra = torch.load(path / "prefixes.pt", weights_only=False)
+        return {"prefixes": extra["prefixes"]}
+
+    # ---- the loop ------------------------------------------------------------------------------
+    def run(self) -> dict:
+        c = self.cfg
+        summary = {"start_step": self.start_step}
+        if self.start_step == 0:
+            initial = self.evaluate(0)
+            self.metrics.log({"step": 0, **initial})
+            summary["initial"] = initial
+        bar = tqdm(range(self.start_step, c.trainer.steps), initial=self.start_step, total=c.trainer.steps,
+                   desc="SOUP" if self.n_mix else "GRPO", disable=not c.trainer.progress, dynamic_ncols=True)
+        last_eval: dict = {}
+        try:
+            for step in bar:
+                timer = Timer()
+                started = time.perf_counter()
+                samples, info = self.rollout(step, timer)
+                self.score(samples)
+                stats = self.update(self.make_batch(samples), step, timer)
+                self.sync_and_record(step, samples, timer)
+                record = {"step": step + 1, **info, **stats, **self._sample_stats(samples),
+                          **{f"time/{k}": v for k, v in timer.seconds.items()}}
+                if isinstance(self.prefixes, PrefixCache):
+                    record["time/prefix_generate"] = self.prefixes.generation_seconds.pop(step, 0.0)
+                last = step + 1 == c.trainer.steps
+                if last or (c.trainer.eval_interval and (step + 1) % c.trainer.eval_interval == 0):
+                    last_eval = self.evaluate(step + 1)
+                    record.update(last_eval)
+                record["time/step"] = time.perf_counter() - started
+                self.metrics.log(record)
+                if last or (step + 1) % c.trainer.save_interval == 0:
+                    self.save_checkpoint(step + 1)
+                bar.set_postfix(reward=f"{record['reward_mean']:.2f}",
+                                acc=f"{last_eval.get('heldout/greedy_acc', float('nan')):.2f}")
+        finally:
+            self.close()
+        summary["final"] = last_eval
+        if c.trainer.plots and (self.out / "metrics.jsonl").is_file():
+            summary["plot"] = str(plot_curves(self.out / "metrics.jsonl", self.out / "curves.png"))
+        return summary
+
+    def _sample_stats(self, samples: list[Sample]) -> dict:
+        rewards = torch.tensor([s.reward for s in samples])
+        mixed = torch.tensor([s.mixed for s in samples])
+        out = {"reward_mean": float(rewards.mean()),
+               "response_len": float(sum(len(s.response_ids) for s in samples) / len(samples)),
+               "mix/mixed_samples": float(mixed.sum())}
+        if mixed.any():
+            out["reward_mean/mixed"] = float(rewards[mixed].mean())
+        if (~mixed).any():
+            out["reward_mean/on_policy"] = float(rewards[~mixed].mean())
+        return out
+
+    def close(self) -> None:
+        self.prefixes.close()
+        self.metrics.close()
