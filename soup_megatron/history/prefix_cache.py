@@ -13,6 +13,7 @@ the same trajectories. Every version a job may read is pinned in the store until
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import queue
 import random
 import time
@@ -50,8 +51,14 @@ def _worker(backend: str, threads: int, jobs: mp.Queue, results: mp.Queue) -> No
     if threads:
         torch.set_num_threads(threads)
     engine = None
+    parent = os.getppid()
     while True:
-        job: Optional[PrefixJob] = jobs.get()
+        try:
+            job: Optional[PrefixJob] = jobs.get(timeout=1.0)
+        except queue.Empty:
+            if os.getppid() != parent:  # the trainer died without closing us: nobody will take our results
+                return
+            continue
         if job is None:
             return
         try:
@@ -104,21 +111,32 @@ class PrefixCache:
             if t not in self._pending and t not in self._done:
                 self._submit(t, self.store.members())
 
+    def _receive(self, timeout: float) -> bool:
+        """Collect one finished job; False when none arrived within `timeout`."""
+        try:
+            done_step, trajs, seconds, error = self._results.get(timeout=timeout)
+        except queue.Empty:
+            if not self._proc.is_alive():
+                raise RuntimeError(f"the prefix worker died (exit code {self._proc.exitcode}) with steps "
+                                   f"{sorted(self._pending)} pending") from None
+            return False
+        if error:
+            raise RuntimeError(f"prefix generation for step {done_step} failed in the worker:\n{error}")
+        self._done[done_step] = trajs
+        self.generation_seconds[done_step] = seconds
+        return True
+
+    def ready_steps(self) -> set[int]:
+        """Steps whose prefixes are already generated (collects finished jobs without waiting)."""
+        while self._receive(timeout=0.01):
+            pass
+        return set(self._done)
+
     def take(self, step: int) -> list[Optional[Trajectory]]:
         if step not in self._pending and step not in self._done:
             raise RuntimeError(f"prefixes for step {step} were never scheduled")
         while step not in self._done:
-            try:
-                done_step, trajs, seconds, error = self._results.get(timeout=1.0)
-            except queue.Empty:
-                if not self._proc.is_alive():
-                    raise RuntimeError(f"the prefix worker died (exit code {self._proc.exitcode}) "
-                                       f"while step {step} was pending") from None
-                continue
-            if error:
-                raise RuntimeError(f"prefix generation for step {done_step} failed in the worker:\n{error}")
-            self._done[done_step] = trajs
-            self.generation_seconds[done_step] = seconds
+            self._receive(timeout=1.0)
         self._pending.pop(step, None)
         self.store.unpin(f"prefix-{step}")
         return self._done.pop(step)

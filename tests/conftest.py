@@ -1,0 +1,36 @@
+import os
+from pathlib import Path
+
+import pytest
+
+from soup_megatron.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+os.chdir(ROOT)  # configs/ paths in tests are relative to the repository
+
+TINY = [
+    "model.tiny.hidden_size=32", "model.tiny.num_layers=2", "model.tiny.num_heads=2", "model.tiny.num_kv_heads=1",
+    "model.tiny.intermediate_size=64", "model.tiny.sft_steps=60", "model.tiny.sft_batch_size=32",
+    "data.train_size=200", "data.heldout_size=16", "rollout.prompts_per_step=4", "rollout.group_size=4",
+    "rollout.max_response_len=24", "trainer.eval_pass_samples=1", "trainer.tensorboard=false", "trainer.plots=false",
+    "trainer.progress=false", "history.interval=2", "history.keep=2", "rollout.threads=1",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """A ~50k-parameter Qwen2 + char tokenizer, SFT'd for a few steps: a real HF checkpoint, made in seconds."""
+    from soup_megatron.model.tiny import prepare_tiny_model
+
+    path = tmp_path_factory.mktemp("model") / "tiny"
+    prepare_tiny_model(load_config("configs/tiny_cpu.yaml", TINY + [f"model.path={path}"]), progress=False)
+    return path
+
+
+@pytest.fixture
+def make_config(tiny_model, tmp_path):
+    """Config of a tiny run in this test's temporary directory, with extra overrides."""
+    def make(*overrides, out="run"):
+        return load_config("configs/tiny_cpu.yaml",
+                           TINY + [f"model.path={tiny_model}", f"trainer.out_dir={tmp_path / out}", *overrides])
+    return make

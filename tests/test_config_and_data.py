@@ -1,0 +1,127 @@
+"""Bad configuration and bad data are refused before any work starts, naming what was wrong."""
+
+import json
+import subprocess
+import sys
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from soup_megatron.config import ConfigError, load_config
+from soup_megatron.data.arithmetic import extract_answer, make_split, worked_solution
+from soup_megatron.data.prompts import DataError, load_file, prompts_for_step
+from soup_megatron.reward import build_reward, exact_answer, math_equivalent
+from soup_megatron.config import RewardConfig
+
+
+@pytest.mark.parametrize("override,message", [
+    ("soup.bogus=1", "unknown key 'soup.bogus'. Allowed here: mode, mix_fraction"),
+    ("bogus=1", "unknown key 'bogus'"),
+    ("trainer.steps=many", "bad value for 'trainer.steps'"),
+    ("soup.mix_fraction=1.5", "soup.mix_fraction=1.5 is not allowed; expected a number in [0, 1]"),
+    ("soup.mix_fraction=-0.1", "soup.mix_fraction=-0.1 is not allowed"),
+    ("history.keep=0", "history.keep=0 is not allowed; expected >= 1"),
+    ("soup.prefix_mode=half", "soup.prefix_mode='half' is not allowed; choose one of: clip, decoupled, shaped, mask"),
+    ("algo.minibatches=3", "algo.minibatches=3 is not allowed; expected a divisor"),
+    ("rollout.group_size=1", "rollout.group_size=1 is not allowed"),
+    ("reward.type=custom", "reward.function=''"),
+    ("trainer.steps", "must look like key=value"),
+])
+def test_bad_overrides_are_refused(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config("configs/tiny_cpu.yaml", [override])
+    assert message in str(err.value)
+
+
+def test_cut_min_above_cut_max_is_refused():
+    with pytest.raises(ConfigError, match=r"soup.cut_min=0.9 is not allowed; expected at most soup.cut_max"):
+        load_config(None, ["soup.cut_min=0.9", "soup.cut_max=0.5"])
+
+
+def test_bad_yaml_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("soup:\n  lookahed: 3\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: unknown key 'soup.lookahed'"):
+        load_config(str(bad))
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(str(tmp_path / "missing.yaml"))
+
+
+def test_cli_reports_config_error_before_work():
+    proc = subprocess.run([sys.executable, "-m", "soup_megatron.cli", "train", "--config", "configs/tiny_cpu.yaml",
+                           "soup.cut_min=0.9"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "config error: soup.cut_min=0.9 is not allowed" in proc.stderr
+
+
+def test_overrides_reach_typed_fields():
+    cfg = load_config("configs/tiny_cpu.yaml", ["trainer.steps=3", "soup.prefix_clip=0.3", "soup.mix_fraction=0"])
+    assert cfg.trainer.steps == 3 and cfg.soup.prefix_clip == 0.3 and cfg.soup.mix_fraction == 0.0
+
+
+def test_jsonl_and_parquet_loading(tmp_path):
+    jl = tmp_path / "p.jsonl"
+    jl.write_text(json.dumps({"q": "1+1?", "a": 2}) + "\n\n" + json.dumps({"q": "2+2?", "a": "4"}) + "\n")
+    rows = load_file(jl, "q", "a", "Problem: {prompt}\n")
+    assert [(r.text, r.answer) for r in rows] == [("Problem: 1+1?\n", "2"), ("Problem: 2+2?\n", "4")]
+    pqf = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"problem": ["x?", "y?"], "solution_answer": ["1", "2"]}), pqf)
+    assert [r.answer for r in load_file(pqf, "problem", "solution_answer")] == ["1", "2"]
+
+
+@pytest.mark.parametrize("line,message", [
+    ('{"q": "1+1?"}', "p.jsonl:2: missing field 'a' (row has: q)"),
+    ('{"q": "1+1?", "a": ""}', "p.jsonl:2: field 'a' is empty"),
+    ('{"q": ["x"], "a": "1"}', "p.jsonl:2: field 'q' must be a string or a number, got list"),
+    ('{"q": "1+1?", "a": 2', "p.jsonl:2: not valid JSON"),
+    ('[1, 2]', "p.jsonl:2: expected an object with field 'q', got list"),
+])
+def test_malformed_rows_name_file_line_and_field(tmp_path, line, message):
+    f = tmp_path / "p.jsonl"
+    f.write_text(json.dumps({"q": "ok?", "a": "1"}) + "\n" + line + "\n")
+    with pytest.raises(DataError) as err:
+        load_file(f, "q", "a")
+    assert message in str(err.value)
+
+
+def test_missing_and_wrong_kind_of_file(tmp_path):
+    with pytest.raises(DataError, match="file not found"):
+        load_file(tmp_path / "none.jsonl", "q", "a")
+    (tmp_path / "x.csv").write_text("q,a\n")
+    with pytest.raises(DataError, match="expected a .jsonl or .parquet"):
+        load_file(tmp_path / "x.csv", "q", "a")
+
+
+def test_builtin_task_splits_are_disjoint_and_seeded():
+    train = make_split("train", 300, 1, 3, 5, 9)
+    held = make_split("heldout", 100, 1, 3, 5, 9)
+    assert not {p.text for p in train} & {p.text for p in held}
+    assert make_split("train", 300, 1, 3, 5, 9) == train
+    assert make_split("train", 300, 2, 3, 5, 9) != train
+    for p in train[:20]:
+        assert extract_answer(p.solution) == p.answer
+        assert exact_answer(p.solution, p.answer) == 1.0
+    assert worked_solution([3, 4, 5]) == "3+4=7\n7+5=12\nA: 12"
+
+
+def test_step_order_is_deterministic_and_covers_epochs():
+    prompts = make_split("train", 10, 1, 3, 3, 9)
+    seen = [p.uid for s in range(5) for p in prompts_for_step(prompts, s, 4, seed=7)]
+    assert seen == [p.uid for s in range(5) for p in prompts_for_step(prompts, s, 4, seed=7)]
+    assert sorted(seen[:10]) == sorted(p.uid for p in prompts)  # first epoch is a permutation
+
+
+def test_rewards():
+    assert exact_answer("1+2=3\nA: 3", "3") == 1.0
+    assert exact_answer("1+2=3\nA: 4", "3") == 0.0
+    assert exact_answer("no answer line", "3") == 0.0
+    assert math_equivalent("so the answer is \\boxed{\\frac{1}{2}}", "0.5") == 1.0
+    assert math_equivalent("The answer is $\\frac{2}{4}$", "\\frac12") == 1.0
+    assert math_equivalent("x = 3", "4") == 0.0
+    custom = build_reward(RewardConfig(type="custom", function="tests.helpers:length_reward"))
+    assert custom("abcd", "x") == 4.0
+    with pytest.raises(ConfigError, match="cannot import module 'nope'"):
+        build_reward(RewardConfig(type="custom", function="nope:f"))
+    with pytest.raises(ConfigError, match="has no callable 'missing'"):
+        build_reward(RewardConfig(type="custom", function="tests.helpers:missing"))

@@ -1,0 +1,104 @@
+"""The in-process rollout engine and the local actor agree on every log-prob they both compute."""
+
+import pytest
+import torch
+
+from soup_megatron.actor import build_actor
+from soup_megatron.algo.loss import LossConfig
+from soup_megatron.model.hf import CheckpointError, load_tokenizer
+from soup_megatron.rollout import GenerationRequest, build_engine
+from soup_megatron.sample import CONTINUATION, PREFIX, PROMPT
+from soup_megatron.actor.base import TokenBatch
+
+
+@pytest.fixture
+def engine(tiny_model):
+    return build_engine("local", tiny_model)
+
+
+def requests(tok, texts, prefix="", max_new=20):
+    return [GenerationRequest(tuple(tok.encode(t)), tuple(tok.encode(prefix)) if prefix else (), max_new) for t in texts]
+
+
+def test_generation_is_seeded_and_respects_budgets(engine, tiny_model):
+    tok = load_tokenizer(tiny_model)
+    reqs = requests(tok, ["3+4+5=?\n", "1+1+1+1=?\n", "9+9+9=?\n"])
+    reqs.append(GenerationRequest(tuple(tok.encode("2+2+2=?\n")), (), 3))
+    a = engine.generate(reqs, 1.0, seed=5)
+    b = engine.generate(reqs, 1.0, seed=5)
+    assert [g.token_ids for g in a] == [g.token_ids for g in b]
+    for g, r in zip(a, reqs):
+        assert len(g.token_ids) == len(g.logprobs) <= r.max_new_tokens
+        assert g.finish_reason == ("stop" if g.token_ids[-1] == tok.eos_token_id else "length")
+        assert g.version == 0
+        assert all(lp <= 0 for lp in g.logprobs)
+    assert engine.generate([GenerationRequest((1, 2), (), 0)], 1.0, 0)[0].token_ids == []
+
+
+def test_generated_logprobs_match_scoring_and_actor(engine, tiny_model, make_config):
+    """Batched KV-cache decoding with left padding = a plain forward of the finished sequence."""
+    tok = load_tokenizer(tiny_model)
+    reqs = requests(tok, ["3+4+5=?\n", "12+1+7+3=?\n"], prefix="3+4=7\n")
+    gens = engine.generate(reqs, 1.0, seed=1)
+    contexts = [list(r.prompt_ids) + list(r.prefix_ids) for r in reqs]
+    scored = engine.score(contexts, [g.token_ids for g in gens], 1.0)
+    for g, s in zip(gens, scored):
+        assert torch.allclose(torch.tensor(g.logprobs), torch.tensor(s), atol=1e-5)
+    actor = build_actor(make_config().actor, tiny_model)
+    rows = [c + g.token_ids for c, g in zip(contexts, gens)]
+    width = max(map(len, rows))
+    ids = torch.full((2, width), tok.eos_token_id)
+    mask = torch.zeros((2, width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
+    z = torch.zeros(2, width - 1)
+    logp, ent = actor.logprobs(TokenBatch(ids, mask, z.long(), z, z.long(), torch.zeros(2)), 1.0, with_entropy=True)
+    for i, (c, g) in enumerate(zip(contexts, gens)):
+        got = logp[i, len(c) - 1: len(c) - 1 + len(g.token_ids)]
+        assert torch.allclose(got, torch.tensor(g.logprobs), atol=1e-5)
+    assert (ent >= 0).all()
+
+
+def test_prefix_is_continued_not_regenerated(engine, tiny_model):
+    tok = load_tokenizer(tiny_model)
+    prefix = "3+4=7\n7+5="
+    gens = engine.generate(requests(tok, ["3+4+5=?\n"], prefix=prefix, max_new=10), 0.0, 0)
+    plain = engine.generate([GenerationRequest(tuple(tok.encode("3+4+5=?\n" + prefix)), (), 10)], 0.0, 0)
+    assert gens[0].token_ids == plain[0].token_ids
+
+
+def test_load_weights_changes_version_and_bad_source_keeps_old(engine, tiny_model, tmp_path):
+    before = {k: v.clone() for k, v in engine.model.state_dict().items()}
+    with pytest.raises(CheckpointError):
+        engine.load_weights(tmp_path, 3)  # no safetensors here
+    with pytest.raises(CheckpointError, match="do not fit"):
+        engine.load_weights({"not.a.weight": torch.zeros(1)}, 3)
+    assert engine.version == 0
+    assert all(torch.equal(before[k], v) for k, v in engine.model.state_dict().items())
+    changed = {k: v + 0.01 for k, v in before.items()}
+    engine.load_weights(changed, 7)
+    assert engine.version == 7
+    assert torch.equal(engine.model.state_dict()["model.norm.weight"], changed["model.norm.weight"])
+
+
+def test_actor_update_moves_logprobs_in_advantage_direction(tiny_model, make_config):
+    cfg = make_config("actor.lr=0.01")
+    actor = build_actor(cfg.actor, tiny_model)
+    tok = load_tokenizer(tiny_model)
+    good, bad = tok.encode("1+1=?\n1+1=2\nA: 2"), tok.encode("1+1=?\n1+1=3\nA: 3")
+    ids = torch.tensor([good, bad])
+    mask = torch.ones_like(ids)
+    seg = torch.full((2, ids.shape[1] - 1), PROMPT)
+    seg[:, 5:] = CONTINUATION
+    seg[:, 5:8] = PREFIX
+    batch = TokenBatch(ids, mask, seg, torch.zeros(seg.shape), torch.zeros(seg.shape, dtype=torch.long),
+                       torch.tensor([1.0, -1.0]))
+    batch.old_logp, _ = actor.logprobs(batch, 1.0)
+    batch.behaviour_logp = batch.old_logp.clone()
+    out = actor.train_minibatch(batch, LossConfig(), 1.0)
+    after, _ = actor.logprobs(batch, 1.0)
+    trained = seg > 0
+    assert (after - batch.old_logp)[0][trained[0]].sum() > 0
+    assert (after - batch.old_logp)[1][trained[1]].sum() < 0
+    assert out["ratio"].numel() == out["segment"].numel()

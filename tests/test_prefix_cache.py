@@ -1,0 +1,110 @@
+"""The prefix cache fills ahead of the trainer, pins what it reads, and is deterministic."""
+
+import time
+
+import pytest
+
+from soup_megatron.history.prefix_cache import PrefixCache
+from soup_megatron.history.replay import ReplayBuffer
+from soup_megatron.history.store import CheckpointStore
+from soup_megatron.model.hf import load_tokenizer
+from soup_megatron.rollout import build_engine
+
+
+def make_store(tmp_path, tiny_model, keep):
+    engine = build_engine("local", tiny_model)
+    store = CheckpointStore(tmp_path / "history", keep=keep)
+    import shutil
+
+    store.add(0, lambda tmp: [shutil.copy2(f, tmp / f.name) for f in tiny_model.iterdir()])
+    return store, engine
+
+
+def plan_for(tok):
+    prompts = [f"{a}+{a + 1}+2=?\n" for a in range(1, 9)]
+    return lambda step: [(f"p{step}-{i}", tuple(tok.encode(prompts[(step + i) % 8]))) for i in range(3)]
+
+
+def wait_until(cond, timeout=60.0):
+    end = time.time() + timeout
+    while time.time() < end:
+        if cond():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_lookahead_fills_ahead_of_time_and_is_deterministic(tmp_path, tiny_model):
+    tok = load_tokenizer(tiny_model)
+    store, _ = make_store(tmp_path, tiny_model, keep=2)
+    cache = PrefixCache(store, plan_for(tok), lookahead=2, pick="uniform", seed=3, max_new_tokens=16, temperature=1.0,
+                        threads=1)
+    try:
+        cache.schedule(0)  # trainer starts step 0: jobs for steps 0, 1, 2 go out
+        first = cache.take(0)
+        assert len(first) == 3 and all(t is not None and t.versions == [0] * len(t.token_ids) for t in first)
+        # without the trainer asking again, steps 1 and 2 are generated in the background
+        assert wait_until(lambda: {1, 2} <= cache.ready_steps()), "lookahead steps were not filled ahead of time"
+        assert cache.generation_seconds[2] > 0
+        second = cache.take(1)
+    finally:
+        cache.close()
+    again = PrefixCache(store, plan_for(tok), lookahead=0, pick="uniform", seed=3, max_new_tokens=16, temperature=1.0,
+                        threads=1)
+    try:
+        again.schedule(1)
+        assert [t.token_ids for t in again.take(1)] == [t.token_ids for t in second]
+    finally:
+        again.close()
+
+
+def test_pending_jobs_pin_their_checkpoints(tmp_path, tiny_model):
+    tok = load_tokenizer(tiny_model)
+    store, engine = make_store(tmp_path, tiny_model, keep=1)
+    cache = PrefixCache(store, plan_for(tok), lookahead=1, pick="newest", seed=0, max_new_tokens=8, temperature=1.0,
+                        threads=1)
+    try:
+        cache.schedule(0)  # steps 0 and 1 read version 0
+        for v in (2, 4):
+            store.add(v, lambda tmp: engine.model.save_pretrained(tmp))
+        assert store.members() == [4]
+        assert store.path(0).is_dir(), "version 0 is referenced by pending prefix jobs"
+        assert cache.pinned_versions() == {0}
+        cache.take(0)
+        assert store.path(0).is_dir()
+        cache.take(1)
+        assert not store.path(0).exists(), "released once no job references it"
+        assert cache.state() == {"pending": {}}
+    finally:
+        cache.close()
+
+
+def test_dead_worker_is_reported_not_waited_on(tmp_path, tiny_model):
+    tok = load_tokenizer(tiny_model)
+    store, _ = make_store(tmp_path, tiny_model, keep=1)
+    cache = PrefixCache(store, plan_for(tok), lookahead=0, pick="newest", seed=0, max_new_tokens=8, temperature=1.0)
+    cache._proc.kill()
+    cache._proc.join()
+    cache.schedule(0)
+    with pytest.raises(RuntimeError, match="prefix worker died"):
+        cache.take(0)
+    cache.close()
+
+
+def test_replay_returns_past_rollouts_of_the_same_prompt():
+    from soup_megatron.data.prompts import Prompt
+    from soup_megatron.sample import CONTINUATION, Sample
+
+    plan = lambda step: [("a", (1,)), ("b", (2,))]
+    replay = ReplayBuffer(plan, per_prompt=2, seed=0)
+    assert replay.take(0) == [None, None]  # nothing seen yet: those samples stay on-policy
+    for n in range(3):
+        s = Sample(Prompt("a", "q", "1"), [1], [5 + n, 0], [-0.1, -0.2], [n, n], [CONTINUATION] * 2, "stop")
+        replay.record([s])
+    got = replay.take(1)
+    assert got[1] is None
+    assert got[0].token_ids in ([6, 0], [7, 0])  # per_prompt=2 keeps the newest two
+    assert got[0].versions[0] in (1, 2) and got[0].finished
+    restored = ReplayBuffer(plan, per_prompt=2, seed=0)
+    restored.restore(replay.state())
+    assert restored.take(1)[0].token_ids == got[0].token_ids

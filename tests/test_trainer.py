@@ -1,0 +1,138 @@
+"""End-to-end training steps on the tiny model: every mode, provenance, checkpoints, kill-and-resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from soup_megatron.metrics import read_metrics
+from soup_megatron.model.hf import read_state_dict
+from soup_megatron.sample import CONTINUATION, PREFIX
+from soup_megatron.trainer import Trainer
+
+MODES = {
+    "soup-default": [],
+    "grpo": ["soup.mix_fraction=0"],
+    "trajectory": ["soup.mode=trajectory"],
+    "replay": ["soup.prefix_source=replay", "data.train_size=8"],
+    "decoupled-kl": ["soup.prefix_mode=decoupled", "algo.kl_coef=0.05",
+                          "algo.entropy_coef=0.01"],
+    "shaped": ["soup.prefix_mode=shaped", "algo.loss_agg=seq_mean_token_mean", "algo.epochs=2"],
+    "mask-line-nolookahead": ["soup.prefix_mode=mask", "soup.cut_at=line", "algo.loss_agg=seq_mean_token_sum",
+                              "soup.lookahead=0",
+                         "history.pick=oldest", "algo.adv_norm=none"],
+}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_modes_train_with_provenance(make_config, mode):
+    cfg = make_config("trainer.steps=3", "trainer.eval_interval=0", *MODES[mode])
+    trainer = Trainer(cfg)
+    captured = []
+    original = trainer.make_batch
+    trainer.make_batch = lambda samples: captured.append(samples) or original(samples)
+    summary = trainer.run()
+    rows = read_metrics(cfg.trainer.out_dir + "/metrics.jsonl")
+    assert [r["step"] for r in rows] == [0, 1, 2, 3]
+    assert "heldout/greedy_acc" in rows[0] and "heldout/greedy_acc" in rows[-1]
+    assert summary["final"] == {k: rows[-1][k] for k in summary["final"]}
+    for r in rows[1:]:
+        for key in ("reward_mean", "time/rollout", "time/prefix_wait", "time/train", "time/weight_sync",
+                    "time/history", "continuation/entropy", "loss"):
+            assert key in r, key
+    g = cfg.rollout.group_size
+    n_mix = 0 if mode == "grpo" else g // 2
+    for samples in captured:
+        assert len(samples) == cfg.rollout.prompts_per_step * g
+        for i, s in enumerate(samples):
+            assert len(s.response_ids) == len(s.behaviour_logp) == len(s.versions) == len(s.segments)
+            assert len(s.response_ids) <= cfg.rollout.max_response_len
+            assert s.segments == [PREFIX] * s.cut + [CONTINUATION] * (len(s.response_ids) - s.cut)
+            if i % g >= n_mix or not s.mixed:
+                assert s.cut == 0
+            if mode == "trajectory" and s.mixed:
+                assert s.cut == len(s.response_ids)  # every token off-policy
+    steps_versions = [{v for s in samples for v, seg in zip(s.versions, s.segments) if seg == CONTINUATION}
+                      for samples in captured]
+    assert steps_versions[0] <= {0} and steps_versions[2] <= {2}  # continuations come from the current policy
+    if mode == "grpo":
+        assert all(s.cut == 0 and not s.mixed for samples in captured for s in samples)
+        assert "prefix/ratio_mean" not in rows[-1]
+    if mode in ("soup-default", "decoupled-kl", "shaped"):
+        assert any("prefix/ratio_mean" in r for r in rows[1:])
+        prefix_versions = {v for samples in captured for s in samples for v, seg in zip(s.versions, s.segments)
+                           if seg == PREFIX}
+        assert prefix_versions <= {0, 2}  # historical checkpoints only (history.interval=2)
+    if mode == "replay":
+        assert rows[1]["mix/replay_misses"] == n_mix * cfg.rollout.prompts_per_step  # nothing seen yet
+        assert rows[3]["mix/replay_misses"] < rows[1]["mix/replay_misses"]
+    hist = sorted(p.name for p in (trainer.out / "history").iterdir() if p.name.startswith("v"))
+    assert hist[-1] == "v000002"
+
+
+def test_history_rotation_in_a_run(make_config):
+    cfg = make_config("trainer.steps=6", "trainer.eval_interval=0", "history.interval=1", "history.keep=2",
+                      "trainer.save_interval=3", "soup.lookahead=1")
+    trainer = Trainer(cfg)
+    trainer.run()
+    manifest = json.loads((trainer.out / "history" / "manifest.json").read_text())
+    assert manifest["members"] == [5, 6]
+    assert not (trainer.out / "history" / "v000000").exists()
+
+
+def test_missing_checkpoint_is_a_clear_error(make_config):
+    cfg = make_config("trainer.steps=2", "trainer.save_interval=1", "soup.mix_fraction=0")
+    Trainer(cfg).run()
+    import shutil
+
+    shutil.rmtree(os.path.join(cfg.trainer.out_dir, "checkpoints", "step_000002"))
+    with pytest.raises(RuntimeError, match="names step_000002, but .* is missing"):
+        Trainer(make_config("trainer.steps=4", "trainer.save_interval=1", "soup.mix_fraction=0"))
+
+
+def run_cli(cfg_args, out):
+    return subprocess.Popen([sys.executable, "-m", "soup_megatron.cli", "train", "--config", "configs/tiny_cpu.yaml",
+                             *cfg_args, f"trainer.out_dir={out}"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def comparable(rows):
+    return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]
+
+
+def test_kill_and_resume_matches_uninterrupted_run(tiny_model, tmp_path):
+    from tests.conftest import TINY
+
+    args = TINY + [f"model.path={tiny_model}", "trainer.steps=8", "trainer.save_interval=2", "trainer.eval_interval=4",
+                   "history.interval=2", "history.keep=2", "soup.lookahead=2"]
+    straight = run_cli(args, tmp_path / "straight")
+    assert straight.wait(timeout=600) == 0, straight.stderr.read()
+
+    killed = run_cli(args, tmp_path / "killed")
+    latest = tmp_path / "killed" / "checkpoints" / "latest"
+    deadline = time.time() + 600
+    while time.time() < deadline:  # kill -9 (no cleanup at all) once step 4 is checkpointed, mid-step 5 or so
+        if latest.is_file() and latest.read_text().strip() >= "step_000004":
+            break
+        time.sleep(0.05)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    rows_before = read_metrics(tmp_path / "killed" / "metrics.jsonl")
+    assert rows_before[-1]["step"] < 8, "the run finished before it could be killed"
+    resumed = run_cli(args, tmp_path / "killed")
+    assert resumed.wait(timeout=600) == 0, resumed.stderr.read()
+
+    a = read_state_dict(tmp_path / "straight" / "checkpoints" / "step_000008" / "actor" / "model")
+    b = read_state_dict(tmp_path / "killed" / "checkpoints" / "step_000008" / "actor" / "model")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert comparable(read_metrics(tmp_path / "straight" / "metrics.jsonl")) == \
+        comparable(read_metrics(tmp_path / "killed" / "metrics.jsonl"))
+    assert json.loads((tmp_path / "straight" / "history" / "manifest.json").read_text()) == \
+        json.loads((tmp_path / "killed" / "history" / "manifest.json").read_text())
