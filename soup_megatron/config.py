@@ -30,7 +30,7 @@ class TinyModelConfig:
     sft_steps: int = 300
     sft_batch_size: int = 64
     sft_lr: float = 3e-3
-    sft_examples: int = 4000
+    sft_examples: int = 2000  # demonstrations taken from the training split
 
 
 @dataclass

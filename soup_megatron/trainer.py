@@ -272,6 +272,21 @@ class Trainer:
         return {"prefixes": extra["prefixes"]}
 
     # ---- the loop ------------------------------------------------------------------------------
+    def train_step(self, step: int) -> dict:
+        """One full step of the data flow; returns its metrics record (without evaluation)."""
+        timer = Timer()
+        started = time.perf_counter()
+        samples, info = self.rollout(step, timer)
+        self.score(samples)
+        stats = self.update(self.make_batch(samples), step, timer)
+        self.sync_and_record(step, samples, timer)
+        record = {"step": step + 1, **info, **stats, **self._sample_stats(samples),
+                  **{f"time/{k}": v for k, v in timer.seconds.items()}}
+        if isinstance(self.prefixes, PrefixCache):
+            record["time/prefix_generate"] = self.prefixes.generation_seconds.pop(step, 0.0)
+        record["time/step"] = time.perf_counter() - started
+        return record
+
     def run(self) -> dict:
         c = self.cfg
         summary = {"start_step": self.start_step}
@@ -284,21 +299,12 @@ class Trainer:
         last_eval: dict = {}
         try:
             for step in bar:
-                timer = Timer()
-                started = time.perf_counter()
-                samples, info = self.rollout(step, timer)
-                self.score(samples)
-                stats = self.update(self.make_batch(samples), step, timer)
-                self.sync_and_record(step, samples, timer)
-                record = {"step": step + 1, **info, **stats, **self._sample_stats(samples),
-                          **{f"time/{k}": v for k, v in timer.seconds.items()}}
-                if isinstance(self.prefixes, PrefixCache):
-                    record["time/prefix_generate"] = self.prefixes.generation_seconds.pop(step, 0.0)
+                record = self.train_step(step)
                 last = step + 1 == c.trainer.steps
                 if last or (c.trainer.eval_interval and (step + 1) % c.trainer.eval_interval == 0):
+                    started = time.perf_counter()
                     last_eval = self.evaluate(step + 1)
-                    record.update(last_eval)
-                record["time/step"] = time.perf_counter() - started
+                    record.update(last_eval, **{"time/eval": time.perf_counter() - started})
                 self.metrics.log(record)
                 if last or (step + 1) % c.trainer.save_interval == 0:
                     self.save_checkpoint(step + 1)

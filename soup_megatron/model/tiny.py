@@ -6,7 +6,6 @@ warm-started by a short SFT on the built-in task so the starting policy is weak 
 from __future__ import annotations
 
 import math
-import string
 from pathlib import Path
 
 import torch
@@ -17,20 +16,19 @@ from ..data.prompts import load_splits
 from ..io import atomic_dir
 
 EOS = "<|endoftext|>"
-UNK = "<unk>"
 
 
 def build_tokenizer():
-    """Character-level fast tokenizer over printable ASCII (each character is one token)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    """Byte-level tokenizer with no merges: every byte is one token (256 + EOS). It is the same
+    pipeline as Qwen2's own tokenizer, so `AutoTokenizer` (and SGLang) load it back unchanged."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    chars = sorted(set(string.printable) - set("\t\r\x0b\x0c"))
-    vocab = {tok: i for i, tok in enumerate([EOS, UNK] + chars)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS, unk_token=UNK)
+    vocab = {EOS: 0, **{ch: i + 1 for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS)
 
 
 def build_model(cfg: Config, vocab_size: int, eos_id: int):

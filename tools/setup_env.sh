@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Create (or reuse) the project's virtual environment with the pinned CPU stack.
+# Usage: bash tools/setup_env.sh      (VENV=path to choose where; PYTHON=python3.11 to choose the interpreter)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+PYTHON=${PYTHON:-python3}
+if ! "$PYTHON" -c 'import sys; assert sys.version_info[:2] >= (3, 10)' 2>/dev/null; then
+  echo "setup_env: $PYTHON must be Python >= 3.10 (3.11 matches the pinned CPU torch wheel)" >&2
+  exit 1
+fi
+stamp="$VENV/.soup-requirements.sha"
+want=$(cat requirements-cpu.txt setup.py | sha256sum | cut -d' ' -f1)
+if [ -x "$VENV/bin/python" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  echo "setup_env: $VENV is up to date"
+else
+  echo "setup_env: installing the pinned CPU stack into $VENV (about a minute)"
+  "$PYTHON" -m venv "$VENV"
+  "$VENV/bin/python" -m pip install --quiet --upgrade pip
+  "$VENV/bin/python" -m pip install --quiet -r requirements-cpu.txt
+  "$VENV/bin/python" -m pip install --quiet --no-deps -e .
+  echo "$want" > "$stamp"
+fi
+"$VENV/bin/python" -c 'import torch, transformers, soup_megatron; print("setup_env: torch", torch.__version__, "| transformers", transformers.__version__)'
