@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -95,6 +96,8 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, default=4, help="samples per prompt for pass@1 (0: greedy only)")
     p.set_defaults(fn=cmd_eval)
     args = parser.parse_args(argv)
+    # SIGTERM (scancel, kill) unwinds like Ctrl-C, so the prefix worker and logs are closed on the way out
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         return args.fn(args)
     except ConfigError as exc:

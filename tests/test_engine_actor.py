@@ -102,3 +102,17 @@ def test_actor_update_moves_logprobs_in_advantage_direction(tiny_model, make_con
     assert (after - batch.old_logp)[0][trained[0]].sum() > 0
     assert (after - batch.old_logp)[1][trained[1]].sum() < 0
     assert out["ratio"].numel() == out["segment"].numel()
+
+
+def test_saved_tokenizer_loads_back_unchanged(tiny_model):
+    """AutoTokenizer (and therefore SGLang) must see exactly the tokens the model was trained on."""
+    from transformers import AutoConfig
+
+    from soup_megatron.model.tiny import build_tokenizer
+
+    text = "7+12+5=?\n7+12=19\n19+5=24\nA: 24"
+    loaded = load_tokenizer(tiny_model)
+    assert loaded.encode(text) == build_tokenizer().encode(text)
+    assert len(loaded.encode(text)) == len(text)  # one token per character of the task
+    assert loaded.decode(loaded.encode(text)) == text
+    assert AutoConfig.from_pretrained(tiny_model).model_type == "qwen2"
