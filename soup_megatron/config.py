@@ -31,6 +31,7 @@ class TinyModelConfig:
     sft_batch_size: int = 64
     sft_lr: float = 3e-3
     sft_examples: int = 2000  # demonstrations taken from the training split
+    sft_slip_prob: float = 0.0  # chance that a demonstration step's sum is off by one or two
 
 
 @dataclass
@@ -203,6 +204,7 @@ RULES = [
     ("data.template", lambda c: "{prompt}" in c.data.template, "a string containing {prompt}"),
     ("reward.function", lambda c: c.reward.type != "custom" or ":" in c.reward.function, "'module:function' when reward.type=custom"),
     ("data.arithmetic.min_terms", lambda c: 2 <= c.data.arithmetic.min_terms <= c.data.arithmetic.max_terms, ">= 2 and <= data.arithmetic.max_terms"),
+    ("model.tiny.sft_slip_prob", lambda c: 0.0 <= c.model.tiny.sft_slip_prob <= 1.0, "a number in [0, 1]"),
     ("data.arithmetic.max_operand", lambda c: c.data.arithmetic.max_operand >= 1, ">= 1"),
 ]
 

@@ -1,6 +1,7 @@
 """Bad configuration and bad data are refused before any work starts, naming what was wrong."""
 
 import json
+import random
 import subprocess
 import sys
 
@@ -9,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from soup_megatron.config import ConfigError, load_config
-from soup_megatron.data.arithmetic import extract_answer, make_split, worked_solution
+from soup_megatron.data.arithmetic import extract_answer, make_split, parse_terms, worked_solution
 from soup_megatron.data.prompts import DataError, load_file, prompts_for_step
 from soup_megatron.reward import build_reward, exact_answer, math_equivalent
 from soup_megatron.config import RewardConfig
@@ -100,9 +101,12 @@ def test_builtin_task_splits_are_disjoint_and_seeded():
     assert make_split("train", 300, 1, 3, 5, 9) == train
     assert make_split("train", 300, 2, 3, 5, 9) != train
     for p in train[:20]:
-        assert extract_answer(p.solution) == p.answer
-        assert exact_answer(p.solution, p.answer) == 1.0
+        solution = worked_solution(parse_terms(p.text))
+        assert extract_answer(solution) == p.answer
+        assert exact_answer(solution, p.answer) == 1.0
     assert worked_solution([3, 4, 5]) == "3+4=7\n7+5=12\nA: 12"
+    slipped = [worked_solution([3, 4, 5], random.Random(i), 1.0) for i in range(20)]
+    assert all(not s.startswith("3+4=7\n") for s in slipped)  # every step is off by one or two
 
 
 def test_step_order_is_deterministic_and_covers_epochs():

@@ -24,11 +24,21 @@ def prompt_text(terms: list[int]) -> str:
     return "+".join(map(str, terms)) + "=?\n"
 
 
-def worked_solution(terms: list[int]) -> str:
+def parse_terms(text: str) -> list[int]:
+    """Inverse of `prompt_text`."""
+    return [int(x) for x in text.split("=")[0].split("+")]
+
+
+def worked_solution(terms: list[int], slip_rng: random.Random | None = None, slip_prob: float = 0.0) -> str:
+    """The step-by-step solution. With `slip_prob`, a step's sum is off by one or two (and the slip
+    carries on to the answer), as in imperfect human demonstrations."""
     lines, total = [], terms[0]
     for term in terms[1:]:
-        lines.append(f"{total}+{term}={total + term}")
-        total += term
+        step = total + term
+        if slip_rng is not None and slip_rng.random() < slip_prob:
+            step += slip_rng.choice((-2, -1, 1, 2))
+        lines.append(f"{total}+{term}={step}")
+        total = step
     return "\n".join(lines) + f"\n{ANSWER_PREFIX}{total}"
 
 
@@ -57,8 +67,7 @@ def make_split(split: str, size: int, seed: int, min_terms: int, max_terms: int,
         if text in seen or _is_heldout(text) != want_heldout:
             continue
         seen.add(text)
-        out.append(Prompt(uid=f"{split}-{len(out)}", text=text, answer=str(sum(terms)),
-                          solution=worked_solution(terms)))
+        out.append(Prompt(uid=f"{split}-{len(out)}", text=text, answer=str(sum(terms))))
     return out
 
 

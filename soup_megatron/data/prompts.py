@@ -24,7 +24,6 @@ class Prompt:
     uid: str  # stable id: replay buffers and prefix caches are keyed by it
     text: str  # already laid out by data.template
     answer: str
-    solution: str = ""  # a reference solution where the source has one (SFT warm start)
 
 
 def _rows(path: Path) -> list[tuple[int, object]]:
@@ -88,7 +87,7 @@ def load_splits(cfg: DataConfig, seed: int) -> tuple[list[Prompt], list[Prompt]]
 
     a = cfg.arithmetic
     return tuple(  # type: ignore[return-value]
-        [Prompt(p.uid, cfg.template.format(prompt=p.text), p.answer, p.solution)
+        [Prompt(p.uid, cfg.template.format(prompt=p.text), p.answer)
          for p in make_split(split, size, seed, a.min_terms, a.max_terms, a.max_operand)]
         for split, size in (("train", cfg.train_size), ("heldout", cfg.heldout_size))
     )

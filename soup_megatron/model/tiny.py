@@ -6,13 +6,14 @@ warm-started by a short SFT on the built-in task so the starting policy is weak 
 from __future__ import annotations
 
 import math
+import random
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from ..config import Config
-from ..data.prompts import load_splits
+from ..data.arithmetic import make_split, parse_terms, worked_solution
 from ..io import atomic_dir
 
 EOS = "<|endoftext|>"
@@ -81,8 +82,13 @@ def prepare_tiny_model(cfg: Config, progress: bool = True) -> Path:
     tokenizer = build_tokenizer()
     model = build_model(cfg, len(tokenizer), tokenizer.eos_token_id)
     t = cfg.model.tiny
-    train, _ = load_splits(cfg.data, cfg.seed)
-    examples = [(p.text, p.solution) for p in train[: t.sft_examples]]
+    a = cfg.data.arithmetic
+    train = make_split("train", cfg.data.train_size, cfg.seed, a.min_terms, a.max_terms, a.max_operand)
+    # demonstrations with occasional arithmetic slips: the warm-started policy knows the format and
+    # mostly how to add, but often samples a wrong step, a weak start that RL with a verifier improves
+    slips = random.Random(f"sft-slips-{cfg.seed}")
+    examples = [(cfg.data.template.format(prompt=p.text), worked_solution(parse_terms(p.text), slips, t.sft_slip_prob))
+                for p in train[: t.sft_examples]]
     opt = torch.optim.AdamW(model.parameters(), lr=t.sft_lr, weight_decay=0.0)
     warmup = max(1, t.sft_steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(
