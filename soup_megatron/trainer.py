@@ -126,7 +126,6 @@ class Trainer:
         c = self.cfg
         prompts = self.step_prompts(step)
         with timer("prefix_wait"):
-            self.prefixes.schedule(step)
             history = self.prefixes.take(step)
         cut_rng = random.Random(step_seed(c.seed, step, "cut"))
         samples, requests = [], []
@@ -152,6 +151,7 @@ class Trainer:
                                                   0 if s.finish_reason else c.rollout.max_response_len - s.cut))
         with timer("rollout"):
             generations = self.engine.generate(requests, c.rollout.temperature, step_seed(c.seed, step, "rollout"))
+        self.prefixes.schedule(step)  # upcoming prefixes are generated while this step trains
         for s, g in zip(samples, generations):
             if s.finish_reason:
                 continue

@@ -83,7 +83,7 @@ def test_load_weights_changes_version_and_bad_source_keeps_old(engine, tiny_mode
 
 
 def test_actor_update_moves_logprobs_in_advantage_direction(tiny_model, make_config):
-    cfg = make_config("actor.lr=0.01")
+    cfg = make_config("actor.lr=0.001")
     actor = build_actor(cfg.actor, tiny_model)
     tok = load_tokenizer(tiny_model)
     good, bad = tok.encode("1+1=?\n1+1=2\nA: 2"), tok.encode("1+1=?\n1+1=3\nA: 3")
@@ -98,9 +98,9 @@ def test_actor_update_moves_logprobs_in_advantage_direction(tiny_model, make_con
     batch.behaviour_logp = batch.old_logp.clone()
     out = actor.train_minibatch(batch, LossConfig(), 1.0)
     after, _ = actor.logprobs(batch, 1.0)
-    trained = seg > 0
-    assert (after - batch.old_logp)[0][trained[0]].sum() > 0
-    assert (after - batch.old_logp)[1][trained[1]].sum() < 0
+    trained = (seg > 0).float()
+    margin = lambda logp: float((logp[0] * trained[0]).sum() - (logp[1] * trained[1]).sum())
+    assert margin(after) > margin(batch.old_logp)  # the rewarded answer gained on the punished one
     assert out["ratio"].numel() == out["segment"].numel()
 
 

@@ -40,9 +40,9 @@ def test_lookahead_fills_ahead_of_time_and_is_deterministic(tmp_path, tiny_model
     cache = PrefixCache(store, plan_for(tok), lookahead=2, pick="uniform", seed=3, max_new_tokens=16, temperature=1.0,
                         threads=1)
     try:
-        cache.schedule(0)  # trainer starts step 0: jobs for steps 0, 1, 2 go out
-        first = cache.take(0)
+        first = cache.take(0)  # nothing was generated ahead for the first step: made on demand
         assert len(first) == 3 and all(t is not None and t.versions == [0] * len(t.token_ids) for t in first)
+        cache.schedule(0)  # step 0's rollout is done: steps 1 and 2 go out
         # without the trainer asking again, steps 1 and 2 are generated in the background
         assert wait_until(lambda: {1, 2} <= cache.ready_steps()), "lookahead steps were not filled ahead of time"
         assert cache.generation_seconds[2] > 0
@@ -52,7 +52,6 @@ def test_lookahead_fills_ahead_of_time_and_is_deterministic(tmp_path, tiny_model
     again = PrefixCache(store, plan_for(tok), lookahead=0, pick="uniform", seed=3, max_new_tokens=16, temperature=1.0,
                         threads=1)
     try:
-        again.schedule(1)
         assert [t.token_ids for t in again.take(1)] == [t.token_ids for t in second]
     finally:
         again.close()
@@ -61,10 +60,10 @@ def test_lookahead_fills_ahead_of_time_and_is_deterministic(tmp_path, tiny_model
 def test_pending_jobs_pin_their_checkpoints(tmp_path, tiny_model):
     tok = load_tokenizer(tiny_model)
     store, engine = make_store(tmp_path, tiny_model, keep=1)
-    cache = PrefixCache(store, plan_for(tok), lookahead=1, pick="newest", seed=0, max_new_tokens=8, temperature=1.0,
+    cache = PrefixCache(store, plan_for(tok), lookahead=2, pick="newest", seed=0, max_new_tokens=8, temperature=1.0,
                         threads=1)
     try:
-        cache.schedule(0)  # steps 0 and 1 read version 0
+        cache.schedule(-1)  # lookahead jobs for steps 0 and 1, both reading version 0
         for v in (2, 4):
             store.add(v, lambda tmp: engine.model.save_pretrained(tmp))
         assert store.members() == [4]
@@ -85,7 +84,6 @@ def test_dead_worker_is_reported_not_waited_on(tmp_path, tiny_model):
     cache = PrefixCache(store, plan_for(tok), lookahead=0, pick="newest", seed=0, max_new_tokens=8, temperature=1.0)
     cache._proc.kill()
     cache._proc.join()
-    cache.schedule(0)
     with pytest.raises(RuntimeError, match="prefix worker died"):
         cache.take(0)
     cache.close()

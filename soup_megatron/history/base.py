@@ -10,11 +10,11 @@ from ..sample import Sample, Trajectory
 
 
 class PrefixSource(Protocol):
-    def schedule(self, step: int) -> None:
-        """The trainer is starting `step`: work on upcoming steps may begin."""
-
     def take(self, step: int) -> list[Optional[Trajectory]]:
         """One trajectory per slot planned for `step` (None: the source has none for that prompt)."""
+
+    def schedule(self, step: int) -> None:
+        """Step `step` has its rollout: work on the steps after it may begin in the background."""
 
     def record(self, samples: Sequence[Sample]) -> None:
         """The step's finished samples (the replay source keeps them)."""

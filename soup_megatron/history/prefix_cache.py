@@ -4,8 +4,13 @@ Historical weights are fixed, so the trajectories for step t can be written whil
 still on step t - lookahead. A worker process holds its own rollout engine, loads the checkpoints
 it is asked for from the history store, and fills one job per step in order.
 
-Determinism (a resumed run must match an uninterrupted one): the job for step t is created when the
-trainer starts step t - lookahead, with the pool as it is at that moment (the snapshot) and a seed
+Scheduling: the trainer calls `schedule(t)` once step t's on-policy rollout is done, so the worker
+generates for steps t+1 .. t+lookahead while the trainer computes gradients (on a small machine the
+two would otherwise compete for the same cores during rollout). A step nobody generated ahead
+(the first one, or lookahead = 0) is generated when `take` asks for it.
+
+Determinism (a resumed run must match an uninterrupted one): each job carries the pool as it was
+when the job was created (the snapshot; the pool only changes at the end of a step) and a seed
 derived from (seed, t); both are saved in trainer checkpoints, so a resumed run regenerates exactly
 the same trajectories. Every version a job may read is pinned in the store until the job is taken.
 """
@@ -107,7 +112,8 @@ class PrefixCache:
             seed=random.Random(f"prefix-{self.seed}-{step}").randrange(2**31)))
 
     def schedule(self, step: int) -> None:
-        for t in range(step, step + self.lookahead + 1):
+        """Submit the lookahead jobs (steps step+1 .. step+lookahead) not yet submitted."""
+        for t in range(step + 1, step + self.lookahead + 1):
             if t not in self._pending and t not in self._done:
                 self._submit(t, self.store.members())
 
@@ -133,8 +139,8 @@ class PrefixCache:
         return set(self._done)
 
     def take(self, step: int) -> list[Optional[Trajectory]]:
-        if step not in self._pending and step not in self._done:
-            raise RuntimeError(f"prefixes for step {step} were never scheduled")
+        if step not in self._pending and step not in self._done:  # not generated ahead: on the critical path
+            self._submit(step, self.store.members())
         while step not in self._done:
             self._receive(timeout=1.0)
         self._pending.pop(step, None)

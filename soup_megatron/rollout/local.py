@@ -1,7 +1,8 @@
 """In-process rollout engine on `transformers`: batched sampling with a KV cache.
 
-Finished rows leave the batch (their cache rows are dropped), so a batch whose rows need fewer new
-tokens, as SOUP continuations do, costs fewer decode FLOPs than a batch of full on-policy samples.
+Finished rows leave the batch (their cache rows are dropped once a quarter of the batch is done), so
+a batch whose rows need fewer new tokens, as SOUP continuations do, costs fewer decode FLOPs than a
+batch of full on-policy samples.
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ class LocalEngine:
         cache = None
         step_ids, step_pos = ids, positions
         produced = 0
-        while len(active):
+        finished = torch.zeros(len(active), dtype=torch.bool)
+        while True:
             out = self.model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos,
                              past_key_values=cache, use_cache=True)
             cache = out.past_key_values
@@ -67,20 +69,24 @@ class LocalEngine:
                 token = logp_all.argmax(-1)
             logp = logp_all.gather(-1, token[:, None]).squeeze(-1)
             produced += 1
-            done = (token == self.eos_id) | (budget <= produced)
             for row, idx in enumerate(active.tolist()):
+                if finished[row]:
+                    continue
                 res = results[idx]
                 res.token_ids.append(int(token[row]))
                 res.logprobs.append(float(logp[row]))
                 if token[row] == self.eos_id:
                     res.finish_reason = "stop"
-            keep = (~done).nonzero().squeeze(-1)
-            if len(keep) == 0:
+            finished |= (token == self.eos_id) | (budget <= produced)
+            if finished.all():
                 break
-            if len(keep) < len(active):
+            # drop finished rows only when a quarter of the batch is done: compacting the KV cache
+            # copies all of it, so doing it for every single finished row costs more than it saves
+            if finished.sum() * 4 >= len(active):
+                keep = (~finished).nonzero().squeeze(-1)
                 cache.batch_select_indices(keep)
                 active, mask, budget, token = active[keep], mask[keep], budget[keep], token[keep]
-                step_pos = step_pos[keep]
+                step_pos, finished = step_pos[keep], finished[keep]
             mask = torch.cat([mask, torch.ones((len(active), 1), dtype=mask.dtype)], dim=1)
             step_pos = step_pos[:, -1:] + 1
             step_ids = token[:, None]
