@@ -10,7 +10,7 @@ if ! "$PYTHON" -c 'import sys; assert sys.version_info[:2] >= (3, 10)' 2>/dev/nu
   exit 1
 fi
 stamp="$VENV/.soup-requirements.sha"
-X
+want=$( (cat requirements-cpu.txt setup.py; pwd) | sha256sum | cut -d' ' -f1)  # a moved checkout reinstalls
 if [ -x "$VENV/bin/python" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   echo "setup_env: $VENV is up to date"
 else
