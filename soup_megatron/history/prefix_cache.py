@@ -40,7 +40,6 @@ Plan = Callable[[int], list[tuple[str, tuple[int, ...]]]]
 @dataclass
 class PrefixJob:
     step: int
-    snapshot: list[int]
     uids: list[str]
     prompt_ids: list[tuple[int, ...]]
     versions: list[int]
@@ -106,7 +105,7 @@ class PrefixCache:
         self.store.pin(f"prefix-{step}", versions)
         self._pending[step] = (list(snapshot), versions)
         self._jobs.put(PrefixJob(
-            step=step, snapshot=list(snapshot), uids=[u for u, _ in slots], prompt_ids=[p for _, p in slots],
+            step=step, uids=[u for u, _ in slots], prompt_ids=[p for _, p in slots],
             versions=versions, paths={v: str(self.store.path(v)) for v in set(versions)},
             max_new_tokens=self.max_new_tokens, temperature=self.temperature,
             seed=random.Random(f"prefix-{self.seed}-{step}").randrange(2**31)))
