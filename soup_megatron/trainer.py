@@ -322,7 +322,9 @@ class Trainer:
         mixed = torch.tensor([s.mixed for s in samples])
         out = {"reward_mean": float(rewards.mean()),
                "response_len": float(sum(len(s.response_ids) for s in samples) / len(samples)),
-               "mix/mixed_samples": float(mixed.sum())}
+               "mix/mixed_samples": float(mixed.sum()),
+               # mixed samples whose cut fell at 0 (cut_at=line with no newline before it)
+               "mix/empty_prefixes": float(sum(s.mixed and s.cut == 0 for s in samples))}
         if mixed.any():
             out["reward_mean/mixed"] = float(rewards[mixed].mean())
         if (~mixed).any():
