@@ -9,6 +9,9 @@ import sys
 from pathlib import Path
 
 from .config import ConfigError, load_config
+from .data.prompts import DataError
+from .history.store import HistoryError
+from .model.hf import CheckpointError
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -102,6 +105,9 @@ def main(argv=None) -> int:
         return args.fn(args)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    except (DataError, CheckpointError, HistoryError) as exc:  # bad input files: say which, no traceback
+        print(f"error: {exc}", file=sys.stderr)
         return 2
 
 

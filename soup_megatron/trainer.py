@@ -69,11 +69,11 @@ class Trainer:
         self.ckpt_root = self.out / "checkpoints"
         self.ckpt_root.mkdir(exist_ok=True)
         remove_tmp_leftovers(self.ckpt_root)
+        self.train_prompts, self.heldout = load_splits(cfg.data, cfg.seed)  # cheap checks of inputs first
+        self.reward_fn = build_reward(cfg.reward)
         self.tokenizer = load_tokenizer(cfg.model.path)
         self.eos_id = self.tokenizer.eos_token_id
         self.newline_ids = frozenset(self.tokenizer.encode("\n"))
-        self.train_prompts, self.heldout = load_splits(cfg.data, cfg.seed)
-        self.reward_fn = build_reward(cfg.reward)
         self.loss_cfg = LossConfig.from_config(cfg)
         self._prompt_ids: dict[str, tuple[int, ...]] = {}
         self.n_mix = mixed_count(cfg.rollout.group_size, cfg.soup.mix_fraction)

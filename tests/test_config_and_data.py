@@ -129,3 +129,16 @@ def test_rewards():
         build_reward(RewardConfig(type="custom", function="nope:f"))
     with pytest.raises(ConfigError, match="has no callable 'missing'"):
         build_reward(RewardConfig(type="custom", function="tests.helpers:missing"))
+
+
+def test_cli_names_a_missing_model_or_data_file(tmp_path):
+    for args, message in (
+        ([f"model.path={tmp_path}/nothing"], "not an HF checkpoint directory (no config.json)"),
+        ([f"model.path={tmp_path}/nothing", "data.source=file", f"data.train_path={tmp_path}/t.jsonl",
+          f"data.heldout_path={tmp_path}/h.jsonl"],
+         "t.jsonl: file not found"),
+    ):
+        proc = subprocess.run([sys.executable, "-m", "soup_megatron.cli", "train", "--config", "configs/tiny_cpu.yaml",
+                               f"trainer.out_dir={tmp_path}/run", *args], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2
+        assert message in proc.stderr and "Traceback" not in proc.stderr

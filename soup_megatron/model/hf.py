@@ -13,14 +13,18 @@ class CheckpointError(ValueError):
     """A checkpoint directory that cannot be loaded."""
 
 
-def load_model(path: str | Path):
-    from transformers import AutoModelForCausalLM
-
+def _require_checkpoint(path: str | Path) -> Path:
     path = Path(path)
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path}: not an HF checkpoint directory (no config.json); "
                               "for the demo run `soup-megatron prepare --config configs/tiny_cpu.yaml` first")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return path
+
+
+def load_model(path: str | Path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(_require_checkpoint(path), dtype=torch.float32)
     model.eval()
     return model
 
@@ -28,7 +32,7 @@ def load_model(path: str | Path):
 def load_tokenizer(path: str | Path):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(Path(path))
+    tok = AutoTokenizer.from_pretrained(_require_checkpoint(path))
     if tok.eos_token_id is None:
         raise CheckpointError(f"{path}: tokenizer has no eos_token")
     return tok
