@@ -272,3 +272,16 @@ def validate(cfg: Config) -> None:
 
 def to_yaml(cfg: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def changed_keys(old_yaml: str | Path, cfg: Config) -> list[str]:
+    """`key: old -> new` for every value that differs between a saved config file and `cfg`."""
+    def flat(node, prefix=""):
+        out = {}
+        for k, v in node.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    old = flat(OmegaConf.to_container(OmegaConf.load(old_yaml)))
+    new = flat(OmegaConf.to_container(OmegaConf.structured(cfg)))
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]

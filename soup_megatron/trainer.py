@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import random
 import shutil
+import sys
 import time
 import zlib
 from contextlib import contextmanager
@@ -29,7 +30,7 @@ from .algo.advantage import group_advantages
 from .algo.loss import LossConfig
 from .algo.mixing import cut_point, mixed_count
 from .algo.stats import mean_over_updates, segment_stats
-from .config import Config, to_yaml
+from .config import Config, changed_keys, to_yaml
 from .data.prompts import Prompt, load_splits, prompts_for_step
 from .history.base import NoPrefixes
 from .history.prefix_cache import PrefixCache
@@ -85,6 +86,9 @@ class Trainer:
         latest = self.ckpt_root / "latest"
         resume_state = None
         if latest.is_file():
+            if (self.out / "config.yaml").is_file():
+                for change in changed_keys(self.out / "config.yaml", cfg):  # legitimate (more steps) or not
+                    print(f"resuming {self.out} with a changed config: {change}", file=sys.stderr)
             self.store = CheckpointStore(self.out / "history", cfg.history.keep)
             resume_state = self._load_checkpoint(self.ckpt_root / latest.read_text().strip())
         else:  # a fresh run; history a crash left before the first trainer checkpoint is not ours to reuse

@@ -85,6 +85,15 @@ def test_history_rotation_in_a_run(make_config):
     assert not (trainer.out / "history" / "v000000").exists()
 
 
+def test_resume_with_changed_config_says_what_changed(make_config, capsys):
+    Trainer(make_config("trainer.steps=1", "soup.mix_fraction=0")).run()
+    capsys.readouterr()
+    trainer = Trainer(make_config("trainer.steps=2", "soup.mix_fraction=0", "algo.clip_high=0.3"))
+    trainer.close()
+    err = capsys.readouterr().err
+    assert "changed config: algo.clip_high: 0.2 -> 0.3" in err and "trainer.steps: 1 -> 2" in err
+
+
 def test_missing_checkpoint_is_a_clear_error(make_config):
     cfg = make_config("trainer.steps=2", "trainer.save_interval=1", "soup.mix_fraction=0")
     Trainer(cfg).run()
