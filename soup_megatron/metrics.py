@@ -21,10 +21,17 @@ class MetricsLog:
             self._writer = SummaryWriter(str(Path(out_dir) / "tensorboard"), purge_step=resume_step + 1)
 
     def _truncate_after(self, step: int) -> None:
-        """A resumed run rewrites the steps after its checkpoint: drop their old lines."""
+        """A resumed run rewrites the steps after its checkpoint: drop their old lines (all of them when
+        the run starts afresh after dying before its first checkpoint)."""
         if not self.path.is_file():
             return
-        kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        kept = []
+        for line in self.path.read_text().splitlines() if step > 0 else []:  # a fresh start keeps nothing
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line)
+            except json.JSONDecodeError:
+                pass  # a line a crash cut short: its step is redone
         atomic_write_text(self.path, "".join(line + "\n" for line in kept))
 
     def log(self, record: dict) -> None:

@@ -74,7 +74,11 @@ class Trainer:
         self.reward_fn = build_reward(cfg.reward)
         self.tokenizer = load_tokenizer(cfg.model.path)
         self.eos_id = self.tokenizer.eos_token_id
-        self.newline_ids = frozenset(self.tokenizer.encode("\n"))
+        # every token that ends a line (BPE vocabularies also have "\n\n", ".\n", ...), for cut_at=line
+        self.newline_ids = frozenset()
+        if cfg.soup.cut_at == "line":
+            self.newline_ids = frozenset(i for i in range(len(self.tokenizer))
+                                         if self.tokenizer.decode([i]).endswith("\n"))
         self.loss_cfg = LossConfig.from_config(cfg)
         self._prompt_ids: dict[str, tuple[int, ...]] = {}
         self.n_mix = mixed_count(cfg.rollout.group_size, cfg.soup.mix_fraction)
@@ -251,16 +255,24 @@ class Trainer:
     def save_checkpoint(self, step: int) -> None:
         """Everything needed to continue after `step` steps, written atomically, then `latest` flips."""
         name = f"step_{step:06d}"
+        needs = sorted(set(self.store.members()) | self.prefixes.pinned_versions())  # history it resumes with
         with atomic_dir(self.ckpt_root / name) as tmp:
             self.actor.save_state(tmp / "actor")
             torch.save({"prefixes": self.prefixes.state()}, tmp / "prefixes.pt")
             atomic_write_json(tmp / "state.json", {"step": step, "history_members": self.store.members(),
-                                                   "engine_version": self.engine.version})
+                                                   "history_needed": needs})
         atomic_write_text(self.ckpt_root / "latest", name + "\n")
-        self.store.pin("trainer-checkpoint", set(self.store.members()) | self.prefixes.pinned_versions())
-        self.store.collect()
         for old in sorted(self.ckpt_root.glob("step_*"))[: -self.cfg.trainer.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
+        self._pin_checkpoint_history()
+        self.store.collect()
+
+    def _pin_checkpoint_history(self) -> None:
+        """Every kept trainer checkpoint can be resumed: keep the history versions any of them needs."""
+        needed: set[int] = set()
+        for state in self.ckpt_root.glob("step_*/state.json"):
+            needed |= set(read_json(state)["history_needed"])
+        self.store.pin("trainer-checkpoints", needed & set(self.store.on_disk()))
 
     def _load_checkpoint(self, path: Path) -> dict:
         if not (path / "state.json").is_file():
@@ -269,8 +281,8 @@ class Trainer:
         state = read_json(path / "state.json")
         self.actor.load_state(path / "actor")
         self.engine.load_weights(self.actor.rollout_weights(), self.actor.version)
-        self.store.restore(state["history_members"])
-        self.store.pin("trainer-checkpoint", state["history_members"])
+        self.store.restore(state["history_members"], keep=state["history_needed"])
+        self._pin_checkpoint_history()
         self.start_step = state["step"]
         extra = torch.load(path / "prefixes.pt", weights_only=False)
         return {"prefixes": extra["prefixes"]}

@@ -28,6 +28,10 @@ from soup_megatron.config import RewardConfig
     ("rollout.group_size=1", "rollout.group_size=1 is not allowed"),
     ("reward.type=custom", "reward.function=''"),
     ("trainer.steps", "must look like key=value"),
+    ("algo.adv_eps=0", "algo.adv_eps=0.0 is not allowed; expected > 0"),
+    ("actor.grad_clip=-1", "actor.grad_clip=-1.0 is not allowed; expected > 0"),
+    ("data.heldout_size=0", "data.heldout_size=0 is not allowed"),
+    ("model.tiny.num_kv_heads=3", "model.tiny.num_kv_heads=3 is not allowed; expected a divisor of model.tiny.num_heads"),
 ])
 def test_bad_overrides_are_refused(override, message):
     with pytest.raises(ConfigError) as err:
@@ -64,8 +68,9 @@ def test_overrides_reach_typed_fields():
 def test_jsonl_and_parquet_loading(tmp_path):
     jl = tmp_path / "p.jsonl"
     jl.write_text(json.dumps({"q": "1+1?", "a": 2}) + "\n\n" + json.dumps({"q": "2+2?", "a": "4"}) + "\n")
-    rows = load_file(jl, "q", "a", "Problem: {prompt}\n")
-    assert [(r.text, r.answer) for r in rows] == [("Problem: 1+1?\n", "2"), ("Problem: 2+2?\n", "4")]
+    rows = load_file(jl, "q", "a", "Problem: {prompt}\nPut the answer in \\boxed{}.\n")
+    assert [(r.text, r.answer) for r in rows] == [("Problem: 1+1?\nPut the answer in \\boxed{}.\n", "2"),
+                                                  ("Problem: 2+2?\nPut the answer in \\boxed{}.\n", "4")]
     pqf = tmp_path / "p.parquet"
     pq.write_table(pa.table({"problem": ["x?", "y?"], "solution_answer": ["1", "2"]}), pqf)
     assert [r.answer for r in load_file(pqf, "problem", "solution_answer")] == ["1", "2"]

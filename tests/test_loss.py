@@ -171,3 +171,20 @@ def test_group_advantages():
     assert group_advantages(torch.tensor([1.0, 0.0]), 2, "none").tolist() == [0.5, -0.5]
     with pytest.raises(ValueError):
         group_advantages(torch.tensor([1.0, 0.0, 1.0]), 2)
+
+
+def test_kl_ignores_untrained_columns_with_extreme_logprobs():
+    seg = torch.tensor([[C, C, Q]])
+    logp = torch.tensor([[-0.5, -1.0, -200.0]], requires_grad=True)  # a padding column
+    ref = torch.tensor([[-0.6, -1.0, 0.0]])
+    w = aggregation_weights(loss_mask(seg, "clip"), "token_mean", 1, 2.0)
+    loss, _ = soup_loss(logp, logp.detach(), logp.detach(), torch.tensor([1.0]), seg, w,
+                        LossConfig(kl_coef=1.0), ref_logp=ref)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logp.grad).all()
+    assert logp.grad[0, 2] == 0
+
+
+def test_mask_mode_reports_no_prefix_clipping():
+    _, _, clipped = policy_token_loss(LOGP, OLD, BEH, ADV, SEG, LossConfig(prefix_mode="mask"))
+    assert not clipped[SEG == P].any()

@@ -85,6 +85,20 @@ def test_history_rotation_in_a_run(make_config):
     assert not (trainer.out / "history" / "v000000").exists()
 
 
+def test_resuming_twice_from_one_checkpoint(make_config):
+    """Prefix jobs pending at a checkpoint may read a version that has left the pool: every resume
+    from that checkpoint needs it, not just the first one."""
+    args = ["trainer.save_interval=4", "history.interval=1", "history.keep=1", "soup.lookahead=2",
+            "trainer.eval_interval=0"]
+    Trainer(make_config("trainer.steps=4", *args)).run()
+    for _ in range(2):  # resume, train two steps, die before the next checkpoint; twice
+        trainer = Trainer(make_config("trainer.steps=8", *args))
+        assert trainer.start_step == 4
+        trainer.train_step(4)
+        trainer.train_step(5)
+        trainer.close()
+
+
 def test_resume_with_changed_config_says_what_changed(make_config, capsys):
     Trainer(make_config("trainer.steps=1", "soup.mix_fraction=0")).run()
     capsys.readouterr()

@@ -98,7 +98,7 @@ def policy_token_loss(logp, old_logp, behaviour_logp, advantages, segment, cfg: 
         loss = torch.where(is_prefix, behaviour_weight * loss, loss)
     elif cfg.prefix_mode != "mask":
         raise ValueError(f"unknown prefix_mode {cfg.prefix_mode!r}")
-    trained = (segment == PREFIX) | (segment == CONTINUATION)
+    trained = loss_mask(segment, cfg.prefix_mode) > 0
     return torch.where(trained, loss, torch.zeros_like(loss)), ratio, clipped & trained
 
 
@@ -110,7 +110,8 @@ def soup_loss(logp, old_logp, behaviour_logp, advantages, segment, weights, cfg:
     if cfg.kl_coef > 0:
         if ref_logp is None:
             raise ValueError("kl_coef > 0 needs reference log-probs")
-        log_ratio = ref_logp - logp
+        # only where a token is trained: padding columns hold arbitrary log-probs that could overflow exp
+        log_ratio = torch.where(weights > 0, ref_logp - logp, torch.zeros_like(logp))
         total = total + cfg.kl_coef * (torch.exp(log_ratio) - log_ratio - 1.0)
     if cfg.entropy_coef > 0:
         if entropy is None:

@@ -72,7 +72,7 @@ def load_file(path: str | Path, prompt_field: str, answer_field: str, template: 
     for lineno, row in _rows(path):
         text = _field(path, lineno, row, prompt_field)
         answer = _field(path, lineno, row, answer_field)
-        prompts.append(Prompt(uid=f"{path.name}:{lineno}", text=template.format(prompt=text), answer=answer))
+        prompts.append(Prompt(uid=f"{path.name}:{lineno}", text=template.replace("{prompt}", text), answer=answer))
     if not prompts:
         raise DataError(f"{path}: no rows")
     return prompts
@@ -87,7 +87,7 @@ def load_splits(cfg: DataConfig, seed: int) -> tuple[list[Prompt], list[Prompt]]
 
     a = cfg.arithmetic
     return tuple(  # type: ignore[return-value]
-        [Prompt(p.uid, cfg.template.format(prompt=p.text), p.answer)
+        [Prompt(p.uid, cfg.template.replace("{prompt}", p.text), p.answer)
          for p in make_split(split, size, seed, a.min_terms, a.max_terms, a.max_operand)]
         for split, size in (("train", cfg.train_size), ("heldout", cfg.heldout_size))
     )

@@ -98,11 +98,12 @@ class CheckpointStore:
             shutil.rmtree(self.path(v), ignore_errors=True)
         return doomed
 
-    def restore(self, members: list[int]) -> None:
+    def restore(self, members: list[int], keep: Iterable[int] = ()) -> None:
         """Make the pool exactly `members` (a resumed trainer checkpoint's view); newer versions are
-        dropped (the resumed run writes them again), older ones retired."""
+        dropped (the resumed run writes them again), older ones retired. `keep` lists retired versions
+        the resumed run still reads: they must be on disk too."""
         with self._lock:
-            missing = [v for v in members if not self.path(v).is_dir()]
+            missing = [v for v in sorted(set(members) | set(keep)) if not self.path(v).is_dir()]
             if missing:
                 raise HistoryError(f"{self.root}: cannot resume, history versions {missing} are missing on disk")
             known = set(self._members) | set(self._retired)
