@@ -10,7 +10,7 @@ import torch
 from ..algo.loss import LossConfig, aggregation_weights, loss_mask, soup_loss
 from ..config import ActorConfig
 from ..model.hf import load_model, load_weights_into, read_state_dict, token_logprobs
-from .base import TokenBatch, trim
+from .base import TokenBatch
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -24,8 +24,9 @@ class LocalActor:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     def _micro_batches(self, batch: TokenBatch):
+        """(first row, micro-batch trimmed to its own longest row)."""
         for start in range(0, len(batch), self.cfg.micro_batch_size):
-            yield trim(batch.select(torch.arange(start, min(start + self.cfg.micro_batch_size, len(batch)))))
+            yield start, batch.select(torch.arange(start, min(start + self.cfg.micro_batch_size, len(batch))))
 
     @torch.no_grad()
     def logprobs(self, batch: TokenBatch, temperature: float, with_entropy: bool = False):
@@ -33,7 +34,7 @@ class LocalActor:
         width = batch.input_ids.shape[1] - 1
         logp = torch.zeros(len(batch), width)
         entropy = torch.zeros(len(batch), width) if with_entropy else None
-        for start, mb in zip(range(0, len(batch), self.cfg.micro_batch_size), self._micro_batches(batch)):
+        for start, mb in self._micro_batches(batch):
             lp, ent = token_logprobs(self.model, mb.input_ids, mb.attention_mask, temperature, with_entropy)
             logp[start: start + len(mb), : lp.shape[1]] = lp
             if with_entropy:
@@ -47,7 +48,7 @@ class LocalActor:
         self.optimizer.zero_grad(set_to_none=True)
         total_loss = 0.0
         stats = {"ratio": [], "clipped": [], "entropy": [], "segment": []}
-        for mb in self._micro_batches(batch):
+        for _, mb in self._micro_batches(batch):
             logp, entropy = token_logprobs(self.model, mb.input_ids, mb.attention_mask, temperature, True)  # entropy is logged per segment
             weights = aggregation_weights(loss_mask(mb.segment, loss_cfg.prefix_mode), loss_cfg.loss_agg,
                                           len(batch), num_tokens)
