@@ -69,13 +69,14 @@ class LocalEngine:
                 token = logp_all.argmax(-1)
             logp = logp_all.gather(-1, token[:, None]).squeeze(-1)
             produced += 1
-            for row, idx in enumerate(active.tolist()):
-                if finished[row]:
+            # one conversion per step, not per row: this loop runs once for every decoded token
+            for idx, done, tok, lp in zip(active.tolist(), finished.tolist(), token.tolist(), logp.tolist()):
+                if done:
                     continue
                 res = results[idx]
-                res.token_ids.append(int(token[row]))
-                res.logprobs.append(float(logp[row]))
-                if token[row] == self.eos_id:
+                res.token_ids.append(tok)
+                res.logprobs.append(lp)
+                if tok == self.eos_id:
                     res.finish_reason = "stop"
             finished |= (token == self.eos_id) | (budget <= produced)
             if finished.all():
