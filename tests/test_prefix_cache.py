@@ -25,6 +25,11 @@ def plan_for(tok):
     return lambda step: [(f"p{step}-{i}", tuple(tok.encode(prompts[(step + i) % 8]))) for i in range(3)]
 
 
+def make_cache(store, tok, **kw):
+    defaults = dict(lookahead=0, pick="uniform", seed=3, max_new_tokens=16, temperature=1.0, threads=1)
+    return PrefixCache(store, plan_for(tok), **{**defaults, **kw})
+
+
 def wait_until(cond, timeout=60.0):
     end = time.time() + timeout
     while time.time() < end:
@@ -37,8 +42,7 @@ def wait_until(cond, timeout=60.0):
 def test_lookahead_fills_ahead_of_time_and_is_deterministic(tmp_path, tiny_model):
     tok = load_tokenizer(tiny_model)
     store, _ = make_store(tmp_path, tiny_model, keep=2)
-    cache = PrefixCache(store, plan_for(tok), lookahead=2, pick="uniform", seed=3, max_new_tokens=16, temperature=1.0,
-                        threads=1)
+    cache = make_cache(store, tok, lookahead=2)
     try:
         first = cache.take(0)  # nothing was generated ahead for the first step: made on demand
         assert len(first) == 3 and all(t is not None and t.versions == [0] * len(t.token_ids) for t in first)
@@ -49,8 +53,7 @@ def test_lookahead_fills_ahead_of_time_and_is_deterministic(tmp_path, tiny_model
         second = cache.take(1)
     finally:
         cache.close()
-    again = PrefixCache(store, plan_for(tok), lookahead=0, pick="uniform", seed=3, max_new_tokens=16, temperature=1.0,
-                        threads=1)
+    again = make_cache(store, tok)
     try:
         assert [t.token_ids for t in again.take(1)] == [t.token_ids for t in second]
     finally:
@@ -60,8 +63,7 @@ def test_lookahead_fills_ahead_of_time_and_is_deterministic(tmp_path, tiny_model
 def test_pending_jobs_pin_their_checkpoints(tmp_path, tiny_model):
     tok = load_tokenizer(tiny_model)
     store, engine = make_store(tmp_path, tiny_model, keep=1)
-    cache = PrefixCache(store, plan_for(tok), lookahead=2, pick="newest", seed=0, max_new_tokens=8, temperature=1.0,
-                        threads=1)
+    cache = make_cache(store, tok, lookahead=2, pick="newest", seed=0, max_new_tokens=8)
     try:
         cache.schedule(-1)  # lookahead jobs for steps 0 and 1, both reading version 0
         for v in (2, 4):
@@ -81,7 +83,7 @@ def test_pending_jobs_pin_their_checkpoints(tmp_path, tiny_model):
 def test_dead_worker_is_reported_not_waited_on(tmp_path, tiny_model):
     tok = load_tokenizer(tiny_model)
     store, _ = make_store(tmp_path, tiny_model, keep=1)
-    cache = PrefixCache(store, plan_for(tok), lookahead=0, pick="newest", seed=0, max_new_tokens=8, temperature=1.0)
+    cache = make_cache(store, tok, pick="newest", seed=0, max_new_tokens=8)
     cache._proc.kill()
     cache._proc.join()
     with pytest.raises(RuntimeError, match="prefix worker died"):
