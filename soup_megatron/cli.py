@@ -1,4 +1,4 @@
-"""`soup-megatron` command line: prepare | train | eval."""
+"""`soup-megatron` command line: prepare | train | eval | sweep | bench."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import json
 import signal
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from .config import ConfigError, load_config
@@ -63,24 +64,90 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    from .data.eval_sets import load_eval_set
     from .data.prompts import load_splits
-    from .evaluate import heldout_metrics
-    from .model.hf import load_tokenizer
+    from .evaluate import Sampling, SoupInference, evaluate
+    from .io import atomic_write_json
+    from .model.hf import load_tokenizer, newline_token_ids, resolve_policy_checkpoint
     from .reward import build_reward
     from .rollout import build_engine
 
     cfg = load_config(args.config, args.overrides)
-    path = args.checkpoint or cfg.model.path
-    _, heldout = load_splits(cfg.data, cfg.seed)
+    ks = _int_list("--k", args.k)
+    if args.n < 1 or max(ks) > args.n:
+        raise ConfigError(f"--n {args.n} --k {args.k}: need n >= 1 and every k <= n")
+    path = resolve_policy_checkpoint(args.checkpoint or cfg.model.path)
+    if args.data:
+        prompts, layout = load_eval_set(args.data, args.layout, args.template or cfg.data.template,
+                                        args.prompt_field, args.answer_field)
+        data_name = f"{args.data} ({layout} layout)"
+    else:
+        prompts, data_name = load_splits(cfg.data, cfg.seed)[1], f"built-in held-out split, seed {cfg.seed}"
+    prompts = prompts[: args.limit] if args.limit else prompts
+    reward_type = args.reward or ("math_verify" if args.data else cfg.reward.type)
+    reward_fn = build_reward(replace(cfg.reward, type=reward_type))
+    tokenizer = load_tokenizer(path)
+    sampling = Sampling(args.max_new_tokens or cfg.rollout.max_response_len, cfg.rollout.temperature, cfg.seed,
+                        args.batch)
     engine = build_engine(cfg.rollout.backend, path)
-    result = heldout_metrics(engine, load_tokenizer(path), heldout, build_reward(cfg.reward),
-                             max_new_tokens=cfg.rollout.max_response_len, temperature=cfg.rollout.temperature,
-                             pass_samples=args.n, seed=cfg.seed)
-    engine.close()
-    _table(f"held-out evaluation of {path} ({len(heldout)} prompts)", [(k, f"{v:.3f}") for k, v in result.items()],
-           ("metric", "value"))
-    print(json.dumps(result))
+    soup = None
+    if args.prefix_checkpoint:
+        prefix_path = resolve_policy_checkpoint(args.prefix_checkpoint)
+        soup = SoupInference(build_engine(cfg.rollout.backend, prefix_path), cfg.soup.cut_min, cfg.soup.cut_max,
+                             cfg.soup.cut_at,
+                             newline_token_ids(tokenizer) if cfg.soup.cut_at == "line" else frozenset())
+    try:
+        result = evaluate(engine, tokenizer, prompts, reward_fn, n=args.n, ks=ks, sampling=sampling, soup=soup)
+    finally:
+        engine.close()
+        if soup is not None:
+            soup.engine.close()
+    header = ("policy", "greedy", *(f"pass@{k}" for k in ks))
+    rows = [(f"{path} (sampled)", f"{result['greedy_acc']:.3f}", *(f"{result['sampled'][f'pass@{k}']:.3f}" for k in ks))]
+    if soup is not None:
+        rows.append((f"{prefix_path} (historical, sampled)", "", *(f"{result['historical'][f'pass@{k}']:.3f}" for k in ks)))
+        rows.append((f"SOUP inference: historical prefix ({result['soup_inference']['prefix_len']:.1f} tokens), "
+                     "evaluated policy continues", "", *(f"{result['soup_inference'][f'pass@{k}']:.3f}" for k in ks)))
+    _table(f"{data_name}: {len(prompts)} problems, n={args.n}, T={sampling.temperature}, reward {reward_type}",
+           rows, header)
+    out = Path(args.out) if args.out else Path("runs/eval") / f"{Path(args.checkpoint or path).name}__" \
+        f"{Path(args.data).stem if args.data else 'heldout'}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out, {"checkpoint": str(path), "prefix_checkpoint": str(prefix_path) if soup else None,
+                            "data": data_name, "n": args.n, "k": ks, "reward": reward_type,
+                            "temperature": sampling.temperature, "max_new_tokens": sampling.max_new_tokens,
+                            "seed": cfg.seed, **result})
+    print(f"results: {out}")
     return 0
+
+
+def cmd_sweep(args) -> int:
+    from .study import load_study, run_study
+
+    study = load_study(args.config, args.overrides)
+    run_study(study)
+    out = Path(study.out_dir)
+    print((out / "results.md").read_text())
+    print(f"results: {out / 'results.md'}  {out / 'results.json'}  plot: {out / 'study.png'}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .bench import BENCHMARKS, print_table
+
+    for name in args.only or list(BENCHMARKS):
+        print_table(BENCHMARKS[name](args.config, args.steps, args.warmup, args.overrides))
+    return 0
+
+
+def _int_list(flag: str, text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"{flag} {text!r}: expected comma-separated integers, e.g. 1,4,16") from None
+    if not values or min(values) < 1:
+        raise ConfigError(f"{flag} {text!r}: expected positive integers, e.g. 1,4,16")
+    return values
 
 
 def main(argv=None) -> int:
@@ -93,11 +160,35 @@ def main(argv=None) -> int:
     p = sub.add_parser("train", help="run SOUP (or GRPO / trajectory mixing) training; resumes from out_dir")
     _config_args(p)
     p.set_defaults(fn=cmd_train)
-    p = sub.add_parser("eval", help="held-out greedy accuracy and sampled pass@1 of a checkpoint")
+    p = sub.add_parser("eval", help="greedy accuracy, pass@k and SOUP inference of a checkpoint on a benchmark file")
     _config_args(p)
-    p.add_argument("--checkpoint", help="HF checkpoint directory (default: model.path)")
-    p.add_argument("--n", type=int, default=4, help="samples per prompt for pass@1 (0: greedy only)")
+    p.add_argument("--checkpoint", help="HF checkpoint, trainer checkpoint or run directory (default: model.path)")
+    p.add_argument("--data", help="benchmark JSONL/Parquet (MATH-500, AMC, AIME, Minerva, OlympiadBench, GSM8K "
+                                  "layouts; default: the config's built-in held-out split)")
+    p.add_argument("--layout", default="auto", help="auto | problem | minerva | olympiadbench | gsm8k | prompt")
+    p.add_argument("--prompt-field", default="", help="read the problem from this field instead")
+    p.add_argument("--answer-field", default="", help="read the answer from this field instead")
+    p.add_argument("--template", default="", help="prompt layout with {prompt} (default: data.template)")
+    p.add_argument("--n", type=int, default=16, help="samples per problem")
+    p.add_argument("--k", default="1,4,16", help="comma-separated k of pass@k (each <= n)")
+    p.add_argument("--prefix-checkpoint", help="SOUP inference: this (historical) checkpoint writes the prefix")
+    p.add_argument("--reward", choices=("exact", "math_verify"), help="default: math_verify with --data, else reward.type")
+    p.add_argument("--max-new-tokens", type=int, default=0, help="default: rollout.max_response_len")
+    p.add_argument("--limit", type=int, default=0, help="evaluate only the first N problems")
+    p.add_argument("--batch", type=int, default=512, help="sequences per engine call")
+    p.add_argument("--out", help="results JSON (default: runs/eval/<checkpoint>__<data>.json)")
     p.set_defaults(fn=cmd_eval)
+    p = sub.add_parser("sweep", help="run a study (variants x seeds at an equal sample budget); resumable")
+    p.add_argument("--config", required=True, help="study YAML (see configs/study_tiny.yaml)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides of the study config, e.g. 'seeds=[1]'")
+    p.set_defaults(fn=cmd_sweep)
+    p = sub.add_parser("bench", help="the project's benchmarks, ratios measured side by side in one run")
+    _config_args(p)
+    p.set_defaults(config="configs/tiny_cpu.yaml")
+    p.add_argument("--only", action="append", choices=("step",), help="run only this benchmark (repeatable)")
+    p.add_argument("--steps", type=int, default=12, help="steps per variant")
+    p.add_argument("--warmup", type=int, default=2, help="first steps left out of the medians")
+    p.set_defaults(fn=cmd_bench)
     args = parser.parse_args(argv)
     # SIGTERM (scancel, kill) unwinds like Ctrl-C, so the prefix worker and logs are closed on the way out
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))

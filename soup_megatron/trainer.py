@@ -39,7 +39,7 @@ from .history.store import CheckpointStore
 from .evaluate import heldout_metrics
 from .io import atomic_dir, atomic_write_json, atomic_write_text, read_json, remove_tmp_leftovers
 from .metrics import MetricsLog, plot_curves
-from .model.hf import load_tokenizer
+from .model.hf import load_tokenizer, newline_token_ids
 from .reward import build_reward
 from .rollout import build_engine
 from .rollout.base import GenerationRequest
@@ -74,11 +74,7 @@ class Trainer:
         self.reward_fn = build_reward(cfg.reward)
         self.tokenizer = load_tokenizer(cfg.model.path)
         self.eos_id = self.tokenizer.eos_token_id
-        # every token that ends a line (BPE vocabularies also have "\n\n", ".\n", ...), for cut_at=line
-        self.newline_ids = frozenset()
-        if cfg.soup.cut_at == "line":
-            self.newline_ids = frozenset(i for i in range(len(self.tokenizer))
-                                         if self.tokenizer.decode([i]).endswith("\n"))
+        self.newline_ids = newline_token_ids(self.tokenizer) if cfg.soup.cut_at == "line" else frozenset()
         self.loss_cfg = LossConfig.from_config(cfg)
         self._prompt_ids: dict[str, tuple[int, ...]] = {}
         self.n_mix = mixed_count(cfg.rollout.group_size, cfg.soup.mix_fraction)

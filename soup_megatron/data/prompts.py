@@ -26,7 +26,7 @@ class Prompt:
     answer: str
 
 
-def _rows(path: Path) -> list[tuple[int, object]]:
+def read_rows(path: Path) -> list[tuple[int, object]]:
     """(line number, row) pairs; line numbers are 1-based file lines for JSONL, row numbers for Parquet."""
     if not path.is_file():
         raise DataError(f"{path}: file not found")
@@ -52,7 +52,7 @@ def _rows(path: Path) -> list[tuple[int, object]]:
     return rows
 
 
-def _field(path: Path, lineno: int, row: object, name: str) -> str:
+def field_text(path: Path, lineno: int, row: object, name: str) -> str:
     if not isinstance(row, dict):
         raise DataError(f"{path}:{lineno}: expected an object with field '{name}', got {type(row).__name__}")
     if name not in row:
@@ -60,7 +60,8 @@ def _field(path: Path, lineno: int, row: object, name: str) -> str:
     value = row[name]
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise DataError(f"{path}:{lineno}: field '{name}' must be a string or a number, got {type(value).__name__}")
-    text = str(value)
+    # AMC files store answers as floats (70.0): whole numbers are written as integers
+    text = str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
     if not text.strip():
         raise DataError(f"{path}:{lineno}: field '{name}' is empty")
     return text
@@ -69,9 +70,9 @@ def _field(path: Path, lineno: int, row: object, name: str) -> str:
 def load_file(path: str | Path, prompt_field: str, answer_field: str, template: str = "{prompt}") -> list[Prompt]:
     path = Path(path)
     prompts = []
-    for lineno, row in _rows(path):
-        text = _field(path, lineno, row, prompt_field)
-        answer = _field(path, lineno, row, answer_field)
+    for lineno, row in read_rows(path):
+        text = field_text(path, lineno, row, prompt_field)
+        answer = field_text(path, lineno, row, answer_field)
         prompts.append(Prompt(uid=f"{path.name}:{lineno}", text=template.replace("{prompt}", text), answer=answer))
     if not prompts:
         raise DataError(f"{path}: no rows")

@@ -21,6 +21,23 @@ def _require_checkpoint(path: str | Path) -> Path:
     return path
 
 
+def resolve_policy_checkpoint(path: str | Path) -> Path:
+    """The HF weights a path stands for: an HF checkpoint directory itself, a trainer checkpoint
+    (`step_N/`, whose actor saved `actor/model/`), or a run directory (its `checkpoints/latest`)."""
+    path = Path(path)
+    latest = path / "checkpoints" / "latest"
+    if latest.is_file():
+        path = path / "checkpoints" / latest.read_text().strip()
+    if (path / "actor" / "model" / "config.json").is_file():
+        return path / "actor" / "model"
+    return _require_checkpoint(path)
+
+
+def newline_token_ids(tokenizer) -> frozenset[int]:
+    """Every token that ends a line (BPE vocabularies also have "\n\n", ".\n", ...), for cut_at=line."""
+    return frozenset(i for i in range(len(tokenizer)) if tokenizer.decode([i]).endswith("\n"))
+
+
 def load_model(path: str | Path):
     from transformers import AutoModelForCausalLM
 

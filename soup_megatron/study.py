@@ -1,0 +1,226 @@
+"""The study: SOUP, its variants and the baselines, over several seeds at an equal sample budget.
+
+A study config names a base run config, overrides shared by every run, the variants (each a list of
+overrides) and the seeds. Every (variant, seed) trains in `out_dir/<variant>/seed<N>`; when it has
+finished, a final held-out evaluation (greedy accuracy, pass@k) and the run's training statistics go
+into its `result.json`. A run with a `result.json` is not run again; a run that was stopped part-way
+resumes from its own trainer checkpoint. The study then writes `results.json`, `results.md` (mean and
+std over seeds, and every seed) and `study.png` (curves of every variant, averaged over seeds).
+"""
+
+from __future__ import annotations
+
+import re
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .config import Config, ConfigError, changed_keys, load_config
+from .io import atomic_write_json, atomic_write_text, read_json
+from .metrics import read_metrics
+
+
+@dataclass
+class StudyEvalConfig:
+    n: int = 16  # samples per held-out problem
+    k: list[int] = field(default_factory=lambda: [1, 4, 16])
+
+
+@dataclass
+class StudyConfig:
+    base: str = "configs/tiny_cpu.yaml"
+    out_dir: str = "runs/study"
+    seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
+    overrides: list[str] = field(default_factory=list)  # applied to every run, before the variant's
+    variants: dict[str, list[str]] = field(default_factory=dict)
+    eval: StudyEvalConfig = field(default_factory=StudyEvalConfig)
+    last_steps: int = 10  # training statistics (entropy, clip fraction) are averaged over the last steps
+
+
+def columns(study: StudyConfig) -> list[tuple[str, str]]:
+    """What the results table shows per run: (column, key in result.json)."""
+    return [("greedy", "final/greedy_acc"), *((f"pass@{k}", f"final/pass@{k}") for k in study.eval.k),
+            ("reward", "train/reward_mean"), ("entropy prefix", "train/prefix/entropy"),
+            ("entropy cont.", "train/continuation/entropy"), ("clip prefix", "train/prefix/clip_frac"),
+            ("clip cont.", "train/continuation/clip_frac"), ("step s", "time/step_median")]
+
+
+def load_study(path: str, overrides: list[str] = ()) -> StudyConfig:
+    """The study config, validated: every run's config is built (and so checked) before anything runs."""
+    if not Path(path).is_file():
+        raise ConfigError(f"study config {path} does not exist")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(StudyConfig), OmegaConf.load(path),
+                                 OmegaConf.from_dotlist(list(overrides)))
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"{path}: {str(exc).splitlines()[0]} (allowed keys: base, out_dir, seeds, overrides, "
+                          "variants, eval.n, eval.k, last_steps)") from None
+    study: StudyConfig = OmegaConf.to_object(merged)
+    if not study.variants:
+        raise ConfigError(f"{path}: 'variants' is empty; name at least one variant (a list of overrides)")
+    if not study.seeds or len(set(study.seeds)) != len(study.seeds):
+        raise ConfigError(f"{path}: 'seeds' must be a non-empty list of distinct integers, got {study.seeds}")
+    for name in study.variants:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+            raise ConfigError(f"{path}: variant name {name!r} must be letters, digits, '_', '.' or '-' (it names a folder)")
+    if study.eval.n < 1 or not study.eval.k or max(study.eval.k) > study.eval.n or min(study.eval.k) < 1:
+        raise ConfigError(f"{path}: eval.k={study.eval.k} must be positive and at most eval.n={study.eval.n}")
+    budgets = {}
+    for name in study.variants:
+        cfg = run_config(study, name, study.seeds[0])
+        budgets[name] = cfg.trainer.steps * cfg.rollout.prompts_per_step * cfg.rollout.group_size
+    if len(set(budgets.values())) > 1:
+        raise ConfigError(f"{path}: variants must train on equal sample budgets (steps x prompts x group size); got "
+                          + ", ".join(f"{n}: {b}" for n, b in budgets.items()))
+    return study
+
+
+def run_config(study: StudyConfig, variant: str, seed: int) -> Config:
+    try:
+        return load_config(study.base, [*study.overrides, *study.variants[variant], f"seed={seed}",
+                                        f"trainer.out_dir={run_dir(study, variant, seed)}"])
+    except ConfigError as exc:
+        raise ConfigError(f"study variant '{variant}': {exc}") from None
+
+
+def run_dir(study: StudyConfig, variant: str, seed: int) -> Path:
+    return Path(study.out_dir) / variant / f"seed{seed}"
+
+
+def train_and_evaluate(study: StudyConfig, variant: str, seed: int) -> dict:
+    """One run: train (resuming if it was stopped), evaluate the final policy, write result.json."""
+    from .data.prompts import load_splits
+    from .evaluate import Sampling, evaluate
+    from .model.hf import load_tokenizer, resolve_policy_checkpoint
+    from .reward import build_reward
+    from .rollout import build_engine
+    from .trainer import Trainer
+
+    cfg = run_config(study, variant, seed)
+    out = Path(cfg.trainer.out_dir)
+    if (out / "result.json").is_file():
+        changes = changed_keys(out / "config.yaml", cfg)
+        if changes:
+            raise ConfigError(f"{out} holds a finished run with another config ({'; '.join(changes)}); "
+                              "delete that folder to run it again")
+        return read_json(out / "result.json")
+    Trainer(cfg).run()
+    started = time.perf_counter()
+    policy = resolve_policy_checkpoint(out)
+    engine = build_engine(cfg.rollout.backend, policy)
+    try:
+        final = evaluate(engine, load_tokenizer(policy), load_splits(cfg.data, cfg.seed)[1], build_reward(cfg.reward),
+                         n=study.eval.n, ks=study.eval.k,
+                         sampling=Sampling(cfg.rollout.max_response_len, cfg.rollout.temperature, cfg.seed))
+    finally:
+        engine.close()
+    rows = read_metrics(out / "metrics.jsonl")
+    trained = [r for r in rows if r["step"] > 0]
+    tail = trained[-study.last_steps:]
+    result = {"variant": variant, "seed": seed, "steps": cfg.trainer.steps,
+              "final/greedy_acc": final["greedy_acc"], **{f"final/{k}": v for k, v in final["sampled"].items()},
+              "time/step_median": statistics.median(r["time/step"] for r in trained),
+              "time/run_wall": sum(r["time/step"] + r.get("time/eval", 0.0) for r in trained)
+              + time.perf_counter() - started}
+    for key in ("reward_mean", "prefix/entropy", "continuation/entropy", "prefix/clip_frac",
+                "continuation/clip_frac", "prefix/ratio_mean", "continuation/ratio_mean"):
+        values = [r[key] for r in tail if key in r]
+        if values:
+            result[f"train/{key}"] = sum(values) / len(values)
+    atomic_write_json(out / "result.json", result)
+    return result
+
+
+def summarize(results: list[dict]) -> dict[str, dict[str, dict]]:
+    """variant -> key -> {mean, std, values} over seeds (std = sample std; 0 for one seed)."""
+    out: dict[str, dict[str, dict]] = {}
+    for r in results:
+        per_variant = out.setdefault(r["variant"], {})
+        for key, value in r.items():
+            if isinstance(value, float):
+                per_variant.setdefault(key, {"values": []})["values"].append(value)
+    for per_variant in out.values():
+        for stat in per_variant.values():
+            v = stat["values"]
+            stat.update(mean=statistics.fmean(v), std=statistics.stdev(v) if len(v) > 1 else 0.0)
+    return out
+
+
+def _cell(stat: Optional[dict]) -> str:
+    return "-" if stat is None else f"{stat['mean']:.3f} ± {stat['std']:.3f}"
+
+
+def results_markdown(study: StudyConfig, results: list[dict], wall_s: float) -> str:
+    summary = summarize(results)
+    shown = [(c, k) for c, k in columns(study) if any(k in v for v in summary.values())]
+    lines = [f"Study `{study.out_dir}`: {len(study.variants)} variants x seeds {study.seeds}; final held-out "
+             f"evaluation with n={study.eval.n}; training statistics averaged over the last {study.last_steps} steps; "
+             f"mean ± std over seeds. Wall time of all runs: {wall_s / 60:.1f} min.", "",
+             "| variant | " + " | ".join(c for c, _ in shown) + " |", "|---" * (len(shown) + 1) + "|"]
+    for variant, stats in summary.items():
+        lines.append(f"| {variant} | " + " | ".join(_cell(stats.get(k)) for _, k in shown) + " |")
+    lines += ["", "Every seed:", "", "| variant | seed | " + " | ".join(c for c, _ in shown) + " |",
+              "|---" * (len(shown) + 2) + "|"]
+    for r in results:
+        lines.append(f"| {r['variant']} | {r['seed']} | "
+                     + " | ".join(f"{r[k]:.3f}" if k in r else "-" for _, k in shown) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_study(study: StudyConfig, out_png: Path) -> Path:
+    """Held-out pass@1, greedy accuracy and training reward against step, each variant averaged over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("held-out sampled pass@1", "heldout/pass1"), ("held-out greedy accuracy", "heldout/greedy_acc"),
+              ("training reward", "reward_mean")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5))
+    for variant in study.variants:
+        runs = [read_metrics(run_dir(study, variant, s) / "metrics.jsonl") for s in study.seeds]
+        for ax, (title, key) in zip(axes, panels):
+            by_step: dict[int, list[float]] = {}
+            for rows in runs:
+                for r in rows:
+                    if key in r:
+                        by_step.setdefault(r["step"], []).append(r[key])
+            steps = sorted(by_step)
+            means = [statistics.fmean(by_step[s]) for s in steps]
+            if key == "reward_mean":  # noisy per step: a 5-step moving average
+                means = [statistics.fmean(means[max(0, i - 4):i + 1]) for i in range(len(means))]
+            ax.plot(steps, means, label=variant)
+            ax.set_title(title)
+            ax.set_xlabel("step")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    tmp = out_png.with_name(".tmp-" + out_png.name)
+    fig.savefig(tmp, dpi=90, format="png")
+    plt.close(fig)
+    tmp.replace(out_png)
+    return out_png
+
+
+def run_study(study: StudyConfig) -> list[dict]:
+    out = Path(study.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "study.yaml", OmegaConf.to_yaml(OmegaConf.structured(study)))
+    runs = [(v, s) for s in study.seeds for v in study.variants]  # seed-major: a partial study covers all variants
+    results = []
+    for i, (variant, seed) in enumerate(runs, start=1):
+        started = time.perf_counter()
+        print(f"[{i}/{len(runs)}] {variant} seed {seed}", flush=True)
+        results.append(train_and_evaluate(study, variant, seed))
+        print(f"[{i}/{len(runs)}] {variant} seed {seed}: pass@1 {results[-1]['final/pass@1']:.3f} "
+              f"({time.perf_counter() - started:.0f} s)", flush=True)
+    results.sort(key=lambda r: (list(study.variants).index(r["variant"]), r["seed"]))
+    wall = sum(r["time/run_wall"] for r in results)
+    atomic_write_json(out / "results.json", {"runs": results, "summary": summarize(results), "wall_s": wall})
+    atomic_write_text(out / "results.md", results_markdown(study, results, wall))
+    plot_study(study, out / "study.png")
+    return results
