@@ -89,11 +89,11 @@ def cmd_eval(args) -> int:
     tokenizer = load_tokenizer(path)
     sampling = Sampling(args.max_new_tokens or cfg.rollout.max_response_len, cfg.rollout.temperature, cfg.seed,
                         args.batch)
-    engine = build_engine(cfg.rollout.backend, path)
+    engine = build_engine(_local(cfg.rollout), path)
     soup = None
     if args.prefix_checkpoint:
         prefix_path = resolve_policy_checkpoint(args.prefix_checkpoint)
-        soup = SoupInference(build_engine(cfg.rollout.backend, prefix_path), cfg.soup.cut_min, cfg.soup.cut_max,
+        soup = SoupInference(build_engine(_local(cfg.rollout), prefix_path), cfg.soup.cut_min, cfg.soup.cut_max,
                              cfg.soup.cut_at,
                              newline_token_ids(tokenizer) if cfg.soup.cut_at == "line" else frozenset())
     try:
@@ -138,6 +138,13 @@ def cmd_bench(args) -> int:
     for name in args.only or list(BENCHMARKS):
         print_table(BENCHMARKS[name](args.config, args.steps, args.warmup, args.overrides))
     return 0
+
+
+def _local(rollout):
+    """`eval` runs its engines in-process: SGLang servers belong to a training run (its run directory)."""
+    if rollout.backend != "local":
+        print(f"eval: rollout.backend={rollout.backend} serves training runs; evaluating in-process", file=sys.stderr)
+    return replace(rollout, backend="local")
 
 
 def _int_list(flag: str, text: str) -> list[int]:

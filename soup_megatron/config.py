@@ -69,13 +69,44 @@ class RewardConfig:
 
 
 @dataclass
+class SGLangConfig:
+    """SGLang server groups: `policy` (on-policy continuations) and `history` (historical prefixes).
+
+    Managed servers are started by the run (`python -m sglang.launch_server` in the SGLang venv, made
+    by tools/setup_sglang.sh) with a fresh per-run API key; `*_urls` connect to servers started
+    elsewhere (Slurm), whose key is read from `api_key_file`."""
+
+    python: str = ".venv-sglang/bin/python"  # interpreter of the SGLang venv
+    policy_servers: int = 1  # managed on-policy servers (ignored when policy_urls is set)
+    history_servers: int = 1  # managed historical-policy servers (ignored when history_urls is set)
+    policy_urls: list[str] = field(default_factory=list)
+    history_urls: list[str] = field(default_factory=list)
+    api_key_file: str = ""  # external servers' API key (a private file); managed servers get their own
+    host: str = "127.0.0.1"  # managed servers bind here: 127.0.0.1 on the trainer's node, else the cluster interface
+    tp_size: int = 1
+    dp_size: int = 1
+    device: str = "cpu"
+    dtype: str = "float32"
+    attention_backend: str = "torch_native"
+    max_total_tokens: int = 8192  # KV-cache token cap (without it the KV pool takes most of the memory)
+    mem_fraction_static: Optional[float] = None
+    extra_args: list[str] = field(default_factory=list)  # passed to sglang.launch_server as they are
+    startup_timeout: float = 300.0  # seconds to wait for /health
+    request_timeout: float = 120.0  # seconds per request
+    retries: int = 3  # per request, after a timeout, a refused connection or a server error
+    concurrency: int = 64  # requests in flight per server
+
+
+@dataclass
 class RolloutConfig:
-    backend: str = "local"
+    backend: str = "local"  # local (in-process transformers) | sglang
     prompts_per_step: int = 16  # B
     group_size: int = 8  # G
     max_response_len: int = 48
     temperature: float = 1.0
     threads: int = 0  # torch threads of a background engine process; 0 = leave torch's default
+    weight_sync: str = "auto"  # memory (in-process engines) | disk (HF export + update_weights_from_disk); auto
+    sglang: SGLangConfig = field(default_factory=SGLangConfig)
 
 
 @dataclass
@@ -153,7 +184,8 @@ class Config:
 CHOICES = {
     "data.source": ("arithmetic", "file"),
     "reward.type": ("exact", "math_verify", "custom"),
-    "rollout.backend": ("local",),
+    "rollout.backend": ("local", "sglang"),
+    "rollout.weight_sync": ("auto", "memory", "disk"),
     "soup.mode": ("token", "trajectory"),
     "soup.prefix_source": ("checkpoint", "replay"),
     "soup.cut_at": ("token", "line"),
@@ -203,6 +235,16 @@ RULES = [
      "a divisor of model.tiny.hidden_size"),
     ("model.tiny.num_kv_heads", lambda c: c.model.tiny.num_heads % c.model.tiny.num_kv_heads == 0,
      "a divisor of model.tiny.num_heads"),
+    ("rollout.weight_sync", lambda c: not (c.rollout.backend == "sglang" and c.rollout.weight_sync == "memory"),
+     "disk or auto with rollout.backend=sglang (servers load weights from files; GPU tensor/NCCL sync is not built)"),
+    ("algo.kl_coef", lambda c: c.rollout.backend == "local" or c.algo.kl_coef == 0,
+     "0 with rollout.backend=sglang (reference-model scoring runs on the in-process engine only)"),
+    ("rollout.sglang.retries", lambda c: c.rollout.sglang.retries >= 0, ">= 0"),
+    ("rollout.sglang.concurrency", lambda c: c.rollout.sglang.concurrency >= 1, ">= 1"),
+    ("rollout.sglang.policy_servers", lambda c: c.rollout.sglang.policy_servers >= 1 or c.rollout.sglang.policy_urls,
+     ">= 1 unless rollout.sglang.policy_urls names servers"),
+    ("rollout.sglang.history_servers", lambda c: c.rollout.sglang.history_servers >= 1 or c.rollout.sglang.history_urls,
+     ">= 1 unless rollout.sglang.history_urls names servers"),
     ("actor.micro_batch_size", lambda c: c.actor.micro_batch_size >= 1, ">= 1"),
     ("trainer.steps", lambda c: c.trainer.steps >= 0, ">= 0"),
     ("trainer.eval_interval", lambda c: c.trainer.eval_interval >= 0, ">= 0 (0 = only at start and end)"),

@@ -25,11 +25,12 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+def atomic_write_bytes(path: str | Path, data: bytes, mode: int = 0o644) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{TMP_MARK}{path.name}.{uuid.uuid4().hex[:8]}")
-    with open(tmp, "wb") as fh:
+    # created with its final mode, so a private file is never readable by others, not even briefly
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode), "wb") as fh:
         fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
@@ -43,6 +44,27 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
+
+
+def atomic_write_private(path: str | Path, text: str) -> None:
+    """A file only its owner can read (mode 0600): API keys, server arguments."""
+    atomic_write_bytes(path, text.encode("utf-8"), mode=0o600)
+
+
+def make_private_dir(path: str | Path) -> Path:
+    """Create `path` (mode 0700) or check an existing one: it must be ours and not open to others."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    st = path.stat()
+    if st.st_uid != os.getuid():
+        raise PermissionError(f"{path} belongs to user id {st.st_uid}, not to you ({os.getuid()}); "
+                              "a run only uses directories of its own user")
+    if st.st_mode & 0o022:
+        raise PermissionError(f"{path} is writable by other users (mode {oct(st.st_mode & 0o777)}); "
+                              f"fix it with `chmod go-w {path}` (or 700) before running")
+    if st.st_mode & 0o077:
+        os.chmod(path, 0o700)  # ours and not writable by others: just close it
+    return path
 
 
 @contextlib.contextmanager

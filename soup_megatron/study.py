@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
@@ -112,7 +112,7 @@ def train_and_evaluate(study: StudyConfig, variant: str, seed: int) -> dict:
     Trainer(cfg).run()
     started = time.perf_counter()
     policy = resolve_policy_checkpoint(out)
-    engine = build_engine(cfg.rollout.backend, policy)
+    engine = build_engine(replace(cfg.rollout, backend="local"), policy)  # the run's servers are gone
     try:
         final = evaluate(engine, load_tokenizer(policy), load_splits(cfg.data, cfg.seed)[1], build_reward(cfg.reward),
                          n=study.eval.n, ks=study.eval.k,

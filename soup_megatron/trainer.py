@@ -37,13 +37,14 @@ from .history.prefix_cache import PrefixCache
 from .history.replay import ReplayBuffer
 from .history.store import CheckpointStore
 from .evaluate import heldout_metrics
-from .io import atomic_dir, atomic_write_json, atomic_write_text, read_json, remove_tmp_leftovers
+from .io import atomic_dir, atomic_write_json, atomic_write_text, make_private_dir, read_json, remove_tmp_leftovers
 from .metrics import MetricsLog, plot_curves
 from .model.hf import load_tokenizer, newline_token_ids
 from .reward import build_reward
 from .rollout import build_engine
 from .rollout.base import GenerationRequest
 from .sample import CONTINUATION, PREFIX, PROMPT, Sample, Trajectory
+from .weight_sync import WeightSync, sync_mode
 
 
 def step_seed(seed: int, step: int, stream: str) -> int:
@@ -65,8 +66,7 @@ class Timer:
 class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        self.out = Path(cfg.trainer.out_dir)
-        self.out.mkdir(parents=True, exist_ok=True)
+        self.out = make_private_dir(cfg.trainer.out_dir)  # checkpoints and server keys: the user's own
         self.ckpt_root = self.out / "checkpoints"
         self.ckpt_root.mkdir(exist_ok=True)
         remove_tmp_leftovers(self.ckpt_root)
@@ -80,8 +80,25 @@ class Trainer:
         self.n_mix = mixed_count(cfg.rollout.group_size, cfg.soup.mix_fraction)
 
         self.actor = build_actor(cfg.actor, cfg.model.path)
-        self.engine = build_engine(cfg.rollout.backend, cfg.model.path, version=0)
-        self.ref_engine = build_engine(cfg.rollout.backend, cfg.model.path, version=0) if cfg.algo.kl_coef > 0 else None
+        self.servers = None
+        if cfg.rollout.backend == "sglang":
+            from .rollout.sglang_servers import RolloutServers
+
+            groups = ["policy"] + (["history"] if self.n_mix and cfg.soup.prefix_source == "checkpoint" else [])
+            self.servers = RolloutServers(cfg.rollout.sglang, cfg.model.path, self.out, groups).start()
+        try:
+            self._build_pipeline(cfg)
+        except BaseException:
+            self.close()
+            raise
+
+    def _build_pipeline(self, cfg: Config) -> None:
+        """Engines, weight sync, history (fresh or resumed), prefix source, logs."""
+        self.engine = build_engine(cfg.rollout, cfg.model.path, 0, self.out)
+        self.weight_sync = WeightSync(sync_mode(cfg.rollout.backend, cfg.rollout.weight_sync), self.actor, self.engine,
+                                      self.out)
+        self.ref_engine = build_engine(cfg.rollout, cfg.model.path) if cfg.algo.kl_coef > 0 else None
+        self.prefixes, self.metrics = NoPrefixes(), None  # until built below (close() may run before)
         self.start_step = 0
         latest = self.ckpt_root / "latest"
         resume_state = None
@@ -122,7 +139,7 @@ class Trainer:
             return ReplayBuffer(self.plan, c.soup.replay_per_prompt, c.seed)
         return PrefixCache(self.store, self.plan, lookahead=c.soup.lookahead, pick=c.history.pick, seed=c.seed,
                            max_new_tokens=c.rollout.max_response_len, temperature=c.rollout.temperature,
-                           backend=c.rollout.backend, threads=c.rollout.threads)
+                           rollout=c.rollout, run_dir=str(self.out))
 
     # ---- one step ------------------------------------------------------------------------------
     def rollout(self, step: int, timer: Timer) -> tuple[list[Sample], dict]:
@@ -167,6 +184,7 @@ class Trainer:
         info = {"mix/replay_misses": float(misses),
                 "tokens/decoded": float(sum(len(g.token_ids) for g in generations)),
                 "tokens/prefix": float(sum(s.cut for s in samples))}
+        info.update({f"tokens/{k}": v for k, v in getattr(self.engine, "last_stats", {}).items()})  # SGLang cache
         return samples, info
 
     def score(self, samples: list[Sample]) -> None:
@@ -233,7 +251,7 @@ class Trainer:
 
     def sync_and_record(self, step: int, samples: list[Sample], timer: Timer) -> None:
         with timer("weight_sync"):
-            self.engine.load_weights(self.actor.rollout_weights(), self.actor.version)
+            self.weight_sync(self.actor.version)
         with timer("history"):
             if (step + 1) % self.cfg.history.interval == 0:
                 self.store.add(step + 1, self.actor.save_hf)
@@ -276,7 +294,7 @@ class Trainer:
                                "restore it or start a fresh run in another trainer.out_dir")
         state = read_json(path / "state.json")
         self.actor.load_state(path / "actor")
-        self.engine.load_weights(self.actor.rollout_weights(), self.actor.version)
+        self.weight_sync(self.actor.version)
         self.store.restore(state["history_members"], keep=state["history_needed"])
         self._pin_checkpoint_history()
         self.start_step = state["step"]
@@ -344,5 +362,7 @@ class Trainer:
         return out
 
     def close(self) -> None:
-        self.prefixes.close()
-        self.metrics.close()
+        """End everything the run started: the prefix worker, the logs, the SGLang servers."""
+        for part in (getattr(self, "prefixes", None), getattr(self, "metrics", None), self.servers):
+            if part is not None:
+                part.close()

@@ -5,6 +5,7 @@ import torch
 
 from soup_megatron.actor import build_actor
 from soup_megatron.algo.loss import LossConfig
+from soup_megatron.config import RolloutConfig
 from soup_megatron.model.hf import CheckpointError, load_tokenizer
 from soup_megatron.rollout import GenerationRequest, build_engine
 from soup_megatron.sample import CONTINUATION, PREFIX, PROMPT
@@ -13,7 +14,7 @@ from soup_megatron.actor.base import TokenBatch
 
 @pytest.fixture
 def engine(tiny_model):
-    return build_engine("local", tiny_model)
+    return build_engine(RolloutConfig(), tiny_model)
 
 
 def requests(tok, texts, prefix="", max_new=20):

@@ -4,6 +4,7 @@ import time
 
 import pytest
 
+from soup_megatron.config import RolloutConfig
 from soup_megatron.history.prefix_cache import PrefixCache
 from soup_megatron.history.replay import ReplayBuffer
 from soup_megatron.history.store import CheckpointStore
@@ -12,7 +13,7 @@ from soup_megatron.rollout import build_engine
 
 
 def make_store(tmp_path, tiny_model, keep):
-    engine = build_engine("local", tiny_model)
+    engine = build_engine(RolloutConfig(), tiny_model)
     store = CheckpointStore(tmp_path / "history", keep=keep)
     import shutil
 
@@ -26,7 +27,8 @@ def plan_for(tok):
 
 
 def make_cache(store, tok, **kw):
-    defaults = dict(lookahead=0, pick="uniform", seed=3, max_new_tokens=16, temperature=1.0, threads=1)
+    defaults = dict(lookahead=0, pick="uniform", seed=3, max_new_tokens=16, temperature=1.0,
+                    rollout=RolloutConfig(threads=1))
     return PrefixCache(store, plan_for(tok), **{**defaults, **kw})
 
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+from ..config import RolloutConfig
 from ..rollout import build_engine
 from ..rollout.base import GenerationRequest
 from ..sample import Sample, Trajectory
@@ -49,11 +50,11 @@ class PrefixJob:
     seed: int
 
 
-def _worker(backend: str, threads: int, jobs: mp.Queue, results: mp.Queue) -> None:
+def _worker(rollout: RolloutConfig, run_dir: Optional[str], jobs: mp.Queue, results: mp.Queue) -> None:
     import torch
 
-    if threads:
-        torch.set_num_threads(threads)
+    if rollout.threads:
+        torch.set_num_threads(rollout.threads)
     engine = None
     parent = os.getppid()
     while True:
@@ -70,8 +71,8 @@ def _worker(backend: str, threads: int, jobs: mp.Queue, results: mp.Queue) -> No
             out: list[Optional[Trajectory]] = [None] * len(job.uids)
             for version in sorted(set(job.versions)):
                 if engine is None:
-                    engine = build_engine(backend, job.paths[version], version)
-                elif engine.version != version:
+                    engine = build_engine(rollout, job.paths[version], version, run_dir, group="history")
+                if engine.version != version:
                     engine.load_weights(Path(job.paths[version]), version)
                 rows = [i for i, v in enumerate(job.versions) if v == version]
                 gens = engine.generate(
@@ -87,12 +88,12 @@ def _worker(backend: str, threads: int, jobs: mp.Queue, results: mp.Queue) -> No
 
 class PrefixCache:
     def __init__(self, store: CheckpointStore, plan: Plan, *, lookahead: int, pick: str, seed: int,
-                 max_new_tokens: int, temperature: float, backend: str = "local", threads: int = 0):
+                 max_new_tokens: int, temperature: float, rollout: RolloutConfig, run_dir: Optional[str] = None):
         self.store, self.plan, self.lookahead, self.pick, self.seed = store, plan, lookahead, pick, seed
         self.max_new_tokens, self.temperature = max_new_tokens, temperature
         ctx = mp.get_context("spawn")
         self._jobs, self._results = ctx.Queue(), ctx.Queue()
-        self._proc = ctx.Process(target=_worker, args=(backend, threads, self._jobs, self._results),
+        self._proc = ctx.Process(target=_worker, args=(rollout, run_dir, self._jobs, self._results),
                                  name="soup-prefix-worker", daemon=True)
         self._proc.start()
         self._pending: dict[int, tuple[list[int], list[int]]] = {}  # step -> (snapshot, picked versions)

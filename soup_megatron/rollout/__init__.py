@@ -1,18 +1,32 @@
-"""Rollout engines: the on-policy continuation engine and the historical-policy engines."""
+"""Rollout engines: the on-policy continuation engine and the historical-policy engines.
+
+`local` runs `transformers` in-process; `sglang` is a client of the run's SGLang server groups
+(`policy` for continuations, `history` for prefixes), started by `RolloutServers`.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from ..config import RolloutConfig
 from .base import Generation, GenerationRequest, RolloutEngine
 
 
-def build_engine(backend: str, model_path: str | Path, version: int = 0) -> RolloutEngine:
-    if backend == "local":
+def build_engine(cfg: RolloutConfig, model_path: str | Path, version: int = 0, run_dir: str | Path | None = None,
+                 group: str = "policy") -> RolloutEngine:
+    """An engine serving `model_path` as `version`. SGLang servers already serve the weights they were
+    launched with; their engine only records the version (it loads others with `load_weights`)."""
+    if cfg.backend == "local":
         from .local import LocalEngine
 
         return LocalEngine(model_path, version)
-    raise ValueError(f"rollout.backend={backend!r} is not available; choose one of: local")
+    if cfg.backend == "sglang":
+        from .sglang_engine import SGLangEngine
+
+        if run_dir is None:
+            raise ValueError("rollout.backend=sglang needs the run directory (it holds the server addresses)")
+        return SGLangEngine(Path(run_dir) / "servers" / f"{group}.json", cfg.sglang, run_dir, version)
+    raise ValueError(f"rollout.backend={cfg.backend!r} is not available; choose one of: local, sglang")
 
 
 __all__ = ["Generation", "GenerationRequest", "RolloutEngine", "build_engine"]

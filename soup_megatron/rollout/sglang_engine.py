@@ -1,0 +1,227 @@
+"""The rollout-engine protocol over SGLang servers (HTTP), for the on-policy and the history groups.
+
+- generate: one `/generate` request per sample, `input_ids = prompt + prefix` (the prefix is
+  prefilled, and shared prompt tokens come from the radix cache), `max_new_tokens` already reduced
+  by the prefix length, `return_logprob`; sampling seeded per request.
+- score: `/generate` with `logprob_start_len`, reading `input_token_logprobs`.
+- load_weights: `/update_weights_from_disk` with the step as `weight_version`, on every server of the
+  group; only paths inside the run directory are sent (a server must never be told to load weights
+  from elsewhere). A bad path is refused by SGLang, which keeps its old weights.
+- Requests go to the server with the fewest in flight, at most `concurrency` per server. A timeout,
+  refused connection or 5xx is retried (`retries`); a managed server that died is restarted by the
+  run's watchdog and the request re-sent when it is healthy again; an external server that stops
+  answering is dropped from rotation with a warning. Each result is stored by the request's index,
+  so a retry can neither lose nor duplicate a sample. A server answering with another weight version
+  than the group's (a restarted one) gets the group's weights again before it is used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+from ..config import SGLangConfig
+from .base import Generation, GenerationRequest, WeightSource
+from .sglang_servers import ServerError, read_address_file
+
+
+class _Balancer:
+    def __init__(self, urls: list[str], managed: set[str], per_server: int):
+        self.in_flight = {u: 0 for u in urls}
+        self.managed = managed
+        self.slots = asyncio.Semaphore(per_server * len(urls))
+
+    def pick(self) -> str:
+        if not self.in_flight:
+            raise ServerError("no SGLang server left in rotation (every external server stopped answering)")
+        url = min(self.in_flight, key=self.in_flight.get)
+        self.in_flight[url] += 1
+        return url
+
+    def release(self, url: str) -> None:
+        if url in self.in_flight:
+            self.in_flight[url] -= 1
+
+    def drop(self, url: str) -> None:
+        print(f"warning: SGLang server {url} stopped answering; dropped from rotation", file=sys.stderr)
+        self.in_flight.pop(url, None)
+
+
+class SGLangEngine:
+    def __init__(self, address_file: str | Path, cfg: SGLangConfig, allowed_root: str | Path, version: int = 0):
+        self.address_file = Path(address_file)
+        self.cfg = cfg
+        self.allowed_root = Path(allowed_root).resolve()
+        self.version = version  # the weights the servers were launched with, until load_weights
+        self.weights_path: Optional[str] = None  # None: as launched (SGLang reports version "default")
+        self.last_stats: dict[str, float] = {}  # cached_tokens / prompt_tokens of the last generate
+
+    # ---- plumbing ----------------------------------------------------------------------------------
+    def _servers(self) -> tuple[list[str], set[str], dict[str, str]]:
+        info = read_address_file(self.address_file)
+        headers = {"Authorization": f"Bearer {info['api_key']}"} if info.get("api_key") else {}
+        return info["urls"], set(info.get("managed", [])), headers
+
+    def _run(self, path: str, payloads: list[dict]) -> list[dict]:
+        return asyncio.run(self._post_all(path, payloads))
+
+    async def _post_all(self, path: str, payloads: list[dict]) -> list[dict]:
+        import httpx
+
+        urls, managed, headers = self._servers()
+        balancer = _Balancer(urls, managed, self.cfg.concurrency)
+        results: list[Optional[dict]] = [None] * len(payloads)
+        limits = httpx.Limits(max_connections=self.cfg.concurrency * len(urls))
+        async with httpx.AsyncClient(headers=headers, timeout=self.cfg.request_timeout, limits=limits) as client:
+            async def one(i: int) -> None:
+                async with balancer.slots:
+                    results[i] = await self._post(client, balancer, path, payloads[i])
+
+            await asyncio.gather(*(one(i) for i in range(len(payloads))))
+        return results  # type: ignore[return-value]
+
+    async def _post(self, client, balancer: _Balancer, path: str, payload: dict) -> dict:
+        import httpx
+
+        last_error = ""
+        for attempt in range(self.cfg.retries + 1):
+            url = balancer.pick()
+            try:
+                response = await client.post(url + path, json=payload)
+                if response.status_code in (401, 403):
+                    raise ServerError(f"{url}{path} refused the request (HTTP {response.status_code}): "
+                                      "the API key in the run's servers/ folder does not match the server's")
+                if response.status_code >= 500:
+                    last_error = f"HTTP {response.status_code}: {response.text[:200]}"
+                elif response.status_code >= 400:
+                    raise ServerError(f"{url}{path}: HTTP {response.status_code}: {response.text[:300]}")
+                else:
+                    body = response.json()
+                    if path == "/generate" and not await self._version_ok(client, url, body):
+                        last_error = "answered with stale weights (reloaded them)"
+                        continue
+                    return body
+            except httpx.TransportError as exc:  # refused, reset, timed out
+                last_error = f"{type(exc).__name__}: {exc}"
+                if url in balancer.managed:
+                    await self._wait_healthy(client, url)  # the watchdog restarts it
+                elif len(balancer.in_flight) > 1:
+                    balancer.drop(url)
+            finally:
+                balancer.release(url)
+            await asyncio.sleep(min(0.5 * 2 ** attempt, 5.0) * (0.5 + random.random()))
+        raise ServerError(f"{path} failed after {self.cfg.retries + 1} attempts (rollout.sglang.retries="
+                          f"{self.cfg.retries}); last error: {last_error}")
+
+    async def _wait_healthy(self, client, url: str) -> None:
+        import httpx
+
+        deadline = time.monotonic() + self.cfg.startup_timeout
+        while time.monotonic() < deadline:
+            try:
+                if (await client.get(url + "/health", timeout=2.0)).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            await asyncio.sleep(1.0)
+
+    async def _version_ok(self, client, url: str, body: dict) -> bool:
+        served = body.get("meta_info", {}).get("weight_version")
+        if self.weights_path is None or served == str(self.version):  # None: never loaded, nothing to restore
+            return True
+        response = await client.post(url + "/update_weights_from_disk", json=self._update_payload())
+        if response.status_code != 200 or not response.json().get("success"):
+            raise ServerError(f"{url}: serves weight version {served!r}, and reloading version {self.version} "
+                              f"from {self.weights_path} failed: {response.text[:300]}")
+        return False
+
+    def _update_payload(self) -> dict:
+        return {"model_path": self.weights_path, "weight_version": str(self.version)}
+
+    # ---- the protocol ------------------------------------------------------------------------------
+    def generate(self, requests: Sequence[GenerationRequest], temperature: float, seed: int) -> list[Generation]:
+        payloads, todo = [], []
+        results: list[Generation] = [Generation([], [], "length", self.version) for _ in requests]
+        for i, r in enumerate(requests):
+            if r.max_new_tokens <= 0:
+                continue
+            todo.append(i)
+            payloads.append({"input_ids": list(r.prompt_ids) + list(r.prefix_ids), "return_logprob": True,
+                             "sampling_params": {"max_new_tokens": r.max_new_tokens, "temperature": temperature,
+                                                 "sampling_seed": (seed * 1_000_003 + i) % 2**62}})
+        bodies = self._run("/generate", payloads)
+        cached = prompt = 0
+        for i, body in zip(todo, bodies):
+            meta = body["meta_info"]
+            tokens = [int(t) for _, t, _ in meta["output_token_logprobs"]]
+            reason = meta["finish_reason"]["type"] if isinstance(meta["finish_reason"], dict) else meta["finish_reason"]
+            results[i] = Generation(tokens, [float(lp) for lp, _, _ in meta["output_token_logprobs"]],
+                                    "stop" if reason == "stop" else "length", self.version)
+            cached += meta.get("cached_tokens", 0)
+            prompt += meta.get("prompt_tokens", 0)
+        self.last_stats = {"cached_tokens": float(cached), "prompt_tokens": float(prompt)}
+        return results
+
+    def score(self, contexts: Sequence[Sequence[int]], targets: Sequence[Sequence[int]],
+              temperature: float) -> list[list[float]]:
+        payloads = [{"input_ids": list(c) + list(t), "return_logprob": True, "logprob_start_len": len(c) - 1,
+                     "sampling_params": {"max_new_tokens": 1, "temperature": temperature}}
+                    for c, t in zip(contexts, targets)]
+        bodies = self._run("/generate", payloads)
+        # entries start at the last context token (no log-prob of its own), then one per target token
+        return [[float(lp) for lp, _, _ in body["meta_info"]["input_token_logprobs"][1:]][: len(t)]
+                for body, t in zip(bodies, targets)]
+
+    def check_weights_path(self, path: Path) -> Path:
+        resolved = Path(path).resolve()
+        if not resolved.is_relative_to(self.allowed_root):
+            raise ServerError(f"refusing to ask SGLang servers to load weights from {path}: only checkpoints inside "
+                              f"the run directory {self.allowed_root} are allowed")
+        if not (resolved / "config.json").is_file() or not any(resolved.glob("*.safetensors")):
+            raise ServerError(f"{path}: not an HF checkpoint directory (needs config.json and *.safetensors)")
+        return resolved
+
+    def load_weights(self, source: WeightSource, version: int) -> None:
+        import httpx
+
+        if not isinstance(source, Path):
+            raise ServerError("SGLang servers load weights from checkpoint directories; use rollout.weight_sync=disk")
+        old = (self.weights_path, self.version)
+        self.weights_path, self.version = str(self.check_weights_path(source)), version
+        urls, _, _ = self._servers()
+        try:
+            bodies = asyncio.run(self._update_all(urls))
+        except BaseException as exc:
+            self.weights_path, self.version = old
+            if isinstance(exc, httpx.TransportError):  # e.g. SGLang's scheduler crashed on an unreadable file
+                raise ServerError(f"loading {source} (version {version}): a server dropped the connection ({exc}); "
+                                  "a managed server is restarted and gets the previous weights again") from None
+            raise
+        failed = [f"{u}: {b}" for u, b in zip(urls, bodies) if not b.get("success")]
+        if failed:
+            self.weights_path, self.version = old
+            raise ServerError(f"loading {source} (version {version}) failed, servers keep their weights: "
+                              + "; ".join(failed))
+
+    async def _update_all(self, urls: list[str]) -> list[dict]:
+        import httpx
+
+        _, _, headers = self._servers()
+        async with httpx.AsyncClient(headers=headers, timeout=self.cfg.request_timeout) as client:
+            async def one(url: str) -> dict:
+                response = await client.post(url + "/update_weights_from_disk", json=self._update_payload())
+                if response.status_code in (401, 403):
+                    raise ServerError(f"{url} refused the weight update (HTTP {response.status_code}): wrong API key")
+                try:
+                    return response.json()
+                except ValueError:
+                    return {"success": False, "message": f"HTTP {response.status_code}: {response.text[:200]}"}
+
+            return await asyncio.gather(*(one(u) for u in urls))
+
+    def close(self) -> None:
+        pass  # the servers belong to the run's ServerGroup; connections close with each call

@@ -1,0 +1,55 @@
+"""Start `sglang.launch_server` with the arguments in a private JSON file (argv[1]):
+{"args": [...], "api_key": "...", "log": "path"}. The key is read from the file, so it is never on a
+command line; the output of the server and its child processes goes to `log` with the key redacted."""
+
+import json
+import os
+import stat
+import sys
+import threading
+
+
+def redirect_output(log_path: str, secret: str) -> None:
+    """fd 1 and 2 (inherited by SGLang's scheduler and detokenizer processes) into a pipe whose lines
+    reach the log file with `secret` replaced."""
+    read_fd, write_fd = os.pipe()
+    os.dup2(write_fd, 1)
+    os.dup2(write_fd, 2)
+    os.close(write_fd)
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    needle = secret.encode() if secret else None
+
+    def pump() -> None:
+        with os.fdopen(read_fd, "rb", buffering=0) as src, os.fdopen(log_fd, "ab", buffering=0) as dst:
+            for line in src:
+                dst.write(line.replace(needle, b"<api-key>") if needle else line)
+
+    threading.Thread(target=pump, name="redacted-log", daemon=True).start()
+
+
+def main() -> None:
+    path = sys.argv[1]
+    mode = stat.S_IMODE(os.stat(path).st_mode)
+    if mode & 0o077:
+        sys.exit(f"{path}: server arguments hold an API key and must be private (mode 0600), not {oct(mode)}")
+    with open(path, encoding="utf-8") as fh:
+        spec = json.load(fh)
+    redirect_output(spec["log"], spec.get("api_key", ""))
+    args = list(spec["args"])
+    if spec.get("api_key"):
+        args += ["--api-key", spec["api_key"]]
+    from sglang.launch_server import run_server
+    from sglang.srt.plugins import load_plugins
+    from sglang.srt.server_args import prepare_server_args
+    from sglang.srt.utils import kill_process_tree
+
+    load_plugins()
+    server_args = prepare_server_args(args)
+    try:
+        run_server(server_args)
+    finally:
+        kill_process_tree(os.getpid(), include_parent=False)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,274 @@
+"""SGLang server groups: started by the run (managed) or started elsewhere (external URLs).
+
+A run has two groups, `policy` (on-policy continuations) and `history` (historical-policy prefixes).
+Their addresses and API key are written to `<run>/servers/<group>.json` (mode 0600, folder 0700): the
+clients, including the prefix worker process, read them from there, so the key is never on a command
+line or in a log. Managed servers:
+
+- run `soup_sglang_launch.py` in the SGLang venv with its arguments in a private file, the
+  `sglang_pythonpath/` stand-ins on PYTHONPATH (CPU only), and stdout/stderr into `<group>-<i>.log`
+  with the key redacted;
+- are ready when `/health` answers 200 (bounded by `startup_timeout`);
+- are restarted by `restart(url)` when a client finds one dead, and stopped by process group on close.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+from ..config import SGLangConfig
+from ..io import atomic_write_private, make_private_dir
+
+SERVER_PYTHONPATH = Path(__file__).parent / "sglang_pythonpath"
+GROUPS = ("policy", "history")
+
+
+class ServerError(RuntimeError):
+    """A rollout server that cannot be started, reached or used."""
+
+
+def free_port(host: str) -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def _read_key(path: str) -> str:
+    p = Path(path)
+    if not p.is_file():
+        raise ServerError(f"rollout.sglang.api_key_file={path}: file not found")
+    mode = p.stat().st_mode & 0o777
+    if mode & 0o077:
+        raise ServerError(f"rollout.sglang.api_key_file={path}: holds a secret, so it must be private (chmod 600); "
+                          f"it is {oct(mode)}")
+    key = p.read_text().strip()
+    if not key:
+        raise ServerError(f"rollout.sglang.api_key_file={path}: empty")
+    return key
+
+
+@dataclass
+class ManagedServer:
+    """One `sglang.launch_server` process tree, in its own process group."""
+
+    cfg: SGLangConfig
+    model_path: str
+    host: str
+    port: int
+    api_key: str
+    workdir: Path
+    name: str
+    proc: Optional[subprocess.Popen] = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / f"{self.name}.log"
+
+    def args(self) -> list[str]:
+        c = self.cfg
+        args = ["--model-path", self.model_path, "--host", self.host, "--port", str(self.port),
+                "--tp-size", str(c.tp_size), "--dp-size", str(c.dp_size), "--device", c.device,
+                "--dtype", c.dtype, "--attention-backend", c.attention_backend,
+                "--max-total-tokens", str(c.max_total_tokens)]
+        if c.mem_fraction_static is not None:
+            args += ["--mem-fraction-static", str(c.mem_fraction_static)]
+        return args + list(c.extra_args)
+
+    def start(self) -> None:
+        python = Path(self.cfg.python)
+        if not python.is_file():
+            raise ServerError(f"rollout.sglang.python={self.cfg.python}: no such interpreter; create the SGLang venv "
+                              "with `bash tools/setup_sglang.sh` (or point this at a Python that has sglang)")
+        spec = self.workdir / f"{self.name}.args.json"
+        atomic_write_private(spec, json.dumps({"args": self.args(), "api_key": self.api_key,
+                                               "log": str(self.log_path)}))
+        env = dict(os.environ)
+        if self.cfg.device == "cpu":  # the CPU stand-ins; GPU servers run SGLang as it is installed
+            env.update(SOUP_SGLANG_SHIMS="1", SGLANG_USE_CPU_ENGINE="1",
+                       PYTHONPATH=os.pathsep.join(filter(None, [str(SERVER_PYTHONPATH), env.get("PYTHONPATH")])),
+                       SOUP_SGL_KERNEL_LOG=str(self.workdir / "sgl_kernel_calls.log"))
+        self.proc = subprocess.Popen([str(python), str(SERVER_PYTHONPATH / "soup_sglang_launch.py"), str(spec)],
+                                     env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL, start_new_session=True)
+
+    def wait_healthy(self, timeout: float) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is None or self.proc.poll() is not None:
+                raise ServerError(f"SGLang server {self.name} ({self.url}) exited with code "
+                                  f"{None if self.proc is None else self.proc.returncode} while starting; "
+                                  f"last lines of {self.log_path}:\n{self.log_tail()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise ServerError(f"SGLang server {self.name} ({self.url}) not healthy after {timeout:.0f} s "
+                          f"(rollout.sglang.startup_timeout); last lines of {self.log_path}:\n{self.log_tail()}")
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """SIGTERM to the server's process group, SIGKILL after `timeout` s."""
+        if self.proc is None:
+            return
+        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                self.proc.wait(wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        # children that outlived the launcher (same process group) go too; wait until they are gone
+        deadline = time.monotonic() + 10.0
+        while live_processes_in_group(self.proc.pid) and time.monotonic() < deadline:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        self.proc = None
+
+
+def live_processes_in_group(pgid: int) -> list[int]:
+    """PIDs of process group `pgid` that are not zombies (an orphan's zombie may never be reaped here)."""
+    live = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            live.append(int(stat.parent.name))
+    return live
+
+
+class ServerGroup:
+    """The servers of one group, managed or external, and the address file clients read."""
+
+    def __init__(self, group: str, cfg: SGLangConfig, model_path: str, run_dir: Path):
+        self.group, self.cfg = group, cfg
+        self.workdir = make_private_dir(Path(run_dir) / "servers")
+        self.address_file = self.workdir / f"{group}.json"
+        urls = cfg.policy_urls if group == "policy" else cfg.history_urls
+        count = cfg.policy_servers if group == "policy" else cfg.history_servers
+        self.managed: list[ManagedServer] = []
+        if urls:
+            self.urls = [u.rstrip("/") for u in urls]
+            self.api_key = _read_key(cfg.api_key_file) if cfg.api_key_file else ""
+        else:
+            self.api_key = secrets.token_urlsafe(32)
+            self.managed = [ManagedServer(cfg, str(model_path), cfg.host, free_port(cfg.host), self.api_key,
+                                          self.workdir, f"{group}-{i}") for i in range(count)]
+            self.urls = [s.url for s in self.managed]
+
+    def start(self) -> None:
+        for server in self.managed:  # all start together; each takes ~25 s on CPU
+            server.start()
+        self.write_address_file()
+
+    def wait_healthy(self) -> None:
+        for server in self.managed:
+            server.wait_healthy(self.cfg.startup_timeout)
+
+    def write_address_file(self) -> None:
+        atomic_write_private(self.address_file, json.dumps({
+            "group": self.group, "urls": self.urls, "api_key": self.api_key,
+            "managed": [s.url for s in self.managed], "pids": [s.proc.pid for s in self.managed if s.proc]}))
+
+    def restart(self, url: str) -> bool:
+        """Restart the managed server at `url` (blocking until healthy); False for an external one."""
+        server = next((s for s in self.managed if s.url == url), None)
+        if server is None:
+            return False
+        print(f"SGLang server {server.name} ({url}) is down; restarting it", file=sys.stderr)
+        server.stop()
+        server.start()
+        server.wait_healthy(self.cfg.startup_timeout)
+        self.write_address_file()
+        return True
+
+    def stop(self) -> None:
+        for server in self.managed:
+            server.stop()
+
+
+def read_address_file(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ServerError(f"{path}: cannot read the server addresses ({exc}); are the servers started?") from None
+
+
+class RolloutServers:
+    """The run's server groups, started together; a watchdog thread restarts managed servers that die."""
+
+    def __init__(self, cfg: SGLangConfig, model_path: str, run_dir: Path, groups: Sequence[str]):
+        self.groups = {g: ServerGroup(g, cfg, model_path, run_dir) for g in groups}
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._watchdog: Optional[threading.Thread] = None
+        self.restarts = 0
+
+    def start(self) -> "RolloutServers":
+        try:
+            for group in self.groups.values():
+                group.start()
+            for group in self.groups.values():
+                group.wait_healthy()
+        except BaseException:
+            self.close()
+            raise
+        self._watchdog = threading.Thread(target=self._watch, name="sglang-watchdog", daemon=True)
+        self._watchdog.start()
+        return self
+
+    def _watch(self) -> None:
+        while not self._stopping.wait(1.0):
+            with self._lock:  # stop() waits for a restart in progress, so none outlives the run
+                for group in self.groups.values():
+                    for server in group.managed:
+                        if self._stopping.is_set() or server.alive():
+                            continue
+                        try:
+                            group.restart(server.url)
+                            self.restarts += 1
+                        except ServerError as exc:
+                            print(f"SGLang server {server.name} could not be restarted: {exc}", file=sys.stderr)
+
+    def close(self) -> None:
+        """Stop every managed server (a restart in progress finishes first, then is stopped too)."""
+        self._stopping.set()
+        with self._lock:
+            for group in self.groups.values():
+                group.stop()
+        if self._watchdog is not None:
+            self._watchdog.join(timeout=5.0)

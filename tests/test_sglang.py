@@ -1,0 +1,269 @@
+"""Real SGLang servers on CPU (the SGLang venv from tools/setup_sglang.sh): continuation log-probs,
+weight updates, API keys, concurrency of the two groups, a server killed mid-rollout, cleanup."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from soup_megatron.config import RolloutConfig, SGLangConfig
+from soup_megatron.metrics import read_metrics
+from soup_megatron.model.hf import load_model, load_tokenizer
+from soup_megatron.rollout import GenerationRequest, build_engine
+from soup_megatron.rollout.sglang_engine import SGLangEngine
+from soup_megatron.rollout.sglang_servers import RolloutServers, ServerError, live_processes_in_group
+
+from .conftest import ROOT, TINY
+
+SGLANG_PYTHON = ROOT / ".venv-sglang" / "bin" / "python"
+
+
+def sglang_config(**kw) -> SGLangConfig:
+    if not SGLANG_PYTHON.is_file():
+        pytest.fail(f"{SGLANG_PYTHON} is missing: run `bash tools/setup_sglang.sh` (tools/test.sh does)")
+    return SGLangConfig(python=str(SGLANG_PYTHON), max_total_tokens=4096, request_timeout=60, **kw)
+
+
+@pytest.fixture(scope="module")
+def servers(tiny_model, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("sglang-run")
+    group = RolloutServers(sglang_config(), str(tiny_model), run_dir, ["policy", "history"]).start()
+    yield run_dir, group
+    group.close()
+
+
+def engine_for(run_dir, group="policy", **kw):
+    return SGLangEngine(run_dir / "servers" / f"{group}.json", sglang_config(**kw), run_dir)
+
+
+def prompts(tok, n):
+    texts = [f"{a}+{a % 7 + 1}+{a % 5 + 2}=?\n" for a in range(1, n + 1)]
+    return [tuple(tok.encode(t)) for t in texts]
+
+
+def test_continuation_logprobs_match_the_in_process_engine(servers, tiny_model):
+    run_dir, _ = servers
+    tok = load_tokenizer(tiny_model)
+    engine = engine_for(run_dir)
+    prefix = tuple(tok.encode("1+2=3\n"))
+    reqs = [GenerationRequest(p, prefix if i % 2 else (), 20 - (len(prefix) if i % 2 else 0))
+            for i, p in enumerate(prompts(tok, 8))]
+    gens = engine.generate(reqs, 1.0, seed=3)
+    local = build_engine(RolloutConfig(), tiny_model)
+    contexts = [list(r.prompt_ids) + list(r.prefix_ids) for r in reqs]
+    scored = local.score(contexts, [g.token_ids for g in gens], 1.0)
+    for r, g, s in zip(reqs, gens, scored):
+        assert 0 < len(g.token_ids) <= r.max_new_tokens and len(g.logprobs) == len(g.token_ids)
+        assert g.finish_reason == ("stop" if g.token_ids[-1] == tok.eos_token_id else "length")
+        assert max(abs(a - b) for a, b in zip(g.logprobs, s)) < 1e-4
+    # scoring on the server agrees too, and prefix tokens came from the radix cache on a repeat
+    server_scored = engine.score(contexts, [g.token_ids for g in gens], 1.0)
+    for a, b in zip(server_scored, scored):
+        assert len(a) == len(b) and max(abs(x - y) for x, y in zip(a, b)) < 1e-4
+    engine.generate(reqs, 1.0, seed=4)
+    assert engine.last_stats["cached_tokens"] > 0
+    # greedy equals the in-process engine's greedy
+    greedy = [GenerationRequest(p, (), 12) for p in prompts(tok, 4)]
+    assert [g.token_ids for g in engine.generate(greedy, 0.0, 0)] == [g.token_ids for g in local.generate(greedy, 0.0, 0)]
+
+
+def _perturbed_checkpoint(tiny_model, path: Path, scale: float) -> Path:
+    model = load_model(tiny_model)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(scale) if not model.config.tie_word_embeddings else \
+            model.model.embed_tokens.weight.mul_(scale)
+    model.save_pretrained(path)
+    for f in tiny_model.iterdir():
+        if f.name.startswith("tokenizer") or f.name == "special_tokens_map.json":
+            shutil.copy2(f, path / f.name)
+    return path
+
+
+def test_weight_updates_change_outputs_and_version_and_bad_ones_change_nothing(servers, tiny_model):
+    run_dir, _ = servers
+    tok = load_tokenizer(tiny_model)
+    engine = engine_for(run_dir, group="history")
+    reqs = [GenerationRequest(p, (), 10) for p in prompts(tok, 4)]
+    before = engine.generate(reqs, 1.0, seed=7)
+    new = _perturbed_checkpoint(tiny_model, run_dir / "weights" / "v000005", 0.0)  # uniform next-token dist.
+    engine.load_weights(new, 5)
+    after = engine.generate(reqs, 1.0, seed=7)
+    assert engine.version == 5 and all(g.version == 5 for g in after)
+    vocab = len(tok)
+    assert all(abs(lp + torch.log(torch.tensor(float(vocab))).item()) < 1e-3 for g in after for lp in g.logprobs)
+    assert [g.logprobs for g in after] != [g.logprobs for g in before]
+
+    # a path SGLang cannot load (sent past the client's checks): refused with 400, old weights kept
+    info = json.loads((run_dir / "servers" / "history.json").read_text())
+    r = httpx.post(info["urls"][0] + "/update_weights_from_disk", timeout=60,
+                   json={"model_path": str(run_dir / "weights" / "missing"), "weight_version": "6"},
+                   headers={"Authorization": f"Bearer {info['api_key']}"})
+    assert r.status_code == 400 and not r.json()["success"]
+    again = engine.generate(reqs, 1.0, seed=7)
+    assert [g.logprobs for g in again] == [g.logprobs for g in after] and all(g.version == 5 for g in again)
+    # the client checks a path before any request: a folder without weights, or one outside the run
+    (run_dir / "weights" / "empty").mkdir()
+    (run_dir / "weights" / "empty" / "config.json").write_text("{}")
+    with pytest.raises(ServerError, match="needs config.json and"):
+        engine.load_weights(run_dir / "weights" / "empty", 6)
+    # a path outside the run directory never reaches a server
+    with pytest.raises(ServerError, match="only checkpoints inside the run directory"):
+        engine.load_weights(tiny_model, 7)
+    engine.load_weights(_perturbed_checkpoint(tiny_model, run_dir / "weights" / "v000000", 1.0), 0)  # as before
+
+
+def test_api_key_is_required_and_never_shown(servers, tiny_model):
+    run_dir, group = servers
+    info = json.loads((run_dir / "servers" / "policy.json").read_text())
+    url, key = info["urls"][0], info["api_key"]
+    payload = {"input_ids": [5, 6, 7], "sampling_params": {"max_new_tokens": 2}}
+    assert httpx.post(url + "/generate", json=payload, timeout=30).status_code == 401
+    wrong = {"Authorization": "Bearer not-the-key"}
+    assert httpx.post(url + "/generate", json=payload, headers=wrong, timeout=30).status_code == 401
+    weights = _perturbed_checkpoint(tiny_model, run_dir / "weights" / "v000099", 0.0)
+    for headers in ({}, wrong):
+        r = httpx.post(url + "/update_weights_from_disk", json={"model_path": str(weights), "weight_version": "99"},
+                       headers=headers, timeout=60)
+        assert r.status_code == 401
+    ok = httpx.post(url + "/generate", json={**payload, "return_logprob": True},
+                    headers={"Authorization": f"Bearer {key}"}, timeout=30)
+    assert ok.status_code == 200 and ok.json()["meta_info"]["weight_version"] == "default"  # unchanged
+    # private files; the key in no process's command line and in no log
+    assert (run_dir / "servers").stat().st_mode & 0o777 == 0o700
+    assert (run_dir / "servers" / "policy.json").stat().st_mode & 0o777 == 0o600
+    ps = subprocess.run(["ps", "-ww", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    assert "soup_sglang_launch.py" in ps, [line for line in ps.splitlines() if "python" in line or "sglang" in line]
+    assert not [line for line in ps.splitlines() if key in line]
+    logs = list(run_dir.rglob("*.log"))
+    assert logs and all(key not in p.read_text(errors="replace") for p in logs)
+    assert any("<api-key>" in p.read_text(errors="replace") for p in logs)  # SGLang printed it, redacted
+
+
+def test_policy_and_history_groups_serve_concurrently(servers, tiny_model):
+    run_dir, _ = servers
+    tok = load_tokenizer(tiny_model)
+    reqs = [GenerationRequest(p, (), 16) for p in prompts(tok, 24)]
+    out = {}
+    threads = [threading.Thread(target=lambda g=g: out.__setitem__(g, engine_for(run_dir, g).generate(reqs, 1.0, 1)))
+               for g in ("policy", "history")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert all(len(out[g]) == 24 and all(x.token_ids for x in out[g]) for g in ("policy", "history"))
+
+
+def test_stand_in_kernels_were_never_called(servers):
+    run_dir, _ = servers
+    assert not (run_dir / "servers" / "sgl_kernel_calls.log").exists(), \
+        (run_dir / "servers" / "sgl_kernel_calls.log").read_text()
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(stat.parent.name))
+        except (OSError, ValueError):
+            pass
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _listening_ports() -> str:
+    return subprocess.run(["ss", "-ltn"], capture_output=True, text=True).stdout
+
+
+def test_killed_server_is_restarted_and_no_sample_is_lost(tiny_model, tmp_path):
+    group = RolloutServers(sglang_config(), str(tiny_model), tmp_path, ["policy"]).start()
+    try:
+        tok = load_tokenizer(tiny_model)
+        engine = engine_for(tmp_path)
+        server = group.groups["policy"].managed[0]
+        reqs = [GenerationRequest(p, (), 24) for p in prompts(tok, 48)]
+        result = {}
+        worker = threading.Thread(target=lambda: result.setdefault("gens", engine.generate(reqs, 1.0, 2)))
+        worker.start()
+        time.sleep(1.0)
+        os.killpg(server.proc.pid, signal.SIGKILL)  # the whole server dies mid-rollout
+        worker.join(300)
+        assert not worker.is_alive()
+        gens = result["gens"]
+        assert len(gens) == 48 and all(g.token_ids and len(g.token_ids) == len(g.logprobs) for g in gens)
+        assert group.restarts == 1 and server.alive()
+    finally:
+        pid, port = server.proc.pid, server.port
+        group.close()
+    assert not live_processes_in_group(pid)
+    assert f":{port} " not in _listening_ports()
+
+
+def _sglang_overrides(tiny_model, out):
+    return ["--config", "configs/tiny_cpu.yaml", *TINY, f"model.path={tiny_model}", f"trainer.out_dir={out}",
+            "rollout.backend=sglang", f"rollout.sglang.python={SGLANG_PYTHON}", "rollout.sglang.max_total_tokens=4096"]
+
+
+def _started_pids(out: Path) -> list[int]:
+    return [pid for group in ("policy", "history") if (out / "servers" / f"{group}.json").is_file()
+            for pid in json.loads((out / "servers" / f"{group}.json").read_text())["pids"]]
+
+
+def test_soup_run_on_sglang_trains_syncs_and_cleans_up(tiny_model, tmp_path):
+    """`train` with rollout.backend=sglang: SOUP steps with prefixes from the history servers, disk weight
+    sync, trainer/SGLang log-prob agreement; afterwards no server process or port is left."""
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "soup_megatron.cli", "train", *_sglang_overrides(tiny_model, out),
+                           "trainer.steps=3", "trainer.eval_interval=0", "history.interval=1"],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [0, 1, 2, 3]
+    for r in rows[1:]:
+        assert r["mix/mixed_samples"] > 0 and r["tokens/prefix"] > 0
+        assert r["logp_gap/max"] < 1e-3, r  # SGLang's sampling log-probs = the trainer's recomputation
+        assert r["tokens/prompt_tokens"] > 0 and "tokens/cached_tokens" in r
+    assert sorted(p.name for p in (out / "weights").iterdir()) == ["v000003"]  # only the served export is kept
+    assert out.stat().st_mode & 0o777 == 0o700
+    pids = _started_pids(out)
+    assert pids and not any(live_processes_in_group(pid) for pid in pids)
+    info = json.loads((out / "servers" / "policy.json").read_text())
+    assert not any(f":{u.rsplit(':', 1)[1]} " in _listening_ports() for u in info["urls"])
+
+
+def test_sigterm_ends_every_process_the_run_started(tiny_model, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "soup_megatron.cli", "train", *_sglang_overrides(tiny_model, out),
+                             "trainer.steps=200", "trainer.eval_interval=0"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and not (out / "metrics.jsonl").is_file():
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        time.sleep(1)
+    time.sleep(3)
+    pids = _started_pids(out)
+    assert pids and all(live_processes_in_group(pid) for pid in pids)
+    children = _children(proc.pid)  # the prefix worker, the servers' launchers
+    assert len(children) >= 3
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(120) != 0
+    assert not any(live_processes_in_group(pid) for pid in pids)
+    assert not [pid for pid in children if _alive(pid)]
+    assert not [line for line in _listening_ports().splitlines()
+                if any(f":{u.rsplit(':', 1)[1]} " in line for u in json.loads(
+                    (out / "servers" / "policy.json").read_text())["urls"])]
