@@ -3,8 +3,11 @@
 `step`: step time of SOUP (defaults) against GRPO on the tiny model. Same prompts and samples per step
 for every variant. Steps are interleaved (GRPO step s, SOUP step s, SOUP-without-lookahead step s, ...)
 so machine noise hits all variants alike; the table reports medians over the measured steps and ratios
-to GRPO. The actor (megatron vs local) and rollout (SGLang vs in-process) benchmarks belong with those
-backends, which this tree does not have yet.
+to GRPO.
+`rollout`: the SGLang server against the in-process engine on the same requests (tokens/s), then SOUP
+against GRPO with SGLang serving rollouts and prefixes: step time, decoded tokens, radix-cache hits,
+and weight sync as a fraction of the step.
+The actor benchmark (megatron vs local) belongs with the megatron backend, which this tree lacks.
 """
 
 from __future__ import annotations
@@ -12,12 +15,14 @@ from __future__ import annotations
 import statistics
 import sys
 import tempfile
+import time
+from dataclasses import replace
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
-from .config import ConfigError, load_config
+from .config import Config, ConfigError, load_config
 from .trainer import Trainer
 
 STEP_VARIANTS = {
@@ -29,45 +34,141 @@ STEP_COLUMNS = ["time/step", "time/rollout", "time/prefix_wait", "time/train", "
                 "time/prefix_generate", "tokens/decoded", "tokens/prefix"]
 
 
-def bench_step(config: str, steps: int, warmup: int, overrides: list[str]) -> Table:
-    if steps <= warmup:
-        raise ConfigError(f"--steps {steps} must be larger than --warmup {warmup}")
-    with tempfile.TemporaryDirectory(prefix="bench-step-") as tmp:
-        trainers = {}
-        for name, extra in STEP_VARIANTS.items():
+def _interleaved_steps(config: str, variants: dict[str, list[str]], steps: int, overrides: list[str],
+                       tmp: str) -> dict[str, list[dict]]:
+    """Step records of every variant, steps interleaved (variant A step s, variant B step s, ...)."""
+    trainers: dict[str, Trainer] = {}
+    try:
+        for name, extra in variants.items():
             cfg = load_config(config, [*overrides, *extra, f"trainer.out_dir={Path(tmp) / name.replace(' ', '_')}",
                                        "trainer.tensorboard=false", "trainer.progress=false"])
             trainers[name] = Trainer(cfg)
         records: dict[str, list[dict]] = {name: [] for name in trainers}
-        try:
-            for step in range(steps):
-                for name, trainer in trainers.items():
-                    records[name].append(trainer.train_step(step))
-                print(f"step {step + 1}/{steps}: " + "  ".join(
-                    f"{n} {records[n][-1]['time/step']:.2f}s" for n in trainers), file=sys.stderr)
-        finally:
-            for trainer in trainers.values():
-                trainer.close()
-    medians = {name: {c: statistics.median(r.get(c, 0.0) for r in recs[warmup:]) for c in STEP_COLUMNS}
+        for step in range(steps):
+            for name, trainer in trainers.items():
+                records[name].append(trainer.train_step(step))
+            print(f"step {step + 1}/{steps}: " + "  ".join(
+                f"{n} {records[n][-1]['time/step']:.2f}s" for n in trainers), file=sys.stderr)
+        return records
+    finally:
+        for trainer in trainers.values():
+            trainer.close()
+
+
+def _step_table(title: str, records: dict[str, list[dict]], warmup: int, columns: list[str]) -> Table:
+    medians = {name: {c: statistics.median(r.get(c, 0.0) for r in recs[warmup:]) for c in columns}
                for name, recs in records.items()}
-    cfg = trainers["SOUP"].cfg
-    table = Table(title=f"SOUP vs GRPO step time, medians of steps {warmup + 1}-{steps} "
-                        f"({cfg.rollout.prompts_per_step}x{cfg.rollout.group_size} samples/step, "
-                        f"mix_fraction={cfg.soup.mix_fraction}, lookahead={cfg.soup.lookahead})")
+    table = Table(title=f"{title}, medians of steps {warmup + 1}-{len(next(iter(records.values())))}")
     table.add_column("variant")
-    for c in STEP_COLUMNS:
+    for c in columns:
         table.add_column(c.split("/")[-1])
     table.add_column("step / GRPO")
     table.add_column("decoded / GRPO")
     base = medians["GRPO"]
     for name, m in medians.items():
-        table.add_row(name, *[f"{m[c]:.3f}" if c.startswith("time") else f"{m[c]:.0f}" for c in STEP_COLUMNS],
+        table.add_row(name, *[f"{m[c]:.3f}" if c.startswith("time") else f"{m[c]:.0f}" for c in columns],
                       f"{m['time/step'] / base['time/step']:.3f}", f"{m['tokens/decoded'] / base['tokens/decoded']:.3f}")
     return table
 
 
-BENCHMARKS = {"step": bench_step}
+def _check_steps(steps: int, warmup: int) -> None:
+    if steps <= warmup:
+        raise ConfigError(f"--steps {steps} must be larger than --warmup {warmup}")
+
+
+def bench_step(config: str, steps: int, warmup: int, overrides: list[str]) -> list[Table]:
+    _check_steps(steps, warmup)
+    with tempfile.TemporaryDirectory(prefix="bench-step-") as tmp:
+        records = _interleaved_steps(config, STEP_VARIANTS, steps, overrides, tmp)
+    cfg = load_config(config, overrides)
+    return [_step_table(f"SOUP vs GRPO step time ({cfg.rollout.prompts_per_step}x{cfg.rollout.group_size} samples/step, "
+                        f"mix_fraction={cfg.soup.mix_fraction}, lookahead={cfg.soup.lookahead}, "
+                        f"rollout {cfg.rollout.backend})", records, warmup, STEP_COLUMNS)]
+
+
+def _engine_throughput(cfg: Config, reps: int, tmp: str) -> Table:
+    """Tokens/s of the in-process engine and of one SGLang server on the same requests, alternating."""
+    from .data.prompts import load_splits, prompts_for_step
+    from .model.hf import load_tokenizer
+    from .rollout import build_engine
+    from .rollout.base import GenerationRequest
+    from .rollout.sglang_servers import RolloutServers
+
+    tok = load_tokenizer(cfg.model.path)
+    prompts = prompts_for_step(load_splits(cfg.data, cfg.seed)[0], 0, cfg.rollout.prompts_per_step, cfg.seed)
+    requests = [GenerationRequest(tuple(tok.encode(p.text)), (), cfg.rollout.max_response_len)
+                for p in prompts for _ in range(cfg.rollout.group_size)]
+    servers = RolloutServers(cfg.rollout.sglang, cfg.model.path, Path(tmp), ["policy"]).start()
+    try:
+        engines = {"in-process": build_engine(replace(cfg.rollout, backend="local"), cfg.model.path),
+                   "SGLang (1 server)": build_engine(cfg.rollout, cfg.model.path, 0, tmp)}
+        seconds: dict[str, list[float]] = {n: [] for n in engines}
+        tokens: dict[str, list[int]] = {n: [] for n in engines}
+        for rep in range(reps):
+            for name, engine in engines.items():
+                started = time.perf_counter()
+                gens = engine.generate(requests, cfg.rollout.temperature, rep)
+                seconds[name].append(time.perf_counter() - started)
+                tokens[name].append(sum(len(g.token_ids) for g in gens))
+    finally:
+        servers.close()
+    table = Table(title=f"generation throughput, {len(requests)} requests x up to {cfg.rollout.max_response_len} "
+                        f"tokens, medians of {reps} alternating repeats")
+    for column in ("engine", "seconds", "tokens", "tokens/s", "tokens/s vs in-process"):
+        table.add_column(column)
+    base = statistics.median(tokens["in-process"]) / statistics.median(seconds["in-process"])
+    for name in engines:
+        rate = statistics.median(tokens[name]) / statistics.median(seconds[name])
+        table.add_row(name, f"{statistics.median(seconds[name]):.3f}", f"{statistics.median(tokens[name]):.0f}",
+                      f"{rate:.0f}", f"{rate / base:.3f}")
+    return table
+
+
+def bench_rollout(config: str, steps: int, warmup: int, overrides: list[str]) -> list[Table]:
+    """SGLang against the in-process engine, then SOUP against GRPO with SGLang serving both."""
+    _check_steps(steps, warmup)
+    sglang = [*overrides, "rollout.backend=sglang"]
+    cfg = load_config(config, sglang)
+    if not Path(cfg.rollout.sglang.python).is_file():
+        raise ConfigError(f"rollout.sglang.python={cfg.rollout.sglang.python}: no SGLang venv; "
+                          "run `bash tools/setup_sglang.sh` first")
+    with tempfile.TemporaryDirectory(prefix="bench-rollout-") as tmp:
+        throughput = _engine_throughput(cfg, steps, str(Path(tmp) / "engines"))
+        records = _interleaved_steps(config, {"GRPO": STEP_VARIANTS["GRPO"], "SOUP": []}, steps, sglang, tmp)
+    columns = ["time/step", "time/rollout", "time/prefix_wait", "time/train", "time/weight_sync", "tokens/decoded",
+               "tokens/prefix", "tokens/prompt_tokens", "tokens/cached_tokens"]
+    steps_table = _step_table("SOUP vs GRPO with SGLang (disk weight sync)", records, warmup, columns)
+    cache = Table(title="radix cache and weight sync, medians over the same steps")
+    for column in ("variant", "cached / input tokens", "cached / prefix tokens", "weight sync / step time"):
+        cache.add_column(column)
+    for name, recs in records.items():
+        m = {c: statistics.median(r.get(c, 0.0) for r in recs[warmup:]) for c in columns}
+        cache.add_row(name, f"{m['tokens/cached_tokens'] / max(m['tokens/prompt_tokens'], 1):.3f}",
+                      f"{m['tokens/cached_tokens'] / m['tokens/prefix']:.3f}" if m["tokens/prefix"] else "-",
+                      f"{m['time/weight_sync'] / m['time/step']:.3f}")
+    return [throughput, steps_table, cache]
+
+
+BENCHMARKS = {"step": bench_step, "rollout": bench_rollout}
 
 
 def print_table(table: Table) -> None:
     Console(width=200).print(table)
+
+
+def tool_main(name: str, doc: str, argv=None) -> int:
+    """The command line of `tools/bench_<name>.py`."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/tiny_cpu.yaml")
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--warmup", type=int, default=2, help="first steps left out of the medians")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args(argv)
+    try:
+        for table in BENCHMARKS[name](args.config, args.steps, args.warmup, args.overrides):
+            print_table(table)
+    except ConfigError as exc:
+        parser.error(str(exc))
+    return 0

@@ -135,8 +135,18 @@ def cmd_sweep(args) -> int:
 def cmd_bench(args) -> int:
     from .bench import BENCHMARKS, print_table
 
+    if args.steps <= args.warmup:
+        raise ConfigError(f"--steps {args.steps} must be larger than --warmup {args.warmup}")
     for name in args.only or list(BENCHMARKS):
-        print_table(BENCHMARKS[name](args.config, args.steps, args.warmup, args.overrides))
+        try:
+            tables = BENCHMARKS[name](args.config, args.steps, args.warmup, args.overrides)
+        except ConfigError as exc:
+            if args.only:
+                raise
+            print(f"benchmark '{name}' not run: {exc}", file=sys.stderr)  # e.g. no SGLang venv here
+            continue
+        for table in tables:
+            print_table(table)
     return 0
 
 
@@ -192,7 +202,7 @@ def main(argv=None) -> int:
     p = sub.add_parser("bench", help="the project's benchmarks, ratios measured side by side in one run")
     _config_args(p)
     p.set_defaults(config="configs/tiny_cpu.yaml")
-    p.add_argument("--only", action="append", choices=("step",), help="run only this benchmark (repeatable)")
+    p.add_argument("--only", action="append", choices=("step", "rollout"), help="run only this benchmark (repeatable)")
     p.add_argument("--steps", type=int, default=12, help="steps per variant")
     p.add_argument("--warmup", type=int, default=2, help="first steps left out of the medians")
     p.set_defaults(fn=cmd_bench)
