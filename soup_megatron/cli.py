@@ -207,8 +207,10 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=2, help="first steps left out of the medians")
     p.set_defaults(fn=cmd_bench)
     args = parser.parse_args(argv)
-    # SIGTERM (scancel, kill) unwinds like Ctrl-C, so the prefix worker and logs are closed on the way out
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    # SIGTERM (scancel, kill) and SIGUSR1 (Slurm's warning before the time limit) unwind like Ctrl-C, so
+    # the prefix worker, the SGLang servers and the logs are closed on the way out
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, lambda signum, frame: sys.exit(128 + signum))
     try:
         return args.fn(args)
     except ConfigError as exc:
