@@ -1,5 +1,25 @@
-"""Small things tests import by path (a custom reward function)."""
+"""Small things tests share: a custom reward function (imported by path), process inspection."""
+
+from pathlib import Path
 
 
 def length_reward(response: str, answer: str) -> float:
     return float(len(response))
+
+
+def _stat_fields(pid) -> list[str]:
+    """Fields of /proc/<pid>/stat after the command name: [state, ppid, pgrp, ...]; [] if gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return []
+
+
+def child_pids(parent: int) -> list[int]:
+    return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _stat_fields(p.name)[1:2] == [str(parent)]]
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie whose parent never reaps it does not count)."""
+    fields = _stat_fields(pid)
+    return bool(fields) and fields[0] != "Z"

@@ -23,6 +23,7 @@ from soup_megatron.rollout.sglang_engine import SGLangEngine
 from soup_megatron.rollout.sglang_servers import RolloutServers, ServerError, live_processes_in_group
 
 from .conftest import ROOT, TINY
+from .helpers import alive, child_pids
 
 SGLANG_PYTHON = ROOT / ".venv-sglang" / "bin" / "python"
 
@@ -168,24 +169,6 @@ def test_stand_in_kernels_were_never_called(servers):
         (run_dir / "servers" / "sgl_kernel_calls.log").read_text()
 
 
-def _children(pid: int) -> list[int]:
-    out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                out.append(int(stat.parent.name))
-        except (OSError, ValueError):
-            pass
-    return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def _listening_ports() -> str:
     return subprocess.run(["ss", "-ltn"], capture_output=True, text=True).stdout
 
@@ -258,12 +241,12 @@ def test_sigterm_ends_every_process_the_run_started(tiny_model, tmp_path):
     time.sleep(3)
     pids = _started_pids(out)
     assert pids and all(live_processes_in_group(pid) for pid in pids)
-    children = _children(proc.pid)  # the prefix worker, the servers' launchers
+    children = child_pids(proc.pid)  # the prefix worker, the servers' launchers
     assert len(children) >= 3
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(120) != 0
     assert not any(live_processes_in_group(pid) for pid in pids)
-    assert not [pid for pid in children if _alive(pid)]
+    assert not [pid for pid in children if alive(pid)]
     assert not [line for line in _listening_ports().splitlines()
                 if any(f":{u.rsplit(':', 1)[1]} " in line for u in json.loads(
                     (out / "servers" / "policy.json").read_text())["urls"])]
