@@ -9,9 +9,8 @@ if ! "$PYTHON" -c 'import sys; assert sys.version_info[:2] >= (3, 10)' 2>/dev/nu
   echo "setup_env: $PYTHON must be Python >= 3.10 (3.11 matches the pinned CPU torch wheel)" >&2
   exit 1
 fi
-stamp="$VENV/.soup-requirements.sha"
-want=$( (cat requirements-cpu.txt setup.py; pwd) | sha256sum | cut -d' ' -f1)  # a moved checkout reinstalls
-if [ -x "$VENV/bin/python" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+. tools/venv_stamp.sh
+if venv_is_current "$VENV" requirements-cpu.txt setup.py; then
   echo "setup_env: $VENV is up to date"
 else
   echo "setup_env: installing the pinned CPU stack into $VENV (about a minute)"
@@ -19,6 +18,6 @@ else
   "$VENV/bin/python" -m pip install --quiet --upgrade pip
   "$VENV/bin/python" -m pip install --quiet -r requirements-cpu.txt
   "$VENV/bin/python" -m pip install --quiet --no-deps -e .
-  echo "$want" > "$stamp"
+  venv_mark_current "$VENV" requirements-cpu.txt setup.py
 fi
 "$VENV/bin/python" -c 'import torch, transformers, soup_megatron; print("setup_env: torch", torch.__version__, "| transformers", transformers.__version__)'

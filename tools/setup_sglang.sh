@@ -6,9 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${SGLANG_VENV:-.venv-sglang}
 PYTHON=${PYTHON:-python3}
-stamp="$VENV/.soup-requirements.sha"
-want=$( (cat requirements-sglang.txt "$0"; pwd) | sha256sum | cut -d' ' -f1)
-if [ -x "$VENV/bin/python" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+. tools/venv_stamp.sh
+if venv_is_current "$VENV" requirements-sglang.txt tools/setup_sglang.sh; then
   echo "setup_sglang: $VENV is up to date"
 else
   echo "setup_sglang: installing SGLang 0.5.23 for CPU into $VENV (about 90 s)"
@@ -17,7 +16,7 @@ else
   "$VENV/bin/python" -m pip install -qq --no-deps -r requirements-sglang.txt
   # their declared requirements are CUDA builds (torch 2.14.1, flashinfer, ...): none are needed on CPU
   "$VENV/bin/python" -m pip install -qq --no-deps sglang==0.5.23 torchvision==0.28.0
-  echo "$want" > "$stamp"
+  venv_mark_current "$VENV" requirements-sglang.txt tools/setup_sglang.sh
 fi
 PYTHONPATH=soup_megatron/rollout/sglang_pythonpath SOUP_SGLANG_SHIMS=1 "$VENV/bin/python" -c \
   'import sglang, torch, torchvision; print("setup_sglang: sglang", sglang.__version__, "| torch", torch.__version__)'
