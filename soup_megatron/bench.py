@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .config import Config, ConfigError, load_config
+from .shutdown import exit_on_signals
 from .trainer import Trainer
 
 STEP_VARIANTS = {
@@ -136,15 +137,15 @@ def bench_rollout(config: str, steps: int, warmup: int, overrides: list[str]) ->
         throughput = _engine_throughput(cfg, steps, str(Path(tmp) / "engines"))
         records = _interleaved_steps(config, {"GRPO": STEP_VARIANTS["GRPO"], "SOUP": []}, steps, sglang, tmp)
     columns = ["time/step", "time/rollout", "time/prefix_wait", "time/train", "time/weight_sync", "tokens/decoded",
-               "tokens/prefix", "tokens/prompt_tokens", "tokens/cached_tokens"]
+               "tokens/prefix", "tokens/input_tokens", "tokens/cached_tokens"]
     steps_table = _step_table("SOUP vs GRPO with SGLang (disk weight sync)", records, warmup, columns)
-    cache = Table(title="radix cache and weight sync, medians over the same steps")
-    for column in ("variant", "cached / input tokens", "cached / prefix tokens", "weight sync / step time"):
+    cache = Table(title="input tokens (prefilled, not decoded), radix cache, weight sync: medians over the same steps")
+    for column in ("variant", "prefix / input tokens", "cached / input tokens", "weight sync / step time"):
         cache.add_column(column)
     for name, recs in records.items():
         m = {c: statistics.median(r.get(c, 0.0) for r in recs[warmup:]) for c in columns}
-        cache.add_row(name, f"{m['tokens/cached_tokens'] / max(m['tokens/prompt_tokens'], 1):.3f}",
-                      f"{m['tokens/cached_tokens'] / m['tokens/prefix']:.3f}" if m["tokens/prefix"] else "-",
+        inputs = max(m["tokens/input_tokens"], 1.0)
+        cache.add_row(name, f"{m['tokens/prefix'] / inputs:.3f}", f"{m['tokens/cached_tokens'] / inputs:.3f}",
                       f"{m['time/weight_sync'] / m['time/step']:.3f}")
     return [throughput, steps_table, cache]
 
@@ -166,6 +167,7 @@ def tool_main(name: str, doc: str, argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=2, help="first steps left out of the medians")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
+    exit_on_signals()
     try:
         for table in BENCHMARKS[name](args.config, args.steps, args.warmup, args.overrides):
             print_table(table)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -13,6 +12,7 @@ from .config import ConfigError, load_config
 from .data.prompts import DataError
 from .history.store import HistoryError
 from .model.hf import CheckpointError
+from .shutdown import exit_on_signals
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -207,10 +207,7 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=2, help="first steps left out of the medians")
     p.set_defaults(fn=cmd_bench)
     args = parser.parse_args(argv)
-    # SIGTERM (scancel, kill) and SIGUSR1 (Slurm's warning before the time limit) unwind like Ctrl-C, so
-    # the prefix worker, the SGLang servers and the logs are closed on the way out
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, lambda signum, frame: sys.exit(128 + signum))
+    exit_on_signals()
     try:
         return args.fn(args)
     except ConfigError as exc:

@@ -90,6 +90,7 @@ class SGLangConfig:
     attention_backend: str = "torch_native"
     max_total_tokens: int = 8192  # KV-cache token cap (without it the KV pool takes most of the memory)
     mem_fraction_static: Optional[float] = None
+    sleep_on_idle: bool = True  # an idle scheduler sleeps instead of polling (servers may share cores)
     extra_args: list[str] = field(default_factory=list)  # passed to sglang.launch_server as they are
     startup_timeout: float = 300.0  # seconds to wait for /health
     request_timeout: float = 120.0  # seconds per request

@@ -182,7 +182,8 @@ def plot_study(study: StudyConfig, out_png: Path) -> Path:
     panels = [("held-out sampled pass@1", "heldout/pass1"), ("held-out greedy accuracy", "heldout/greedy_acc"),
               ("training reward", "reward_mean")]
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5))
-    for variant in study.variants:
+    colors = plt.get_cmap("tab20").colors  # distinct colours for up to 20 variants
+    for index, variant in enumerate(study.variants):
         runs = [read_metrics(run_dir(study, variant, s) / "metrics.jsonl") for s in study.seeds]
         for ax, (title, key) in zip(axes, panels):
             by_step: dict[int, list[float]] = {}
@@ -194,7 +195,8 @@ def plot_study(study: StudyConfig, out_png: Path) -> Path:
             means = [statistics.fmean(by_step[s]) for s in steps]
             if key == "reward_mean":  # noisy per step: a 5-step moving average
                 means = [statistics.fmean(means[max(0, i - 4):i + 1]) for i in range(len(means))]
-            ax.plot(steps, means, label=variant)
+            ax.plot(steps, means, label=variant, color=colors[index % len(colors)],
+                    linestyle="-" if index < len(colors) else "--")
             ax.set_title(title)
             ax.set_xlabel("step")
     axes[0].legend(fontsize=7)

@@ -220,7 +220,7 @@ def test_soup_run_on_sglang_trains_syncs_and_cleans_up(tiny_model, tmp_path):
     for r in rows[1:]:
         assert r["mix/mixed_samples"] > 0 and r["tokens/prefix"] > 0
         assert r["logp_gap/max"] < 1e-3, r  # SGLang's sampling log-probs = the trainer's recomputation
-        assert r["tokens/prompt_tokens"] > 0 and "tokens/cached_tokens" in r
+        assert r["tokens/input_tokens"] > 0 and "tokens/cached_tokens" in r
     assert sorted(p.name for p in (out / "weights").iterdir()) == ["v000003"]  # only the served export is kept
     assert out.stat().st_mode & 0o777 == 0o700
     pids = _started_pids(out)
@@ -250,3 +250,21 @@ def test_sigterm_ends_every_process_the_run_started(tiny_model, tmp_path):
     assert not [line for line in _listening_ports().splitlines()
                 if any(f":{u.rsplit(':', 1)[1]} " in line for u in json.loads(
                     (out / "servers" / "policy.json").read_text())["urls"])]
+
+
+def test_servers_end_when_the_run_is_killed(tiny_model, tmp_path):
+    """SIGKILL leaves no `finally` to run: the servers notice their owner is gone and end themselves."""
+    script = (f"import sys, time; from pathlib import Path; from soup_megatron.config import SGLangConfig; "
+              f"from soup_megatron.rollout.sglang_servers import RolloutServers; "
+              f"RolloutServers(SGLangConfig(python={str(SGLANG_PYTHON)!r}, max_total_tokens=4096), {str(tiny_model)!r}, "
+              f"Path({str(tmp_path)!r}), ['policy']).start(); print('up', flush=True); time.sleep(600)")
+    owner = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert owner.stdout.readline().strip() == "up"
+    pids = _started_pids(tmp_path)
+    assert pids and all(live_processes_in_group(pid) for pid in pids)
+    owner.kill()
+    owner.wait()
+    deadline = time.time() + 60
+    while time.time() < deadline and any(live_processes_in_group(pid) for pid in pids):
+        time.sleep(0.5)
+    assert not any(live_processes_in_group(pid) for pid in pids)

@@ -58,7 +58,7 @@ class SGLangEngine:
         self.allowed_root = Path(allowed_root).resolve()
         self.version = version  # the weights the servers were launched with, until load_weights
         self.weights_path: Optional[str] = None  # None: as launched (SGLang reports version "default")
-        self.last_stats: dict[str, float] = {}  # cached_tokens / prompt_tokens of the last generate
+        self.last_stats: dict[str, float] = {}  # input (prompt + prefix) and radix-cached tokens of the last generate
 
     # ---- plumbing ----------------------------------------------------------------------------------
     def _servers(self) -> tuple[list[str], set[str], dict[str, str]]:
@@ -154,7 +154,7 @@ class SGLangEngine:
                              "sampling_params": {"max_new_tokens": r.max_new_tokens, "temperature": temperature,
                                                  "sampling_seed": (seed * 1_000_003 + i) % 2**62}})
         bodies = self._run("/generate", payloads)
-        cached = prompt = 0
+        cached = inputs = 0
         for i, body in zip(todo, bodies):
             meta = body["meta_info"]
             tokens = [int(t) for _, t, _ in meta["output_token_logprobs"]]
@@ -162,8 +162,8 @@ class SGLangEngine:
             results[i] = Generation(tokens, [float(lp) for lp, _, _ in meta["output_token_logprobs"]],
                                     "stop" if reason == "stop" else "length", self.version)
             cached += meta.get("cached_tokens", 0)
-            prompt += meta.get("prompt_tokens", 0)
-        self.last_stats = {"cached_tokens": float(cached), "prompt_tokens": float(prompt)}
+            inputs += meta.get("prompt_tokens", 0)  # SGLang's name for all input tokens
+        self.last_stats = {"cached_tokens": float(cached), "input_tokens": float(inputs)}
         return results
 
     def score(self, contexts: Sequence[Sequence[int]], targets: Sequence[Sequence[int]],

@@ -87,6 +87,8 @@ class ManagedServer:
                 "--max-total-tokens", str(c.max_total_tokens)]
         if c.mem_fraction_static is not None:
             args += ["--mem-fraction-static", str(c.mem_fraction_static)]
+        if c.sleep_on_idle:
+            args.append("--sleep-on-idle")
         return args + list(c.extra_args)
 
     def start(self) -> None:
@@ -96,7 +98,7 @@ class ManagedServer:
                               "with `bash tools/setup_sglang.sh` (or point this at a Python that has sglang)")
         spec = self.workdir / f"{self.name}.args.json"
         atomic_write_private(spec, json.dumps({"args": self.args(), "api_key": self.api_key,
-                                               "log": str(self.log_path)}))
+                                               "log": str(self.log_path), "owner_pid": os.getpid()}))
         env = dict(os.environ)
         if self.cfg.device == "cpu":  # the CPU stand-ins; GPU servers run SGLang as it is installed
             env.update(SOUP_SGLANG_SHIMS="1", SGLANG_USE_CPU_ENGINE="1",

@@ -1,12 +1,16 @@
 """Start `sglang.launch_server` with the arguments in a private JSON file (argv[1]):
-{"args": [...], "api_key": "...", "log": "path"}. The key is read from the file, so it is never on a
-command line; the output of the server and its child processes goes to `log` with the key redacted."""
+{"args": [...], "api_key": "...", "log": "path", "owner_pid": N}. The key is read from the file, so it
+is never on a command line; the output of the server and its child processes goes to `log` with the
+key redacted; when the owner (the run that started the server) is gone, however it ended, the server
+ends its own process group."""
 
 import json
 import os
+import signal
 import stat
 import sys
 import threading
+import time
 
 
 def redirect_output(log_path: str, secret: str) -> None:
@@ -27,6 +31,26 @@ def redirect_output(log_path: str, secret: str) -> None:
     threading.Thread(target=pump, name="redacted-log", daemon=True).start()
 
 
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def end_with_owner(owner_pid: int) -> None:
+    def watch() -> None:
+        while _running(owner_pid):
+            time.sleep(1.0)
+        print(f"the run that started this server (pid {owner_pid}) is gone; stopping", flush=True)
+        os.killpg(0, signal.SIGTERM)
+        time.sleep(10.0)
+        os.killpg(0, signal.SIGKILL)
+
+    threading.Thread(target=watch, name="owner-watch", daemon=True).start()
+
+
 def main() -> None:
     path = sys.argv[1]
     mode = stat.S_IMODE(os.stat(path).st_mode)
@@ -35,6 +59,8 @@ def main() -> None:
     with open(path, encoding="utf-8") as fh:
         spec = json.load(fh)
     redirect_output(spec["log"], spec.get("api_key", ""))
+    if spec.get("owner_pid"):
+        end_with_owner(spec["owner_pid"])
     args = list(spec["args"])
     if spec.get("api_key"):
         args += ["--api-key", spec["api_key"]]
