@@ -213,7 +213,7 @@ def main(argv=None) -> int:
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
-    except (DataError, CheckpointError, HistoryError) as exc:  # bad input files: say which, no traceback
+    except (DataError, CheckpointError, HistoryError, PermissionError) as exc:  # bad inputs: say which, no traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -32,6 +32,9 @@ from soup_megatron.config import RewardConfig
     ("actor.grad_clip=-1", "actor.grad_clip=-1.0 is not allowed; expected > 0"),
     ("data.heldout_size=0", "data.heldout_size=0 is not allowed"),
     ("model.tiny.num_kv_heads=3", "model.tiny.num_kv_heads=3 is not allowed; expected a divisor of model.tiny.num_heads"),
+    ("rollout.weight_sync=distributed", "need CUDA servers and NCCL and are not built in this tree"),
+    ("rollout.backend=vllm", "rollout.backend='vllm' is not allowed; choose one of: local, sglang"),
+    ("rollout.sglang.tp=2", "unknown key 'rollout.sglang.tp'. Allowed here: python, policy_servers"),
 ])
 def test_bad_overrides_are_refused(override, message):
     with pytest.raises(ConfigError) as err:
@@ -147,3 +150,27 @@ def test_cli_names_a_missing_model_or_data_file(tmp_path):
                                f"trainer.out_dir={tmp_path}/run", *args], capture_output=True, text=True, timeout=300)
         assert proc.returncode == 2
         assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_run_directory_must_be_private_to_the_user(tmp_path, capsys):
+    """A run refuses a directory others can write to, or one that belongs to someone else."""
+    import os
+
+    from soup_megatron.cli import main
+    from soup_megatron.io import make_private_dir
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o777)
+    with pytest.raises(PermissionError, match="writable by other users"):
+        make_private_dir(shared)
+    assert main(["train", "--config", "configs/tiny_cpu.yaml", f"trainer.out_dir={shared}"]) == 2
+    assert "writable by other users" in capsys.readouterr().err
+    if os.getuid() == 0:  # only root can give a folder away
+        foreign = tmp_path / "foreign"
+        foreign.mkdir(mode=0o700)
+        os.chown(foreign, 65534, 65534)
+        with pytest.raises(PermissionError, match="belongs to user id 65534"):
+            make_private_dir(foreign)
+    readable = make_private_dir(tmp_path / "new" / "run")
+    assert readable.stat().st_mode & 0o777 == 0o700
