@@ -179,16 +179,18 @@ def test_killed_server_is_restarted_and_no_sample_is_lost(tiny_model, tmp_path):
         tok = load_tokenizer(tiny_model)
         engine = engine_for(tmp_path)
         server = group.groups["policy"].managed[0]
-        reqs = [GenerationRequest(p, (), 24) for p in prompts(tok, 48)]
+        reqs = [GenerationRequest(p, (), 48) for p in prompts(tok, 512)]
         result = {}
         worker = threading.Thread(target=lambda: result.setdefault("gens", engine.generate(reqs, 1.0, 2)))
         worker.start()
-        time.sleep(1.0)
+        deadline = time.time() + 120
+        while time.time() < deadline and server.log_path.read_text().count("POST /generate") < 64:
+            time.sleep(0.05)  # the first wave of requests has been answered; hundreds are still to come
         os.killpg(server.proc.pid, signal.SIGKILL)  # the whole server dies mid-rollout
-        worker.join(300)
+        worker.join(600)
         assert not worker.is_alive()
         gens = result["gens"]
-        assert len(gens) == 48 and all(g.token_ids and len(g.token_ids) == len(g.logprobs) for g in gens)
+        assert len(gens) == 512 and all(g.token_ids and len(g.token_ids) == len(g.logprobs) for g in gens)
         assert group.restarts == 1 and server.alive()
     finally:
         pid, port = server.proc.pid, server.port
