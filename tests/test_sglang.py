@@ -20,7 +20,7 @@ from soup_megatron.metrics import read_metrics
 from soup_megatron.model.hf import load_model, load_tokenizer
 from soup_megatron.rollout import GenerationRequest, build_engine
 from soup_megatron.rollout.sglang_engine import SGLangEngine
-from soup_megatron.rollout.sglang_servers import RolloutServers, ServerError, live_processes_in_group
+from soup_megatron.rollout.sglang_servers import RolloutServers, ServerError, free_port, live_processes_in_group
 
 from .conftest import ROOT, TINY
 from .helpers import alive, child_pids
@@ -161,6 +161,20 @@ def test_policy_and_history_groups_serve_concurrently(servers, tiny_model):
     for t in threads:
         t.join(120)
     assert all(len(out[g]) == 24 and all(x.token_ids for x in out[g]) for g in ("policy", "history"))
+
+
+def test_external_server_that_stops_answering_is_dropped(servers, tiny_model, tmp_path, capsys):
+    """Servers started elsewhere: one of two never answers; its requests go to the other, none lost."""
+    run_dir, _ = servers
+    info = json.loads((run_dir / "servers" / "policy.json").read_text())
+    dead = f"http://127.0.0.1:{free_port('127.0.0.1')}"  # nothing listens there
+    address = tmp_path / "external.json"
+    address.write_text(json.dumps({"urls": [dead, info["urls"][0]], "api_key": info["api_key"], "managed": []}))
+    engine = SGLangEngine(address, sglang_config(retries=2), tmp_path)
+    tok = load_tokenizer(tiny_model)
+    gens = engine.generate([GenerationRequest(p, (), 8) for p in prompts(tok, 16)], 1.0, 5)
+    assert len(gens) == 16 and all(g.token_ids for g in gens)
+    assert f"SGLang server {dead} stopped answering; dropped from rotation" in capsys.readouterr().err
 
 
 def test_stand_in_kernels_were_never_called(servers):
