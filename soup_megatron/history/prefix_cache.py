@@ -69,7 +69,10 @@ def _worker(rollout: RolloutConfig, run_dir: Optional[str], jobs: mp.Queue, resu
         try:
             started = time.perf_counter()
             out: list[Optional[Trajectory]] = [None] * len(job.uids)
-            for version in sorted(set(job.versions)):
+            # the loaded version first: each switch is a weight reload (on SGLang, a disk load and cache flush);
+            # every version's generation has its own seed, so the order does not change any trajectory
+            current = engine.version if engine is not None else None
+            for version in sorted(set(job.versions), key=lambda v: (v != current, v)):
                 if engine is None:
                     engine = build_engine(rollout, job.paths[version], version, run_dir, group="history")
                 if engine.version != version:
