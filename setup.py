@@ -20,7 +20,7 @@ setup(
         "pyarrow",
     ],
     extras_require={
-        "megatron": ["megatron-core>=0.13"],
+        "megatron": ["megatron-core>=0.13", "psutil"],  # psutil: the torch_dist checkpoint writer
         "sglang": ["sglang>=0.5", "requests"],
         "launch": ["nemo-run>=0.5", "leptonai<0.47"],
         "dev": ["pytest>=8", "pytest-timeout"],

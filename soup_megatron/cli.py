@@ -8,7 +8,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from .config import ConfigError, load_config
+from .config import ConfigError, load_config, samples_per_update
 from .data.prompts import DataError
 from .history.store import HistoryError
 from .model.hf import CheckpointError
@@ -49,6 +49,14 @@ def cmd_train(args) -> int:
     from .trainer import Trainer
 
     cfg = load_config(args.config, args.overrides)
+    if cfg.actor.backend == "megatron":
+        from .mcore.parallel import launcher_rank
+
+        if launcher_rank() != 0:  # a torchrun / srun rank that serves the driver's (rank 0's) actor calls
+            from .actor import build_actor
+
+            build_actor(cfg.actor, cfg.model.path, samples_per_update(cfg)).follow()
+            return 0
     summary = Trainer(cfg).run()
     rows = read_metrics(Path(cfg.trainer.out_dir) / "metrics.jsonl")
     first = next((r for r in rows if r["step"] == 0), None)

@@ -147,12 +147,32 @@ class AlgoConfig:
 
 
 @dataclass
+class MegatronConfig:
+    """megatron-core actor (`actor.backend=megatron`). The world size (torchrun / srun processes) is
+    tensor_parallel * pipeline_parallel * context_parallel * data parallel; data parallel is what is left."""
+
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    virtual_pipeline: int = 1  # model chunks per pipeline rank (interleaved schedule when > 1)
+    context_parallel: int = 1
+    sequence_parallel: bool = False
+    params_dtype: str = "float32"  # float32 | bfloat16
+    fp8: str = ""  # "" (off) | e4m3 | hybrid: needs Transformer Engine and a GPU
+    fp8_recipe: str = "delayed"  # delayed | tensorwise | blockwise | mxfp8 (as the installed megatron-core offers)
+    recompute: str = "none"  # none | selective | full
+    make_vocab_size_divisible_by: int = 128  # the embedding is padded to a multiple of this times tensor_parallel
+    logprob_chunk: int = 1024  # sequence positions per chunk of the vocab-parallel log-softmax
+    checkpoint: str = ""  # a megatron distributed checkpoint (tools/convert_hf_to_megatron.py) to start from; "" = model.path
+
+
+@dataclass
 class ActorConfig:
-    backend: str = "local"
+    backend: str = "local"  # local (transformers model, one process) | megatron (megatron-core, torchrun ranks)
     lr: float = 1e-3
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     micro_batch_size: int = 64
+    megatron: MegatronConfig = field(default_factory=MegatronConfig)
 
 
 @dataclass
@@ -194,7 +214,11 @@ CHOICES = {
     "history.pick": ("uniform", "newest", "oldest"),
     "algo.adv_norm": ("std", "none"),
     "algo.loss_agg": ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum"),
-    "actor.backend": ("local",),
+    "actor.backend": ("local", "megatron"),
+    "actor.megatron.params_dtype": ("float32", "bfloat16"),
+    "actor.megatron.fp8": ("", "e4m3", "hybrid"),
+    "actor.megatron.fp8_recipe": ("delayed", "tensorwise", "blockwise", "mxfp8"),
+    "actor.megatron.recompute": ("none", "selective", "full"),
 }
 
 # (key, predicate, what is allowed)
@@ -250,6 +274,9 @@ RULES = [
     ("rollout.sglang.history_servers", lambda c: c.rollout.sglang.history_servers >= 1 or c.rollout.sglang.history_urls,
      ">= 1 unless rollout.sglang.history_urls names servers"),
     ("actor.micro_batch_size", lambda c: c.actor.micro_batch_size >= 1, ">= 1"),
+    *[(f"actor.megatron.{k}", (lambda k: lambda c: getattr(c.actor.megatron, k) >= 1)(k), ">= 1")
+      for k in ("tensor_parallel", "pipeline_parallel", "virtual_pipeline", "context_parallel",
+                "make_vocab_size_divisible_by", "logprob_chunk")],
     ("trainer.steps", lambda c: c.trainer.steps >= 0, ">= 0"),
     ("trainer.eval_interval", lambda c: c.trainer.eval_interval >= 0, ">= 0 (0 = only at start and end)"),
     ("trainer.save_interval", lambda c: c.trainer.save_interval >= 1, ">= 1"),
@@ -313,8 +340,9 @@ def load_config(path: Optional[str] = None, overrides: tuple[str, ...] | list[st
 
 def validate(cfg: Config) -> None:
     for key, allowed in CHOICES.items():
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
+        value = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not allowed; choose one of: {', '.join(allowed)}")
     for key, ok, what in RULES:
@@ -323,6 +351,11 @@ def validate(cfg: Config) -> None:
             for part in key.split("."):
                 value = getattr(value, part)
             raise ConfigError(f"{key}={value!r} is not allowed; expected {what}")
+
+
+def samples_per_update(cfg: Config) -> int:
+    """Samples in one optimizer update: the step's samples split into `algo.minibatches`."""
+    return cfg.rollout.prompts_per_step * cfg.rollout.group_size // cfg.algo.minibatches
 
 
 def to_yaml(cfg: Config) -> str:

@@ -30,7 +30,7 @@ from .algo.advantage import group_advantages
 from .algo.loss import LossConfig
 from .algo.mixing import cut_point, mixed_count
 from .algo.stats import mean_over_updates, segment_stats
-from .config import Config, changed_keys, to_yaml
+from .config import Config, changed_keys, samples_per_update, to_yaml
 from .data.prompts import Prompt, load_splits, prompts_for_step
 from .history.base import NoPrefixes
 from .history.prefix_cache import PrefixCache
@@ -79,7 +79,7 @@ class Trainer:
         self._prompt_ids: dict[str, tuple[int, ...]] = {}
         self.n_mix = mixed_count(cfg.rollout.group_size, cfg.soup.mix_fraction)
 
-        self.actor = build_actor(cfg.actor, cfg.model.path)
+        self.actor = build_actor(cfg.actor, cfg.model.path, samples_per_update(cfg))
         self.servers = None
         if cfg.rollout.backend == "sglang":
             from .rollout.sglang_servers import RolloutServers
@@ -363,6 +363,6 @@ class Trainer:
 
     def close(self) -> None:
         """End everything the run started: the prefix worker, the logs, the SGLang servers."""
-        for part in (getattr(self, "prefixes", None), getattr(self, "metrics", None), self.servers):
+        for part in (getattr(self, "prefixes", None), getattr(self, "metrics", None), self.servers, self.actor):
             if part is not None:
                 part.close()

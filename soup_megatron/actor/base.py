@@ -68,3 +68,6 @@ class Actor(Protocol):
         """Everything to resume training: weights, optimizer state."""
 
     def load_state(self, path: Path) -> None: ...
+
+    def close(self) -> None:
+        """Release what the actor holds beyond this process (the megatron actor's follower ranks)."""

@@ -76,6 +76,9 @@ class LocalActor:
             if (self.model_path / name).is_file():
                 shutil.copy2(self.model_path / name, path / name)
 
+    def close(self) -> None:
+        """Nothing outside this process."""
+
     def save_state(self, path: Path) -> None:
         path = Path(path)
         self.save_hf(path / "model")

@@ -1,0 +1,227 @@
+"""megatron-core actor: the policy split over tensor-parallel (and data-parallel) ranks.
+
+The processes come from the launcher (torchrun / srun). Global rank 0 is the driver: it runs the
+trainer loop and calls the actor like any other; each call is broadcast to the other ranks, which
+sit in `follow()` and run the same method on their slices. Data-parallel ranks take every dp-th
+sample; the SOUP loss weights use the whole batch's token counts, so summing gradients over ranks
+and microbatches gives exactly the gradient of the batch loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..algo.loss import LossConfig, aggregation_weights, loss_mask, soup_loss
+from ..config import ActorConfig
+from ..mcore import checkpoint, parallel
+from ..mcore.logprobs import vocab_parallel_logprobs
+from ..mcore.model import Architecture, build_model, padded_vocab_size, transformer_engine_available
+from ..mcore.weights import chunk_params
+from ..model.hf import CheckpointError
+from .base import TokenBatch
+
+
+def read_architecture(model_path: Path) -> Architecture:
+    from transformers import AutoConfig
+
+    if not (Path(model_path) / "config.json").is_file():
+        raise CheckpointError(f"{model_path}: no config.json (an HF checkpoint directory is expected)")
+    return Architecture.from_hf(AutoConfig.from_pretrained(model_path))
+
+
+class MegatronActor:
+    def __init__(self, model_path: str | Path, cfg: ActorConfig, samples_per_update: int | None = None):
+        mc = cfg.megatron
+        self.cfg = cfg
+        self.model_path = Path(model_path)
+        self.arch = read_architecture(self.model_path)
+        self.layout = parallel.initialize(mc)
+        if mc.pipeline_parallel > 1 or mc.virtual_pipeline > 1:
+            raise parallel.ParallelError(
+                "actor.megatron.pipeline_parallel > 1: training through megatron's pipeline schedules is not built "
+                "in this version of the actor (tensor, sequence and data parallel are); set pipeline_parallel=1")
+        if samples_per_update is not None:
+            parallel.check_batch_split(samples_per_update, self.layout)
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        self.model = build_model(self.arch, mc)
+        self.params = chunk_params(self.arch, range(self.arch.num_layers), True, True,
+                                   te_spec=transformer_engine_available())
+        self.padded_vocab = padded_vocab_size(self.arch.vocab_size, mc)
+        self.vocab_start = self.layout.tp_rank * self.padded_vocab // self.layout.tp
+        if mc.checkpoint:
+            meta = checkpoint.load_distributed(Path(mc.checkpoint), self.model, None, self.layout)
+            if meta.get("architecture") != asdict(self.arch):
+                raise CheckpointError(f"actor.megatron.checkpoint={mc.checkpoint} was converted from another model "
+                                      f"than model.path={model_path} (architectures differ)")
+        else:
+            checkpoint.load_hf_into(self.model, self.params, self.arch, self.model_path, self.layout,
+                                    self.padded_vocab, progress=self.layout.is_driver)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.version = 0
+        self.closed = False
+
+    # ---- driver -> followers ---------------------------------------------------------------------
+    def _call(self, name: str, *args):
+        """On the driver: tell every rank to run `name(*args)`, then run it here too."""
+        if self.layout.world > 1:
+            dist.broadcast_object_list([(name, args)], src=0)
+        return getattr(self, "_" + name)(*args)
+
+    def follow(self) -> None:
+        """Non-driver ranks: run the driver's calls until it closes the actor."""
+        while True:
+            message = [None]
+            dist.broadcast_object_list(message, src=0)
+            name, args = message[0]
+            if name == "close":
+                return
+            getattr(self, "_" + name)(*args)
+
+    def close(self) -> None:
+        if self.layout.is_driver and self.layout.world > 1 and not self.closed:
+            dist.broadcast_object_list([("close", ())], src=0)
+        self.closed = True
+
+    # ---- the actor protocol (driver side) ----------------------------------------------------------
+    def logprobs(self, batch: TokenBatch, temperature: float, with_entropy: bool = False):
+        return self._call("logprobs", batch, temperature, with_entropy)
+
+    def train_minibatch(self, batch: TokenBatch, loss_cfg: LossConfig, temperature: float) -> dict:
+        return self._call("train_minibatch", batch, loss_cfg, temperature)
+
+    def rollout_weights(self):
+        return self._call("rollout_weights")
+
+    def save_hf(self, path: Path) -> None:
+        self._call("save_hf", Path(path))
+
+    def save_state(self, path: Path) -> None:
+        self._call("save_state", Path(path), self.version)
+
+    def load_state(self, path: Path) -> None:
+        self.version = self._call("load_state", Path(path))
+
+    # ---- work every rank does ----------------------------------------------------------------------
+    def _my_rows(self, n: int) -> torch.Tensor:
+        return torch.arange(self.layout.dp_rank, n, self.layout.dp)
+
+    def _micro_batches(self, batch: TokenBatch):
+        """(rows of `batch`, micro-batch) for this data-parallel rank's samples."""
+        rows = self._my_rows(len(batch))
+        for start in range(0, len(rows), self.cfg.micro_batch_size):
+            picked = rows[start: start + self.cfg.micro_batch_size]
+            yield picked, batch.select(picked)
+
+    def _token_logprobs(self, mb: TokenBatch, temperature: float, with_entropy: bool):
+        from megatron.core import parallel_state as ps
+
+        ids = mb.input_ids.to(self.device)
+        positions = torch.arange(ids.shape[1], device=self.device)[None].expand_as(ids)
+        logits = self.model(input_ids=ids, position_ids=positions, attention_mask=None)  # [N, T, V / tp]
+        return vocab_parallel_logprobs(logits[:, :-1], ids[:, 1:], self.vocab_start, self.arch.vocab_size,
+                                       temperature, with_entropy, ps.get_tensor_model_parallel_group(),
+                                       self.cfg.megatron.logprob_chunk)
+
+    def _on_device(self, t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.to(self.device)
+
+    def _sum_over_data_parallel(self, *tensors: torch.Tensor) -> None:
+        from megatron.core import parallel_state as ps
+
+        if self.layout.dp > 1:
+            for t in tensors:
+                dist.all_reduce(t, group=ps.get_data_parallel_group())
+
+    @torch.no_grad()
+    def _logprobs(self, batch: TokenBatch, temperature: float, with_entropy: bool):
+        self.model.eval()
+        shape = (len(batch), batch.input_ids.shape[1] - 1)
+        logp = torch.zeros(shape)
+        entropy = torch.zeros(shape)
+        for rows, mb in self._micro_batches(batch):
+            lp, ent = self._token_logprobs(mb, temperature, with_entropy)
+            logp[rows, : lp.shape[1]] = lp.cpu()
+            if with_entropy:
+                entropy[rows, : ent.shape[1]] = ent.cpu()
+        self._sum_over_data_parallel(logp, entropy)
+        return logp, (entropy if with_entropy else None)
+
+    def _train_minibatch(self, batch: TokenBatch, loss_cfg: LossConfig, temperature: float) -> dict:
+        parallel.check_batch_split(len(batch), self.layout)
+        self.model.train()
+        num_tokens = float(loss_mask(batch.segment, loss_cfg.prefix_mode).sum())
+        self.optimizer.zero_grad(set_to_none=True)
+        shape = (len(batch), batch.input_ids.shape[1] - 1)
+        ratio, clipped, entropy = torch.zeros(shape), torch.zeros(shape), torch.zeros(shape)
+        total_loss = torch.zeros(1)
+        for rows, mb in self._micro_batches(batch):
+            logp, ent = self._token_logprobs(mb, temperature, True)  # entropy is logged per segment
+            on = self._on_device
+            weights = aggregation_weights(loss_mask(mb.segment, loss_cfg.prefix_mode), loss_cfg.loss_agg,
+                                          len(batch), num_tokens).to(self.device)
+            loss, tok = soup_loss(logp, on(mb.old_logp), on(mb.behaviour_logp), on(mb.advantages), on(mb.segment),
+                                  weights, loss_cfg, entropy=ent, ref_logp=on(mb.ref_logp))
+            loss.backward()
+            total_loss += loss.item()
+            width = logp.shape[1]
+            ratio[rows, :width] = tok["ratio"].cpu()
+            clipped[rows, :width] = tok["clipped"].float().cpu()
+            entropy[rows, :width] = ent.detach().cpu()
+        self._reduce_gradients()
+        grad_norm = self._clip_gradients(self.cfg.grad_clip)
+        self.optimizer.step()
+        self.model.eval()
+        self._sum_over_data_parallel(ratio, clipped, entropy, total_loss)
+        return {"ratio": ratio.flatten(), "clipped": clipped.flatten() > 0, "entropy": entropy.flatten(),
+                "segment": batch.segment.flatten(), "loss": float(total_loss), "grad_norm": grad_norm}
+
+    def _reduce_gradients(self) -> None:
+        """Sum gradients over data-parallel ranks; with sequence parallelism the replicated norm
+        weights saw only this rank's part of the sequence, so theirs are summed over tensor ranks too."""
+        from megatron.core import parallel_state as ps
+
+        for p in self.model.parameters():
+            if p.grad is None:
+                continue
+            if self.layout.dp > 1:
+                dist.all_reduce(p.grad, group=ps.get_data_parallel_group())
+            if getattr(p, "sequence_parallel", False) and self.layout.tp > 1:
+                dist.all_reduce(p.grad, group=ps.get_tensor_model_parallel_group())
+
+    def _clip_gradients(self, max_norm: float) -> float:
+        """Global L2 norm over all slices (replicated weights counted once), then torch's clip rule."""
+        from megatron.core import parallel_state as ps
+        from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+
+        grads = [p.grad for p in self.model.parameters()
+                 if p.grad is not None and param_is_not_tensor_parallel_duplicate(p, ps.get_tensor_model_parallel_group())]
+        squares = torch.stack([g.float().pow(2).sum() for g in grads]).sum().reshape(1)
+        if self.layout.tp * self.layout.pp > 1:
+            dist.all_reduce(squares, group=ps.get_model_parallel_group())
+        norm = float(squares.sqrt())
+        coef = max_norm / (norm + 1e-6)
+        if coef < 1.0:
+            for p in self.model.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(coef)
+        return norm
+
+    def _rollout_weights(self):
+        tensors = checkpoint.iter_hf_tensors(self.model, self.params, self.arch, self.layout)
+        weights = {name: t for name, t in tensors}
+        return weights if self.layout.is_driver else None
+
+    def _save_hf(self, path: Path) -> None:
+        tensors = checkpoint.iter_hf_tensors(self.model, self.params, self.arch, self.layout)
+        checkpoint.write_hf(path, tensors, self.model_path, self.layout.is_driver)
+
+    def _save_state(self, path: Path, version: int) -> None:
+        checkpoint.save_distributed(path, self.model, self.optimizer, self.layout,
+                                    {"version": version, "has_optimizer": True, "architecture": asdict(self.arch)})
+
+    def _load_state(self, path: Path) -> int:
+        return checkpoint.load_distributed(path, self.model, self.optimizer, self.layout)["version"]

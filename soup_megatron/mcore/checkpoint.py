@@ -1,0 +1,226 @@
+"""Weights in and out of the megatron model.
+
+- HF -> model: each rank reads only the HF tensors of its own parameters, one at a time.
+- model -> HF: tensors are gathered from the tensor-parallel ranks one parameter at a time and
+  written by rank 0 in safetensors shards of bounded size (the full model never sits in one rank's
+  memory besides its own slice).
+- Distributed checkpoints (megatron `torch_dist`): model, optimizer state (sharded like the
+  parameters, so a checkpoint loads under another TP/PP layout), per-rank RNG state and metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from ..model.hf import CheckpointError
+from .model import Architecture
+from .parallel import Layout
+from .weights import ParamMap, iter_local, to_hf, to_megatron
+
+HF_SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                 "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja")
+SHARD_BYTES = 2 * 1024 ** 3
+DIST_MARKER = "soup_megatron.json"  # written last into a distributed checkpoint: its presence means complete
+
+
+class _HFReader:
+    """Lazy access to the tensors of an HF checkpoint directory (single or sharded safetensors)."""
+
+    def __init__(self, path: Path):
+        from safetensors import safe_open
+
+        files = sorted(Path(path).glob("*.safetensors"))
+        if not files:
+            raise CheckpointError(f"{path}: no *.safetensors weights")
+        self.handles = [safe_open(str(f), framework="pt") for f in files]
+        self.where = {name: h for h in self.handles for name in h.keys()}
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.where:
+            raise CheckpointError(f"HF checkpoint has no tensor {name!r} (is it the architecture config.json says?)")
+        return self.where[name].get_tensor(name)
+
+
+def load_hf_into(model, params: list[ParamMap], arch: Architecture, hf_dir: Path, layout: Layout,
+                 padded_vocab: int, progress: bool = False) -> None:
+    reader = _HFReader(hf_dir)
+    with torch.no_grad():
+        for p, param in tqdm(list(iter_local(model, params)), desc="loading HF weights", disable=not progress):
+            value = to_megatron(p, [reader.get(n) for n in p.hf], arch, layout.tp_rank, layout.tp, padded_vocab)
+            if tuple(value.shape) != tuple(param.shape):
+                raise CheckpointError(f"{hf_dir}: {p.hf} give shape {tuple(value.shape)} for {p.megatron}, "
+                                      f"the model has {tuple(param.shape)}")
+            param.copy_(value)
+
+
+def iter_hf_tensors(model, params: list[ParamMap], arch: Architecture, layout: Layout,
+                    progress: bool = False) -> Iterator[tuple[str, Optional[torch.Tensor]]]:
+    """(HF name, full tensor) on global rank 0, (HF name, None) elsewhere. Collective over the
+    tensor-parallel group of data-parallel rank 0; every rank must iterate to the end."""
+    from megatron.core import parallel_state as ps
+
+    if layout.pp > 1:
+        raise NotImplementedError("HF export from pipeline-parallel ranks is not built yet (pipeline_parallel=1 only)")
+    gather = layout.dp_rank == 0 and layout.tp > 1
+    group = ps.get_tensor_model_parallel_group()
+    for p, param in tqdm(list(iter_local(model, params)), desc="exporting HF weights",
+                         disable=not (progress and layout.is_driver)):
+        local = param.detach()
+        if gather and p.kind != "replicated":
+            shards = [torch.empty_like(local) for _ in range(layout.tp)]
+            dist.all_gather(shards, local.contiguous(), group=group)
+        else:
+            shards = [local] * layout.tp
+        tensors = to_hf(p, [s.cpu() for s in shards], arch) if layout.is_driver else [None] * len(p.hf)
+        yield from zip(p.hf, tensors)
+
+
+def copy_side_files(src: Path, dst: Path) -> None:
+    for name in HF_SIDE_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+
+
+def write_hf(path: Path, tensors: Iterator[tuple[str, Optional[torch.Tensor]]], side_files_from: Path,
+             is_writer: bool, shard_bytes: int = SHARD_BYTES) -> None:
+    """Write streamed tensors as safetensors shards with an index (HF's sharded layout) plus config and
+    tokenizer files. Only `is_writer` writes; the other ranks just drive the collective iteration."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    shard: dict[str, torch.Tensor] = {}
+    files: list[dict[str, torch.Tensor]] = []
+    weight_map: dict[str, str] = {}
+    size = 0
+
+    def flush():
+        nonlocal shard, size
+        if shard:
+            name = f"model-{len(files) + 1:05d}.safetensors"
+            save_file(shard, str(path / name), metadata={"format": "pt"})
+            weight_map.update({k: name for k in shard})
+            files.append({})
+            shard, size = {}, 0
+
+    for name, tensor in tensors:
+        if not is_writer:
+            continue
+        path.mkdir(parents=True, exist_ok=True)
+        if size and size + tensor.numel() * tensor.element_size() > shard_bytes:
+            flush()
+        shard[name] = tensor.contiguous()
+        size += tensor.numel() * tensor.element_size()
+    if not is_writer:
+        return
+    path.mkdir(parents=True, exist_ok=True)
+    if not files and len(shard) and size <= shard_bytes:
+        save_file(shard, str(path / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        flush()
+        total = sum((path / f).stat().st_size for f in set(weight_map.values()))
+        (path / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    copy_side_files(side_files_from, path)
+
+
+def save_distributed(path: Path, model, optimizer, layout: Layout, metadata: dict) -> None:
+    """A megatron torch_dist checkpoint of the model and the optimizer state (both resharded on load
+    with another layout), each rank's RNG state, and `soup_megatron.json` written last."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.optimizer import (get_param_id_to_sharded_param_map,
+                                                            optim_state_to_sharding_state)
+
+    path = Path(path)
+    if layout.is_driver:
+        path.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    state = {"model": model.sharded_state_dict(prefix="")}
+    if optimizer is not None:
+        # build the optimizer view on a second copy of the model's sharded tensors
+        id_map = get_param_id_to_sharded_param_map(model.sharded_state_dict(prefix=""),
+                                                   [p for g in optimizer.param_groups for p in g["params"]])
+        optim_state = optimizer.state_dict()
+        state["adam_step"] = _adam_step(optim_state)
+        optim_state_to_sharding_state(optim_state, id_map, exclude_keys=("step",))
+        state["optimizer"] = optim_state
+    dist_checkpointing.save(state, str(path))
+    rng = path / "rng"
+    if layout.is_driver:
+        rng.mkdir(exist_ok=True)
+    dist.barrier()
+    torch.save({"cpu": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
+               rng / f"rank{layout.rank:05d}.pt")
+    dist.barrier()
+    if layout.is_driver:
+        (path / DIST_MARKER).write_text(json.dumps(metadata, indent=1))
+
+
+def is_distributed_checkpoint(path: Path) -> bool:
+    return (Path(path) / DIST_MARKER).is_file()
+
+
+def read_metadata(path: Path) -> dict:
+    path = Path(path)
+    if not is_distributed_checkpoint(path):
+        raise CheckpointError(f"{path}: not a complete soup-megatron distributed checkpoint (no {DIST_MARKER}; "
+                              "an interrupted save leaves none)")
+    return json.loads((path / DIST_MARKER).read_text())
+
+
+def load_distributed(path: Path, model, optimizer, layout: Layout) -> dict:
+    """Load model (and optimizer, when given) under the current layout; returns the metadata."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.optimizer import (get_param_id_to_sharded_param_map,
+                                                            optim_state_to_sharding_state)
+
+    path = Path(path)
+    metadata = read_metadata(path)
+    state = {"model": model.sharded_state_dict(prefix="")}
+    if optimizer is not None:
+        if not metadata.get("has_optimizer"):
+            raise CheckpointError(f"{path}: holds no optimizer state (a converted model, not a training checkpoint)")
+        id_map = get_param_id_to_sharded_param_map(model.sharded_state_dict(prefix=""),
+                                                   [p for g in optimizer.param_groups for p in g["params"]])
+        _init_optimizer_state(optimizer)
+        optim_state = optimizer.state_dict()
+        optim_state_to_sharding_state(optim_state, id_map, exclude_keys=("step",))
+        state["optimizer"] = optim_state
+        state["adam_step"] = 0.0
+    loaded = dist_checkpointing.load(state, str(path))
+    model.load_state_dict(loaded["model"], strict=False)
+    if optimizer is not None:
+        for param_state in loaded["optimizer"]["state"].values():
+            param_state["step"] = torch.tensor(loaded["adam_step"], dtype=torch.float32)
+        optimizer.load_state_dict(loaded["optimizer"])
+        rng = path / "rng" / f"rank{layout.rank:05d}.pt"
+        if rng.is_file():  # a checkpoint saved with fewer ranks has none for this one
+            saved = torch.load(rng, weights_only=False)
+            torch.set_rng_state(saved["cpu"])
+            if saved["cuda"] is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state(saved["cuda"])
+    return metadata
+
+
+def _adam_step(optim_state: dict) -> float:
+    """Adam's step counter, kept once (every parameter is updated on every step, so all are equal)."""
+    steps = {float(st["step"]) for st in optim_state["state"].values()}
+    if len(steps) > 1:
+        raise RuntimeError(f"optimizer parameters disagree on Adam's step count: {sorted(steps)}")
+    return steps.pop() if steps else 0.0
+
+
+def _init_optimizer_state(optimizer) -> None:
+    """Adam keeps no state before its first step; make zero state so the loaded one has a place."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if not optimizer.state[p]:
+                optimizer.state[p] = {"step": torch.zeros((), dtype=torch.float32),
+                                      "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}

@@ -1,0 +1,220 @@
+"""A megatron-core GPTModel whose architecture is read from an HF checkpoint's `config.json`.
+
+Supported families (dense decoders with RMSNorm, SwiGLU and RoPE): Llama, Mistral, Qwen2, Qwen3
+(q/k RMSNorm). Layer spec: Transformer Engine's when TE imports and a GPU is present (FP8 from
+config), otherwise megatron-core's local spec with a torch-SDPA core attention.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..config import MegatronConfig
+
+SUPPORTED = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+             "qwen3": "Qwen3ForCausalLM"}
+
+
+class UnsupportedModel(ValueError):
+    """An HF architecture or setting this backend cannot build."""
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """What the HF config says, in the terms the Megatron model and the weight mapping need."""
+
+    family: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    ffn_hidden_size: int
+    norm_eps: float
+    qkv_bias: bool
+    qk_norm: bool
+    tied_embeddings: bool
+    max_positions: int
+    rope_theta: float
+    rope_scaling: dict | None
+
+    @classmethod
+    def from_hf(cls, hf_config) -> "Architecture":
+        family = hf_config.model_type
+        if family not in SUPPORTED:
+            raise UnsupportedModel(f"model_type {family!r} ({getattr(hf_config, 'architectures', None)}) is not "
+                                   f"supported by the megatron backend; supported: {', '.join(SUPPORTED.values())}")
+        if getattr(hf_config, "hidden_act", "silu") != "silu":
+            raise UnsupportedModel(f"hidden_act {hf_config.hidden_act!r}: only silu (SwiGLU) is supported")
+        if family == "mistral" and getattr(hf_config, "sliding_window", None):
+            if hf_config.sliding_window < hf_config.max_position_embeddings:
+                raise UnsupportedModel(f"mistral sliding_window={hf_config.sliding_window} is not supported "
+                                       "(only full attention)")
+        rope = dict(getattr(hf_config, "rope_parameters", None) or {})
+        theta = rope.pop("rope_theta", None) or getattr(hf_config, "rope_theta", 10000.0)
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        return cls(
+            family=family,
+            vocab_size=hf_config.vocab_size,
+            hidden_size=hf_config.hidden_size,
+            num_layers=hf_config.num_hidden_layers,
+            num_heads=hf_config.num_attention_heads,
+            num_kv_heads=getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads,
+            head_dim=getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads,
+            ffn_hidden_size=hf_config.intermediate_size,
+            norm_eps=hf_config.rms_norm_eps,
+            qkv_bias=family == "qwen2" or bool(getattr(hf_config, "attention_bias", False)),
+            qk_norm=family == "qwen3",
+            tied_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
+            max_positions=hf_config.max_position_embeddings,
+            rope_theta=float(theta),
+            rope_scaling=None if rope_type == "default" else {"rope_type": rope_type, **rope},
+        )
+
+
+def padded_vocab_size(vocab_size: int, cfg: MegatronConfig) -> int:
+    """Megatron pads the embedding so every tensor-parallel rank holds an equal, aligned slice."""
+    multiple = cfg.make_vocab_size_divisible_by * cfg.tensor_parallel
+    return math.ceil(vocab_size / multiple) * multiple
+
+
+def rope_arguments(arch: Architecture) -> dict:
+    """GPTModel's RoPE arguments for the HF `rope_parameters`; scalings megatron-core lacks are refused."""
+    scaling = arch.rope_scaling
+    if scaling is None:
+        return {}
+    kind = scaling["rope_type"]
+    if kind == "linear":
+        return {"seq_len_interpolation_factor": float(scaling["factor"])}
+    if kind == "llama3":
+        # megatron-core's llama3 scaling fixes low/high frequency factors 1 and 4 and an 8192 context
+        fixed = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+        if any(float(scaling.get(k, v)) != v for k, v in fixed.items()):
+            raise UnsupportedModel(f"llama3 rope scaling {scaling}: megatron-core supports only {fixed}")
+        return {"rope_scaling": True, "rope_scaling_factor": float(scaling["factor"])}
+    raise UnsupportedModel(f"rope_type {kind!r} is not supported (default, linear and llama3 are)")
+
+
+def check_parallel_sizes(arch: Architecture, cfg: MegatronConfig) -> None:
+    """Refuse sizes that do not divide the model, with the arithmetic."""
+    tp, pp, vp = cfg.tensor_parallel, cfg.pipeline_parallel, cfg.virtual_pipeline
+    for what, count in (("num_attention_heads", arch.num_heads), ("num_key_value_heads", arch.num_kv_heads),
+                        ("intermediate_size", arch.ffn_hidden_size)):
+        if count % tp:
+            raise UnsupportedModel(f"actor.megatron.tensor_parallel={tp} does not divide the model's {what}={count} "
+                                   f"({count} / {tp} = {count / tp:.2f})")
+    if arch.num_layers % (pp * vp):
+        raise UnsupportedModel(f"pipeline_parallel={pp} x virtual_pipeline={vp} = {pp * vp} does not divide "
+                               f"num_hidden_layers={arch.num_layers}")
+    if vp > 1 and pp == 1:
+        raise UnsupportedModel("actor.megatron.virtual_pipeline > 1 needs pipeline_parallel > 1")
+
+
+def transformer_engine_available() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except (ImportError, RuntimeError, OSError):  # TE raises RuntimeError/OSError when its CUDA libraries are missing
+        return False
+    return True
+
+
+def transformer_config(arch: Architecture, cfg: MegatronConfig, use_te: bool):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    if cfg.fp8 and not use_te:
+        raise UnsupportedModel(f"actor.megatron.fp8={cfg.fp8!r} needs Transformer Engine on a GPU, and "
+                               f"{'no GPU is present' if not torch.cuda.is_available() else 'transformer_engine does not import'}; "
+                               "set actor.megatron.fp8='' to train in " + cfg.params_dtype)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.params_dtype]
+    fp8 = {"fp8": cfg.fp8, "fp8_recipe": cfg.fp8_recipe} if cfg.fp8 else {}
+    recompute = {}
+    if cfg.recompute == "selective":
+        recompute = {"recompute_granularity": "selective"}
+    elif cfg.recompute == "full":
+        recompute = {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
+    on_gpu = torch.cuda.is_available()
+    return TransformerConfig(
+        num_layers=arch.num_layers,
+        hidden_size=arch.hidden_size,
+        ffn_hidden_size=arch.ffn_hidden_size,
+        num_attention_heads=arch.num_heads,
+        num_query_groups=arch.num_kv_heads,
+        kv_channels=arch.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=arch.norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=arch.qkv_bias,
+        qk_layernorm=arch.qk_norm,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        tensor_model_parallel_size=cfg.tensor_parallel,
+        pipeline_model_parallel_size=cfg.pipeline_parallel,
+        virtual_pipeline_model_parallel_size=cfg.virtual_pipeline if cfg.virtual_pipeline > 1 else None,
+        context_parallel_size=cfg.context_parallel,
+        sequence_parallel=cfg.sequence_parallel and cfg.tensor_parallel > 1,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        pipeline_dtype=dtype,
+        calculate_per_token_loss=True,  # the SOUP loss carries global token weights: gradients are summed, not averaged
+        use_cpu_initialization=not on_gpu,
+        perform_initialization=False,  # weights come from a checkpoint
+        # fused kernels exist only on GPU
+        bias_activation_fusion=False,
+        masked_softmax_fusion=on_gpu,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        **fp8,
+        **recompute,
+    )
+
+
+def layer_spec(arch: Architecture, use_te: bool):
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if use_te:
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_norm)
+    from .sdpa_attention import SDPACoreAttention
+
+    spec = gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=arch.qk_norm, normalization="RMSNorm")
+    spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
+    return spec
+
+
+def build_model(arch: Architecture, cfg: MegatronConfig, pre_process: bool = True, post_process: bool = True,
+                vp_stage: int | None = None):
+    """One model chunk of this rank (its pipeline stage, its tensor-parallel slices)."""
+    from megatron.core.models.gpt import GPTModel
+
+    from . import cpu_compat
+
+    cpu_compat.enable()
+    check_parallel_sizes(arch, cfg)
+    use_te = transformer_engine_available()
+    model = GPTModel(
+        config=transformer_config(arch, cfg, use_te),
+        transformer_layer_spec=layer_spec(arch, use_te),
+        vocab_size=padded_vocab_size(arch.vocab_size, cfg),
+        max_sequence_length=arch.max_positions,
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=True,  # logits stay split along the vocabulary
+        share_embeddings_and_output_weights=arch.tied_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(arch.rope_theta),
+        vp_stage=vp_stage,
+        **rope_arguments(arch),
+    )
+    if torch.cuda.is_available():
+        model.cuda(torch.cuda.current_device())
+    return model

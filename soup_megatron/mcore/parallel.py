@@ -1,0 +1,102 @@
+"""Process groups for the megatron actor: torch.distributed from the launcher's environment
+(torchrun or srun set RANK / WORLD_SIZE), then megatron's tensor/pipeline/context/data groups."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ..config import MegatronConfig
+
+
+class ParallelError(ValueError):
+    """Parallel sizes that do not fit the processes or the batch."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    rank: int
+    world: int
+    tp: int
+    pp: int
+    cp: int
+    dp: int
+    tp_rank: int
+    pp_rank: int
+    dp_rank: int
+
+    @property
+    def is_driver(self) -> bool:
+        """Global rank 0 runs the trainer loop; the other ranks follow its commands."""
+        return self.rank == 0
+
+
+def launcher_rank() -> int:
+    """This process's global rank as set by torchrun or srun (0 when launched alone)."""
+    return _launcher_env()[0]
+
+
+def _launcher_env() -> tuple[int, int, int]:
+    for rank, world, local in (("RANK", "WORLD_SIZE", "LOCAL_RANK"), ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")):
+        if rank in os.environ and world in os.environ:
+            return int(os.environ[rank]), int(os.environ[world]), int(os.environ.get(local, 0))
+    return 0, 1, 0
+
+
+def initialize(cfg: MegatronConfig) -> Layout:
+    from megatron.core import parallel_state as ps
+
+    model_parallel = cfg.tensor_parallel * cfg.pipeline_parallel * cfg.context_parallel
+    if not dist.is_initialized():
+        rank, world, local = _launcher_env()
+        if world == 1 and model_parallel > 1:
+            raise ParallelError(
+                f"actor.megatron: tensor_parallel {cfg.tensor_parallel} x pipeline_parallel {cfg.pipeline_parallel} x "
+                f"context_parallel {cfg.context_parallel} = {model_parallel} processes are needed, and this is one "
+                f"process: launch with `torchrun --nproc-per-node {model_parallel} -m soup_megatron.cli train ...` "
+                "(or srun with that many tasks)")
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local)
+        if world == 1 and "MASTER_ADDR" not in os.environ:
+            store = dist.FileStore(tempfile.mkstemp(prefix="soup-megatron-store-")[1], 1)
+            dist.init_process_group(backend, store=store, rank=0, world_size=1)
+        else:
+            dist.init_process_group(backend, rank=rank, world_size=world)
+    world = dist.get_world_size()
+    if world % model_parallel:
+        raise ParallelError(f"world size {world} is not a multiple of tensor_parallel x pipeline_parallel x "
+                            f"context_parallel = {cfg.tensor_parallel} x {cfg.pipeline_parallel} x "
+                            f"{cfg.context_parallel} = {model_parallel}")
+    wanted = (cfg.tensor_parallel, cfg.pipeline_parallel, cfg.context_parallel)
+    if ps.model_parallel_is_initialized():
+        current = (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(),
+                   ps.get_context_parallel_world_size())
+        if current != wanted:
+            ps.destroy_model_parallel()
+    if not ps.model_parallel_is_initialized():
+        ps.initialize_model_parallel(
+            tensor_model_parallel_size=cfg.tensor_parallel,
+            pipeline_model_parallel_size=cfg.pipeline_parallel,
+            virtual_pipeline_model_parallel_size=cfg.virtual_pipeline if cfg.virtual_pipeline > 1 else None,
+            context_parallel_size=cfg.context_parallel,
+        )
+    return Layout(rank=dist.get_rank(), world=world, tp=cfg.tensor_parallel, pp=cfg.pipeline_parallel,
+                  cp=cfg.context_parallel, dp=ps.get_data_parallel_world_size(),
+                  tp_rank=ps.get_tensor_model_parallel_rank(), pp_rank=ps.get_pipeline_model_parallel_rank(),
+                  dp_rank=ps.get_data_parallel_rank())
+
+
+def check_batch_split(samples: int, layout: Layout) -> None:
+    """Every data-parallel rank must get the same number of samples per optimizer update (its
+    microbatches may be uneven: the loss carries global token weights)."""
+    if samples % layout.dp:
+        raise ParallelError(
+            f"{samples} samples per optimizer update (rollout.prompts_per_step x rollout.group_size / "
+            f"algo.minibatches) do not split over {layout.dp} data-parallel ranks ({samples} / {layout.dp} = "
+            f"{samples / layout.dp:.2f}); data parallel = world {layout.world} / (tp {layout.tp} x pp {layout.pp} "
+            f"x cp {layout.cp})")

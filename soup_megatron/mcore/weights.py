@@ -1,0 +1,138 @@
+"""HF <-> Megatron weight layout, tensor by tensor.
+
+Each Megatron parameter comes from one or more HF tensors and is split across tensor-parallel ranks:
+
+    linear_qkv    rows of q, k, v regrouped per query group [q_g (heads/groups x dim); k_g; v_g], split by rows
+    linear_fc1    [gate_r; up_r] on rank r: gate and up are split by rows separately, then stacked
+    linear_proj, linear_fc2                         split by columns (row-parallel)
+    word embeddings, output layer                   split by rows after padding the vocabulary with zeros
+    norms                                           replicated
+
+`to_megatron` makes one rank's slice from HF tensors; `to_hf` rebuilds the HF tensors from all ranks' slices.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from .model import Architecture
+
+
+@dataclass(frozen=True)
+class ParamMap:
+    megatron: str  # name inside the model chunk, with the chunk-local layer index
+    hf: tuple[str, ...]
+    kind: str  # qkv | gate_up | column | row | vocab | replicated
+    layer: int | None = None  # global layer index (for pipeline placement)
+
+
+def layer_params(arch: Architecture, layer: int, local: int, te_spec: bool) -> list[ParamMap]:
+    m, h = f"decoder.layers.{local}.", f"model.layers.{layer}."
+    attn = h + "self_attn."
+    out = [
+        ParamMap(m + ("self_attention.linear_qkv.layer_norm_weight" if te_spec else "input_layernorm.weight"),
+                 (h + "input_layernorm.weight",), "replicated", layer),
+        ParamMap(m + "self_attention.linear_qkv.weight",
+                 (attn + "q_proj.weight", attn + "k_proj.weight", attn + "v_proj.weight"), "qkv", layer),
+        ParamMap(m + "self_attention.linear_proj.weight", (attn + "o_proj.weight",), "row", layer),
+        ParamMap(m + ("mlp.linear_fc1.layer_norm_weight" if te_spec else "pre_mlp_layernorm.weight"),
+                 (h + "post_attention_layernorm.weight",), "replicated", layer),
+        ParamMap(m + "mlp.linear_fc1.weight", (h + "mlp.gate_proj.weight", h + "mlp.up_proj.weight"), "gate_up", layer),
+        ParamMap(m + "mlp.linear_fc2.weight", (h + "mlp.down_proj.weight",), "row", layer),
+    ]
+    if arch.qkv_bias:
+        out.append(ParamMap(m + "self_attention.linear_qkv.bias",
+                            (attn + "q_proj.bias", attn + "k_proj.bias", attn + "v_proj.bias"), "qkv", layer))
+    if arch.qk_norm:
+        out += [ParamMap(m + "self_attention.q_layernorm.weight", (attn + "q_norm.weight",), "replicated", layer),
+                ParamMap(m + "self_attention.k_layernorm.weight", (attn + "k_norm.weight",), "replicated", layer)]
+    return out
+
+
+def chunk_params(arch: Architecture, layers: range, pre_process: bool, post_process: bool,
+                 te_spec: bool) -> list[ParamMap]:
+    """Every parameter of one model chunk holding global layers `layers` (local indices from 0)."""
+    out = []
+    if pre_process:
+        out.append(ParamMap("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), "vocab"))
+    for local, layer in enumerate(layers):
+        out += layer_params(arch, layer, local, te_spec)
+    if post_process:
+        out.append(ParamMap("decoder.final_layernorm.weight", ("model.norm.weight",), "replicated"))
+        if not arch.tied_embeddings:
+            out.append(ParamMap("output_layer.weight", ("lm_head.weight",), "vocab"))
+        elif not pre_process:  # a last pipeline stage keeps its own copy of the tied embedding
+            out.append(ParamMap("output_layer.weight", ("model.embed_tokens.weight",), "vocab"))
+    return out
+
+
+def hf_names(arch: Architecture) -> list[str]:
+    """Every tensor name of the HF checkpoint, in the order exports write them."""
+    params = chunk_params(arch, range(arch.num_layers), True, True, te_spec=False)
+    return [name for p in params for name in p.hf]
+
+
+def _qkv_groups(arch: Architecture, q, k, v):
+    """[q; k; v] rows -> rows grouped per query group: [q_0, k_0, v_0, q_1, k_1, v_1, ...]."""
+    g, d = arch.num_kv_heads, arch.head_dim
+    rest = q.shape[1:]
+    per_group = [q.reshape(g, -1, *rest), k.reshape(g, d, *rest), v.reshape(g, d, *rest)]
+    return torch.cat(per_group, dim=1).reshape(-1, *rest)
+
+
+def _qkv_ungroup(arch: Architecture, fused):
+    g, d = arch.num_kv_heads, arch.head_dim
+    q_rows = arch.num_heads // g * d
+    grouped = fused.reshape(g, q_rows + 2 * d, *fused.shape[1:])
+    q, k, v = grouped.split([q_rows, d, d], dim=1)
+    return [t.reshape(-1, *fused.shape[1:]) for t in (q, k, v)]
+
+
+def to_megatron(p: ParamMap, hf: list[torch.Tensor], arch: Architecture, rank: int, size: int,
+                padded_vocab: int) -> torch.Tensor:
+    """This tensor-parallel rank's slice of parameter `p`, from its HF tensors (in `p.hf` order)."""
+    if p.kind == "replicated":
+        return hf[0]
+    if p.kind == "row":
+        return hf[0].chunk(size, dim=1)[rank]
+    if p.kind == "qkv":
+        return _qkv_groups(arch, *hf).chunk(size, dim=0)[rank]
+    if p.kind == "gate_up":
+        return torch.cat([t.chunk(size, dim=0)[rank] for t in hf], dim=0)
+    if p.kind == "vocab":
+        full = hf[0]
+        padded = full.new_zeros(padded_vocab, *full.shape[1:])
+        padded[: full.shape[0]] = full
+        return padded.chunk(size, dim=0)[rank]
+    raise ValueError(f"unknown parameter kind {p.kind!r}")
+
+
+def to_hf(p: ParamMap, shards: list[torch.Tensor], arch: Architecture) -> list[torch.Tensor]:
+    """The HF tensors of parameter `p` from the slices of every tensor-parallel rank (rank order)."""
+    if p.kind == "replicated":
+        return [shards[0]]
+    if p.kind == "row":
+        return [torch.cat(shards, dim=1)]
+    if p.kind == "qkv":
+        return _qkv_ungroup(arch, torch.cat(shards, dim=0))
+    if p.kind == "gate_up":
+        halves = [s.chunk(2, dim=0) for s in shards]
+        return [torch.cat([h[0] for h in halves]), torch.cat([h[1] for h in halves])]
+    if p.kind == "vocab":
+        return [torch.cat(shards, dim=0)[: arch.vocab_size]]
+    raise ValueError(f"unknown parameter kind {p.kind!r}")
+
+
+def iter_local(model, params: list[ParamMap]) -> Iterator[tuple[ParamMap, torch.Tensor]]:
+    """(mapping, this rank's tensor) for every mapped parameter of a model chunk; refuses a mismatch."""
+    own = dict(model.named_parameters())
+    names = {p.megatron for p in params}
+    unmapped = sorted(set(own) - names)
+    missing = sorted(names - set(own))
+    if unmapped or missing:
+        raise RuntimeError(f"megatron model and weight map disagree: unmapped {unmapped[:4]}, missing {missing[:4]}")
+    for p in params:
+        yield p, own[p.megatron]
