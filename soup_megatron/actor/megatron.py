@@ -20,7 +20,7 @@ from ..config import ActorConfig
 from ..mcore import checkpoint, parallel
 from ..mcore.logprobs import vocab_parallel_logprobs
 from ..mcore.model import Architecture, build_model, padded_vocab_size, transformer_engine_available
-from ..mcore.weights import chunk_params
+from ..mcore.weights import chunk_params, mark_tensor_parallel
 from ..model.hf import CheckpointError
 from .base import TokenBatch
 
@@ -50,6 +50,7 @@ class MegatronActor:
         self.model = build_model(self.arch, mc)
         self.params = chunk_params(self.arch, range(self.arch.num_layers), True, True,
                                    te_spec=transformer_engine_available())
+        mark_tensor_parallel(self.model, self.params)
         self.padded_vocab = padded_vocab_size(self.arch.vocab_size, mc)
         self.vocab_start = self.layout.tp_rank * self.padded_vocab // self.layout.tp
         if mc.checkpoint:
@@ -221,7 +222,9 @@ class MegatronActor:
 
     def _save_state(self, path: Path, version: int) -> None:
         checkpoint.save_distributed(path, self.model, self.optimizer, self.layout,
-                                    {"version": version, "has_optimizer": True, "architecture": asdict(self.arch)})
+                                    {"version": version, "has_optimizer": True, "architecture": asdict(self.arch),
+                                     "params_dtype": self.cfg.megatron.params_dtype},
+                                    hf_files_from=self.model_path)
 
     def _load_state(self, path: Path) -> int:
         return checkpoint.load_distributed(path, self.model, self.optimizer, self.layout)["version"]

@@ -28,6 +28,7 @@ HF_SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tok
                  "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja")
 SHARD_BYTES = 2 * 1024 ** 3
 DIST_MARKER = "soup_megatron.json"  # written last into a distributed checkpoint: its presence means complete
+HF_CONFIG_DIR = "hf_config"  # HF config and tokenizer files inside a distributed checkpoint, for exports
 
 
 class _HFReader:
@@ -76,8 +77,8 @@ def iter_hf_tensors(model, params: list[ParamMap], arch: Architecture, layout: L
         if gather and p.kind != "replicated":
             shards = [torch.empty_like(local) for _ in range(layout.tp)]
             dist.all_gather(shards, local.contiguous(), group=group)
-        else:
-            shards = [local] * layout.tp
+        else:  # a copy: callers may keep the tensor while training goes on
+            shards = [local.clone()] * layout.tp
         tensors = to_hf(p, [s.cpu() for s in shards], arch) if layout.is_driver else [None] * len(p.hf)
         yield from zip(p.hf, tensors)
 
@@ -130,9 +131,10 @@ def write_hf(path: Path, tensors: Iterator[tuple[str, Optional[torch.Tensor]]], 
     copy_side_files(side_files_from, path)
 
 
-def save_distributed(path: Path, model, optimizer, layout: Layout, metadata: dict) -> None:
+def save_distributed(path: Path, model, optimizer, layout: Layout, metadata: dict, hf_files_from: Path) -> None:
     """A megatron torch_dist checkpoint of the model and the optimizer state (both resharded on load
-    with another layout), each rank's RNG state, and `soup_megatron.json` written last."""
+    with another layout), each rank's RNG state, the HF config/tokenizer files of `hf_files_from`,
+    and `soup_megatron.json` written last."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.optimizer import (get_param_id_to_sharded_param_map,
                                                             optim_state_to_sharding_state)
@@ -160,6 +162,8 @@ def save_distributed(path: Path, model, optimizer, layout: Layout, metadata: dic
                rng / f"rank{layout.rank:05d}.pt")
     dist.barrier()
     if layout.is_driver:
+        (path / HF_CONFIG_DIR).mkdir(exist_ok=True)
+        copy_side_files(hf_files_from, path / HF_CONFIG_DIR)
         (path / DIST_MARKER).write_text(json.dumps(metadata, indent=1))
 
 

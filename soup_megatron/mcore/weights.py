@@ -136,3 +136,15 @@ def iter_local(model, params: list[ParamMap]) -> Iterator[tuple[ParamMap, torch.
         raise RuntimeError(f"megatron model and weight map disagree: unmapped {unmapped[:4]}, missing {missing[:4]}")
     for p in params:
         yield p, own[p.megatron]
+
+
+def mark_tensor_parallel(model, params: list[ParamMap]) -> None:
+    """Set megatron's tensor-parallel attributes on split parameters. Its layers set them only while
+    initialising weights, which is skipped here (weights come from a checkpoint), and grad-norm and
+    optimizer code reads them to count every slice once and replicated weights once."""
+    from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+
+    own = dict(model.named_parameters())
+    for p in params:
+        if p.kind != "replicated" and not hasattr(own[p.megatron], "tensor_model_parallel"):  # biases have them
+            set_tensor_model_parallel_attributes(own[p.megatron], True, 1 if p.kind == "row" else 0, 1)

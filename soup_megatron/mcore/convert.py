@@ -1,0 +1,163 @@
+"""HF <-> Megatron checkpoint conversion (tools/convert_hf_to_megatron.py, tools/convert_megatron_to_hf.py).
+
+A Megatron checkpoint here is a torch_dist directory: shards that load under any TP/PP layout,
+`soup_megatron.json` (architecture, written last) and `hf_config/` (the HF config and tokenizer
+files the export needs). Each rank converts only its own slices; run under torchrun / srun with
+tp x pp processes, or let `run_tool` start them on this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..config import MegatronConfig
+from ..io import TMP_MARK, atomic_dir
+from ..model.hf import CheckpointError
+from . import checkpoint, parallel
+from .model import (Architecture, build_model, check_parallel_sizes, padded_vocab_size,
+                    transformer_engine_available)
+from .weights import chunk_params
+
+def read_hf_architecture(path: Path) -> Architecture:
+    from transformers import AutoConfig
+
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path}: no config.json (an HF checkpoint directory is expected)")
+    return Architecture.from_hf(AutoConfig.from_pretrained(path))
+
+
+def stage_layers(arch: Architecture, layout: parallel.Layout) -> range:
+    """Global layers of this pipeline stage (equal split, as megatron does without custom layouts)."""
+    per_stage = arch.num_layers // layout.pp
+    return range(layout.pp_rank * per_stage, (layout.pp_rank + 1) * per_stage)
+
+
+def build_stage(arch: Architecture, mc: MegatronConfig, layout: parallel.Layout):
+    first, last = layout.pp_rank == 0, layout.pp_rank == layout.pp - 1
+    model = build_model(arch, mc, pre_process=first, post_process=last)
+    params = chunk_params(arch, stage_layers(arch, layout), first, last, te_spec=transformer_engine_available())
+    return model, params
+
+
+def _checkpoint_dtype(hf: Path) -> str:
+    reader = checkpoint._HFReader(hf)
+    dtype = reader.get(next(iter(reader.where))).dtype
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise CheckpointError(f"{hf}: weights are {dtype}; float32 and bfloat16 are supported")
+    return "bfloat16" if dtype == torch.bfloat16 else "float32"
+
+
+def hf_to_megatron(hf: Path, out: Path, tp: int, pp: int) -> None:
+    arch = read_hf_architecture(hf)
+    mc = MegatronConfig(tensor_parallel=tp, pipeline_parallel=pp, params_dtype=_checkpoint_dtype(hf))
+    layout = parallel.initialize(mc)
+    model, params = build_stage(arch, mc, layout)
+    checkpoint.load_hf_into(model, params, arch, hf, layout, padded_vocab_size(arch.vocab_size, mc),
+                            progress=layout.is_driver)
+    tmp = _shared_tmp(out, layout)
+    checkpoint.save_distributed(tmp, model, None, layout,
+                                {"architecture": asdict(arch), "has_optimizer": False, "source": str(hf),
+                                 "params_dtype": mc.params_dtype, "saved_with": {"tp": tp, "pp": pp}},
+                                hf_files_from=hf)
+    if layout.is_driver:
+        os.replace(tmp, out)
+    dist.barrier()
+
+
+def megatron_to_hf(megatron: Path, out: Path, hf_template: Path | None, tp: int) -> None:
+    meta = checkpoint.read_metadata(megatron)
+    config_dir = hf_template or megatron / checkpoint.HF_CONFIG_DIR
+    arch = read_hf_architecture(config_dir)
+    if asdict(arch) != meta["architecture"]:
+        diff = {k: (meta["architecture"].get(k), v) for k, v in asdict(arch).items() if meta["architecture"].get(k) != v}
+        raise CheckpointError(f"--hf-template {config_dir} does not describe the model in {megatron}: "
+                              + ", ".join(f"{k} is {a} in the checkpoint, {b} in the template" for k, (a, b) in diff.items()))
+    mc = MegatronConfig(tensor_parallel=tp, params_dtype=meta.get("params_dtype", "float32"))
+    layout = parallel.initialize(mc)
+    model, params = build_stage(arch, mc, layout)
+    checkpoint.load_distributed(megatron, model, None, layout)
+    tensors = checkpoint.iter_hf_tensors(model, params, arch, layout, progress=True)
+    if layout.is_driver:
+        with atomic_dir(out) as tmp:
+            checkpoint.write_hf(tmp, tensors, config_dir, is_writer=True)
+    else:
+        checkpoint.write_hf(out, tensors, config_dir, is_writer=False)
+    dist.barrier()
+
+
+def _shared_tmp(out: Path, layout: parallel.Layout) -> Path:
+    """A fresh sibling directory every rank writes into; renamed to `out` when complete."""
+    tmp = out.with_name(f"{TMP_MARK}{out.name}")
+    if layout.is_driver:
+        shutil.rmtree(tmp, ignore_errors=True)
+    dist.barrier()
+    return tmp
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="soup_megatron.mcore.convert", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="direction", required=True)
+    to_mcore = sub.add_parser("hf-to-megatron", help="HF checkpoint -> megatron torch_dist checkpoint")
+    to_mcore.add_argument("--hf", required=True, type=Path, help="HF checkpoint directory (config.json + safetensors)")
+    to_mcore.add_argument("--out", required=True, type=Path, help="new directory for the megatron checkpoint")
+    to_mcore.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks that write the shards")
+    to_mcore.add_argument("--pp", type=int, default=1, help="pipeline stages that write the shards")
+    to_hf = sub.add_parser("megatron-to-hf", help="megatron checkpoint (converted or saved by training) -> HF")
+    to_hf.add_argument("--megatron", required=True, type=Path, help="megatron checkpoint directory")
+    to_hf.add_argument("--out", required=True, type=Path, help="new directory for the HF checkpoint")
+    to_hf.add_argument("--hf-template", type=Path, default=None,
+                       help="HF directory whose config/tokenizer to use (default: the checkpoint's hf_config/)")
+    to_hf.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks that load and gather the weights")
+    return parser
+
+
+def _check(args) -> int:
+    """Paths and sizes, before any process starts; returns how many ranks the conversion needs."""
+    if args.out.exists():
+        raise CheckpointError(f"--out {args.out} already exists; choose a new directory")
+    if args.tp < 1 or getattr(args, "pp", 1) < 1:
+        raise CheckpointError("--tp and --pp must be >= 1")
+    if args.direction == "hf-to-megatron":
+        arch = read_hf_architecture(args.hf)
+        if not list(args.hf.glob("*.safetensors")):
+            raise CheckpointError(f"--hf {args.hf}: no *.safetensors weights")
+        check_parallel_sizes(arch, MegatronConfig(tensor_parallel=args.tp, pipeline_parallel=args.pp))
+        return args.tp * args.pp
+    meta = checkpoint.read_metadata(args.megatron)
+    if args.hf_template is not None:
+        read_hf_architecture(args.hf_template)
+    check_parallel_sizes(Architecture(**meta["architecture"]), MegatronConfig(tensor_parallel=args.tp))
+    return args.tp
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = _parser().parse_args(argv)
+    try:
+        ranks = _check(args)
+    except (CheckpointError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if ranks > 1 and "WORLD_SIZE" not in os.environ:  # start the ranks here (on a cluster: torchrun / srun)
+        return subprocess.call([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                f"--nproc-per-node={ranks}", "-m", "soup_megatron.mcore.convert", *argv])
+    if args.direction == "hf-to-megatron":
+        hf_to_megatron(args.hf, args.out, args.tp, args.pp)
+    else:
+        megatron_to_hf(args.megatron, args.out, args.hf_template, args.tp)
+    if dist.get_rank() == 0:
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

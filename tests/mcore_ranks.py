@@ -1,0 +1,168 @@
+"""Checks that need several megatron ranks; run by tests/test_megatron.py under torchrun.
+
+    torchrun --nproc-per-node N tests/mcore_ranks.py logits --tp T --out result.json MODEL_DIR...
+    torchrun --nproc-per-node N tests/mcore_ranks.py actor --tp T --out result.json --work DIR TINY_MODEL
+
+Rank 0 writes the measured differences as JSON; the test asserts on them.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from soup_megatron.actor import build_actor  # noqa: E402
+from soup_megatron.actor.base import TokenBatch  # noqa: E402
+from soup_megatron.algo.loss import LossConfig  # noqa: E402
+from soup_megatron.algo.stats import segment_stats  # noqa: E402
+from soup_megatron.config import ActorConfig, MegatronConfig  # noqa: E402
+from soup_megatron.sample import CONTINUATION, PREFIX, PROMPT  # noqa: E402
+
+
+def logits_differences(model_dirs: list[str], tp: int) -> dict:
+    """Max |megatron - HF| over all logits (vocabulary gathered here only to compare), per model."""
+    from megatron.core import parallel_state as ps
+    from transformers import AutoModelForCausalLM
+
+    from soup_megatron.actor.megatron import read_architecture
+    from soup_megatron.mcore import checkpoint, parallel
+    from soup_megatron.mcore.model import build_model, padded_vocab_size
+    from soup_megatron.mcore.weights import chunk_params
+
+    mc = MegatronConfig(tensor_parallel=tp)
+    layout = parallel.initialize(mc)
+    out = {}
+    for d in model_dirs:
+        arch = read_architecture(Path(d))
+        model = build_model(arch, mc)
+        checkpoint.load_hf_into(model, chunk_params(arch, range(arch.num_layers), True, True, False), arch,
+                                Path(d), layout, padded_vocab_size(arch.vocab_size, mc))
+        ids = torch.randint(0, arch.vocab_size, (3, 21), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            local = model(input_ids=ids, position_ids=torch.arange(21)[None].expand(3, -1), attention_mask=None)
+            parts = [torch.empty_like(local) for _ in range(tp)]
+            dist.all_gather(parts, local.contiguous(), group=ps.get_tensor_model_parallel_group())
+            ours = torch.cat(parts, -1)
+            hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+            theirs = hf(input_ids=ids).logits
+        out[Path(d).name] = {"max_abs_diff": float((ours[..., : arch.vocab_size] - theirs).abs().max()),
+                             "padding_columns": ours.shape[-1] - arch.vocab_size}
+    return out
+
+
+def soup_batch(vocab: int, n: int = 8, width: int = 30) -> TokenBatch:
+    """Prompt | historical prefix | on-policy continuation rows of different lengths, with advantages of
+    both signs and behaviour log-probs away from the current policy (so ratios and clipping matter)."""
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(1, vocab, (n, width), generator=g)
+    mask = torch.ones(n, width, dtype=torch.long)
+    segment = torch.full((n, width - 1), PROMPT)
+    for i in range(n):
+        length = width - 2 * i
+        mask[i, length:] = 0
+        ids[i, length:] = 0
+        prefix_end = 6 + (i % 3) * 3 if i % 2 else 5  # odd rows are mixed, even rows on-policy
+        segment[i, 4: prefix_end] = PREFIX
+        segment[i, prefix_end: length - 1] = CONTINUATION
+    versions = torch.where(segment == PROMPT, -1, 0)
+    advantages = torch.linspace(-1.5, 1.5, n)
+    return TokenBatch(ids, mask, segment, torch.zeros(n, width - 1), versions, advantages)
+
+
+def _exported(mega, tensors_of=lambda p: p) -> dict:
+    """HF-named full tensors of the megatron actor's parameters (or of what `tensors_of` gives per
+    parameter, e.g. its gradient), gathered from the tensor-parallel ranks. Collective."""
+    from soup_megatron.mcore import checkpoint
+
+    saved = {}
+    for p in mega.model.parameters():
+        saved[p] = p.data
+        p.data = tensors_of(p).detach()
+    try:
+        return dict(checkpoint.iter_hf_tensors(mega.model, mega.params, mega.arch, mega.layout))
+    finally:
+        for p, data in saved.items():
+            p.data = data
+
+
+def _max_rel(a: dict, b: dict) -> float:
+    return max(float((a[k] - b[k]).abs().max() / b[k].abs().max().clamp(min=1e-12)) for k in a)
+
+
+def actor_parity(model_dir: str, tp: int, work: Path) -> dict:
+    """One SOUP update on the megatron actor (TP=tp, the rest data parallel) vs the local actor. Every
+    rank calls the actor's per-rank methods directly (SPMD), so gradients can be compared too."""
+    acfg = ActorConfig(lr=1e-3, micro_batch_size=3, megatron=MegatronConfig(tensor_parallel=tp))
+    loss_cfg = LossConfig(prefix_mode="clip", loss_agg="token_mean", entropy_coef=0.01)
+    mega = build_actor(ActorConfig(**{**acfg.__dict__, "backend": "megatron"}), model_dir, samples_per_update=8)
+    local = build_actor(acfg, model_dir)
+    batch = soup_batch(local.model.config.vocab_size)
+    logp_local, ent_local = local.logprobs(batch, 0.8, with_entropy=True)
+    logp_mega, ent_mega = mega._logprobs(batch, 0.8, True)
+    real = batch.segment != PROMPT
+    batch.old_logp = logp_local
+    batch.behaviour_logp = logp_local + 0.3 * torch.randn(logp_local.shape, generator=torch.Generator().manual_seed(3))
+    before = local.rollout_weights()
+    out_local = local.train_minibatch(batch, loss_cfg, 0.8)
+    out_mega = mega._train_minibatch(batch, loss_cfg, 0.8)
+    grads_local = {n: p.grad for n, p in local.model.named_parameters()}
+    grads_mega = _exported(mega, lambda p: p.grad)
+    after_local = local.rollout_weights()
+    after_mega = _exported(mega)
+    stats_local, stats_mega = (segment_stats(o["segment"], o["ratio"], o["clipped"], o["entropy"])
+                               for o in (out_local, out_mega))
+    # save / resume: the next update from the saved state is the same as the one made without saving
+    mega._save_state(work / "state", 1)
+    second = mega._train_minibatch(batch, loss_cfg, 0.8)
+    weights_second = _exported(mega)
+    mega._load_state(work / "state")
+    again = mega._train_minibatch(batch, loss_cfg, 0.8)
+    weights_again = _exported(mega)
+    if dist.get_rank() != 0:
+        return {}
+    update_local = {k: after_local[k] - before[k] for k in after_mega}
+    update_mega = {k: after_mega[k] - before[k] for k in after_mega}
+    # Adam's first update is lr * g / (|g| + eps): where |g| is near eps (1e-8) it turns fp32 rounding of g
+    # into a visible change, so the update is compared where the gradient is well above eps
+    clear = {k: grads_local[k].abs() > 1e-6 for k in update_mega}
+    update_gap = max(float((update_local[k] - update_mega[k])[clear[k]].abs().max()) for k in update_mega)
+    return {
+        "logp_diff": float((logp_local - logp_mega)[real].abs().max()),
+        "entropy_diff": float((ent_local - ent_mega)[real].abs().max()),
+        "loss_local": out_local["loss"], "loss_megatron": out_mega["loss"],
+        "grad_norm_local": out_local["grad_norm"], "grad_norm_megatron": out_mega["grad_norm"],
+        "grad_max_rel_diff": _max_rel(grads_mega, grads_local),
+        "update_max_diff_where_grad_above_1e-6": update_gap,
+        "update_max": max(float(u.abs().max()) for u in update_local.values()),
+        "share_of_entries_compared": float(sum(c.sum() for c in clear.values()) / sum(c.numel() for c in clear.values())),
+        "segment_stats_diff": max(abs(stats_local[k] - stats_mega[k]) for k in stats_local),
+        "segment_stats_keys_match": sorted(stats_local) == sorted(stats_mega),
+        "resume_loss": [second["loss"], again["loss"]],
+        "resume_weight_diff": max(float((weights_second[k] - weights_again[k]).abs().max()) for k in weights_again),
+        # the local state dict also lists a tied lm_head, which HF checkpoints leave out
+        "names_only_local": sorted(set(after_local) - set(after_mega)),
+        "names_only_megatron": sorted(set(after_mega) - set(after_local)),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("check", choices=["logits", "actor"])
+    parser.add_argument("models", nargs="+")
+    parser.add_argument("--tp", type=int, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--work", type=Path)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    result = logits_differences(args.models, args.tp) if args.check == "logits" else actor_parity(args.models[0], args.tp, args.work)
+    if dist.get_rank() == 0:
+        args.out.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,13 @@
+"""HF checkpoint -> megatron torch_dist checkpoint (loads under any TP/PP layout afterwards).
+
+    python tools/convert_hf_to_megatron.py --hf DIR --out DIR [--tp N --pp M]
+
+Starts tp x pp local processes itself; under torchrun / srun it uses the launcher's ranks.
+"""
+
+import sys
+
+from soup_megatron.mcore.convert import main
+
+if __name__ == "__main__":
+    sys.exit(main(["hf-to-megatron", *sys.argv[1:]]))
