@@ -27,6 +27,17 @@ def tiny_model(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="session")
+def tiny_model_kv2(tmp_path_factory):
+    """The tiny model with two key/value heads, so it splits over two tensor-parallel ranks."""
+    from soup_megatron.model.tiny import prepare_tiny_model
+
+    path = tmp_path_factory.mktemp("model_kv2") / "tiny"
+    prepare_tiny_model(load_config("configs/tiny_cpu.yaml", TINY + [f"model.path={path}", "model.tiny.num_kv_heads=2"]),
+                       progress=False)
+    return path
+
+
 @pytest.fixture
 def make_config(tiny_model, tmp_path):
     """Config of a tiny run in this test's temporary directory, with extra overrides."""

@@ -97,7 +97,7 @@ def _max_rel(a: dict, b: dict) -> float:
 def actor_parity(model_dir: str, tp: int, work: Path) -> dict:
     """One SOUP update on the megatron actor (TP=tp, the rest data parallel) vs the local actor. Every
     rank calls the actor's per-rank methods directly (SPMD), so gradients can be compared too."""
-    acfg = ActorConfig(lr=1e-3, micro_batch_size=3, megatron=MegatronConfig(tensor_parallel=tp))
+    acfg = ActorConfig(lr=1e-3, grad_clip=0.3, micro_batch_size=3, megatron=MegatronConfig(tensor_parallel=tp))
     loss_cfg = LossConfig(prefix_mode="clip", loss_agg="token_mean", entropy_coef=0.01)
     mega = build_actor(ActorConfig(**{**acfg.__dict__, "backend": "megatron"}), model_dir, samples_per_update=8)
     local = build_actor(acfg, model_dir)
@@ -136,6 +136,7 @@ def actor_parity(model_dir: str, tp: int, work: Path) -> dict:
         "entropy_diff": float((ent_local - ent_mega)[real].abs().max()),
         "loss_local": out_local["loss"], "loss_megatron": out_mega["loss"],
         "grad_norm_local": out_local["grad_norm"], "grad_norm_megatron": out_mega["grad_norm"],
+        "grad_clip": acfg.grad_clip,
         "grad_max_rel_diff": _max_rel(grads_mega, grads_local),
         "update_max_diff_where_grad_above_1e-6": update_gap,
         "update_max": max(float(u.abs().max()) for u in update_local.values()),

@@ -39,11 +39,12 @@ class MegatronActor:
         self.cfg = cfg
         self.model_path = Path(model_path)
         self.arch = read_architecture(self.model_path)
-        self.layout = parallel.initialize(mc)
         if mc.pipeline_parallel > 1 or mc.virtual_pipeline > 1:
             raise parallel.ParallelError(
                 "actor.megatron.pipeline_parallel > 1: training through megatron's pipeline schedules is not built "
-                "in this version of the actor (tensor, sequence and data parallel are); set pipeline_parallel=1")
+                "in this version of the actor (tensor and data parallel are; conversion tools handle pipeline "
+                "layouts); set pipeline_parallel=1")
+        self.layout = parallel.initialize(mc)
         if samples_per_update is not None:
             parallel.check_batch_split(samples_per_update, self.layout)
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")

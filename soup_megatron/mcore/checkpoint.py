@@ -153,13 +153,14 @@ def save_distributed(path: Path, model, optimizer, layout: Layout, metadata: dic
         optim_state_to_sharding_state(optim_state, id_map, exclude_keys=("step",))
         state["optimizer"] = optim_state
     dist_checkpointing.save(state, str(path))
-    rng = path / "rng"
-    if layout.is_driver:
-        rng.mkdir(exist_ok=True)
-    dist.barrier()
-    torch.save({"cpu": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
-               rng / f"rank{layout.rank:05d}.pt")
+    if optimizer is not None:  # a training checkpoint: each rank's random state too
+        rng = path / "rng"
+        if layout.is_driver:
+            rng.mkdir(exist_ok=True)
+        dist.barrier()
+        torch.save({"cpu": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
+                   rng / f"rank{layout.rank:05d}.pt")
     dist.barrier()
     if layout.is_driver:
         (path / HF_CONFIG_DIR).mkdir(exist_ok=True)

@@ -1,0 +1,198 @@
+"""The megatron-core actor and the HF <-> Megatron conversion, on CPU with gloo (real torchrun ranks)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from soup_megatron.config import ConfigError, MegatronConfig, load_config
+from soup_megatron.mcore.model import (Architecture, UnsupportedModel, check_parallel_sizes, padded_vocab_size,
+                                       transformer_config)
+
+ROOT = Path(__file__).resolve().parents[1]
+VOCAB = 301  # divisible by neither 2 nor 128: the embedding is padded
+
+
+def family_configs():
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+    common = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, intermediate_size=96)
+    return {
+        # untied embeddings, llama3 RoPE scaling (megatron-core's fixed factors)
+        "llama": LlamaConfig(**common, max_position_embeddings=16384, tie_word_embeddings=False,
+                             rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                           "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+        "mistral": MistralConfig(**common, max_position_embeddings=256, sliding_window=None, tie_word_embeddings=False),
+        "qwen2": Qwen2Config(**common, max_position_embeddings=256, tie_word_embeddings=True),  # qkv bias, tied
+        "qwen3": Qwen3Config(**common, head_dim=32, max_position_embeddings=256, tie_word_embeddings=False),  # q/k norm
+    }
+
+
+@pytest.fixture(scope="module")
+def families(tmp_path_factory):
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("families")
+    out = {}
+    for i, (name, cfg) in enumerate(family_configs().items()):
+        torch.manual_seed(i)
+        model = AutoModelForCausalLM.from_config(cfg)
+        with torch.no_grad():  # norms start at ones; random values make a wrong mapping visible
+            for n, p in model.named_parameters():
+                if "norm" in n:
+                    p.uniform_(0.5, 1.5)
+        model.save_pretrained(root / name)
+        out[name] = root / name
+    return out
+
+
+def run(*args, ranks: int = 1, timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, *(["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
+                             if ranks > 1 else []), *map(str, args)]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+    if check and done.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}")
+    return done
+
+
+def tensors(path: Path) -> dict:
+    from soup_megatron.model.hf import read_state_dict
+
+    return read_state_dict(path)
+
+
+# ---- conversion --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("family,tp,pp,back_tp", [("llama", 2, 2, 1), ("mistral", 2, 1, 1),
+                                                  ("qwen2", 2, 1, 1), ("qwen3", 1, 2, 2)])
+def test_hf_megatron_hf_round_trip_is_bit_exact(families, tmp_path, family, tp, pp, back_tp):
+    """Written under one TP/PP layout, read back under another (resharding by loading)."""
+    src = families[family]
+    run("tools/convert_hf_to_megatron.py", "--hf", src, "--out", tmp_path / "mcore", "--tp", tp, "--pp", pp)
+    meta = json.loads((tmp_path / "mcore" / "soup_megatron.json").read_text())
+    assert meta["architecture"]["family"] == family and meta["saved_with"] == {"tp": tp, "pp": pp}
+    run("tools/convert_megatron_to_hf.py", "--megatron", tmp_path / "mcore", "--out", tmp_path / "hf", "--tp", back_tp)
+    before, after = tensors(src), tensors(tmp_path / "hf")
+    assert sorted(before) == sorted(after)
+    for name in before:
+        assert before[name].dtype == after[name].dtype and torch.equal(before[name], after[name]), name
+    assert json.loads((tmp_path / "hf" / "config.json").read_text()) == json.loads((src / "config.json").read_text())
+    assert not list(tmp_path.glob(".tmp-*"))  # nothing half-written left beside the outputs
+
+
+def test_conversion_tools_refuse_bad_input_with_clear_errors(families, tmp_path):
+    bad = run("tools/convert_hf_to_megatron.py", "--hf", tmp_path / "missing", "--out", tmp_path / "x", check=False)
+    assert bad.returncode == 2 and f"{tmp_path / 'missing'}: no config.json" in bad.stderr
+    bad = run("tools/convert_hf_to_megatron.py", "--hf", families["qwen2"], "--out", tmp_path / "x", "--tp", 3,
+              check=False)
+    assert bad.returncode == 2 and "tensor_parallel=3 does not divide" in bad.stderr
+    run("tools/convert_hf_to_megatron.py", "--hf", families["qwen2"], "--out", tmp_path / "mcore")
+    exists = run("tools/convert_hf_to_megatron.py", "--hf", families["qwen2"], "--out", tmp_path / "mcore", check=False)
+    assert exists.returncode == 2 and "already exists" in exists.stderr
+    mismatch = run("tools/convert_megatron_to_hf.py", "--megatron", tmp_path / "mcore", "--out", tmp_path / "hf",
+                   "--hf-template", families["llama"], check=False)
+    assert mismatch.returncode != 0 and "does not describe the model" in mismatch.stderr
+    assert "family is qwen2 in the checkpoint, llama in the template" in mismatch.stderr
+    assert not (tmp_path / "hf").exists()
+    not_ckpt = run("tools/convert_megatron_to_hf.py", "--megatron", families["qwen2"], "--out", tmp_path / "hf",
+                   check=False)
+    assert not_ckpt.returncode == 2 and "not a complete soup-megatron distributed checkpoint" in not_ckpt.stderr
+
+
+# ---- model and actor parity --------------------------------------------------------------------------
+@pytest.mark.parametrize("tp", [1, 2])
+def test_megatron_logits_equal_hf_logits(families, tmp_path, tp):
+    run("tests/mcore_ranks.py", "logits", *families.values(), "--tp", tp, "--out", tmp_path / "r.json", ranks=tp)
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert sorted(result) == sorted(families)
+    for family, r in result.items():
+        assert r["max_abs_diff"] < 1e-5, (family, r)
+        assert r["padding_columns"] == padded_vocab_size(VOCAB, MegatronConfig(tensor_parallel=tp)) - VOCAB > 0
+
+
+@pytest.mark.parametrize("tp", [2, 1], ids=["tp2", "dp2"])
+def test_megatron_actor_matches_local_actor(tiny_model_kv2, tmp_path, tp):
+    """Two ranks as TP=2 or as two data-parallel replicas: log-probs, entropy, one SOUP update
+    (loss, gradients, clipped norm, Adam update) equal the local actor's; save/resume repeats a step."""
+    run("tests/mcore_ranks.py", "actor", tiny_model_kv2, "--tp", tp, "--out", tmp_path / "r.json", "--work", tmp_path,
+        ranks=2)
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["logp_diff"] < 1e-4 and r["entropy_diff"] < 1e-4
+    assert abs(r["loss_local"] - r["loss_megatron"]) < 1e-5 * max(1.0, abs(r["loss_local"]))
+    assert abs(r["grad_norm_local"] - r["grad_norm_megatron"]) < 1e-4 * r["grad_norm_local"]
+    assert r["grad_norm_local"] > r["grad_clip"]  # the update was clipped: clipping is part of the comparison
+    assert r["grad_max_rel_diff"] < 1e-4
+    assert r["update_max_diff_where_grad_above_1e-6"] < 1e-6 and r["update_max"] > 5e-4
+    assert r["share_of_entries_compared"] > 0.9
+    assert r["segment_stats_diff"] < 1e-4 and r["segment_stats_keys_match"]
+    assert r["resume_loss"][0] == r["resume_loss"][1] and r["resume_weight_diff"] == 0.0
+    assert r["names_only_local"] == ["lm_head.weight"] and r["names_only_megatron"] == []  # tied: HF files omit it
+
+
+def test_soup_run_with_megatron_actor_on_two_tensor_parallel_ranks(tiny_model_kv2, tmp_path):
+    """`torchrun -m soup_megatron.cli train actor.backend=megatron`: rank 0 drives, rank 1 follows; the
+    run trains, checkpoints (torch_dist + HF history) and resumes; both ranks exit."""
+    from tests.conftest import TINY
+
+    args = ["-m", "soup_megatron.cli", "train", "--config", "configs/tiny_cpu.yaml", *TINY,
+            f"model.path={tiny_model_kv2}", "model.tiny.num_kv_heads=2", f"trainer.out_dir={tmp_path / 'run'}", "actor.backend=megatron",
+            "actor.megatron.tensor_parallel=2", "trainer.eval_interval=0", "trainer.save_interval=2"]
+    run(*args, "trainer.steps=2", ranks=2)
+    run(*args, "trainer.steps=3", ranks=2)  # resumes from step 2
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows if "loss" in r]
+    assert steps == [1, 2, 3]
+    assert all(r["logp_gap/max"] < 1e-4 for r in rows if "logp_gap/max" in r)  # engine weights = actor weights
+    ckpt = tmp_path / "run" / "checkpoints" / "step_000003" / "actor"
+    assert json.loads((ckpt / "soup_megatron.json").read_text())["version"] == 3
+    assert (ckpt / "hf_config" / "config.json").is_file()
+    run("tools/convert_megatron_to_hf.py", "--megatron", ckpt, "--out", tmp_path / "exported")
+    assert (tmp_path / "exported" / "model.safetensors").is_file()
+
+
+# ---- refusals (no processes needed) --------------------------------------------------------------------
+def test_unsupported_architecture_and_sizes_are_refused():
+    from transformers import GPT2Config
+
+    with pytest.raises(UnsupportedModel, match="LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM"):
+        Architecture.from_hf(GPT2Config())
+    arch = Architecture.from_hf(family_configs()["qwen2"])
+    with pytest.raises(UnsupportedModel, match=r"tensor_parallel=3 does not divide the model's num_attention_heads=4 \(4 / 3 = 1.33\)"):
+        check_parallel_sizes(arch, MegatronConfig(tensor_parallel=3))
+    with pytest.raises(UnsupportedModel, match="does not divide num_hidden_layers=4"):
+        check_parallel_sizes(arch, MegatronConfig(pipeline_parallel=3))
+    with pytest.raises(UnsupportedModel, match="fp8='e4m3' needs Transformer Engine on a GPU"):
+        transformer_config(arch, MegatronConfig(fp8="e4m3"), use_te=False)
+    with pytest.raises(UnsupportedModel, match="sequence_parallel needs Transformer Engine"):
+        transformer_config(arch, MegatronConfig(tensor_parallel=2, sequence_parallel=True), use_te=False)
+    yarn = family_configs()["qwen2"]
+    yarn.rope_parameters = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}
+    with pytest.raises(UnsupportedModel, match="rope_type 'yarn' is not supported"):
+        from soup_megatron.mcore.model import rope_arguments
+
+        rope_arguments(Architecture.from_hf(yarn))
+
+
+def test_megatron_config_is_validated(tiny_model):
+    with pytest.raises(ConfigError, match="actor.megatron.fp8='e5m2' is not allowed; choose one of: , e4m3, hybrid"):
+        load_config("configs/tiny_cpu.yaml", ["actor.megatron.fp8=e5m2"])
+    with pytest.raises(ConfigError, match="actor.megatron.tensor_parallel=0 is not allowed"):
+        load_config("configs/tiny_cpu.yaml", ["actor.megatron.tensor_parallel=0"])
+    with pytest.raises(ConfigError, match="unknown key 'actor.megatron.tensor_paralel'"):
+        load_config("configs/tiny_cpu.yaml", ["actor.megatron.tensor_paralel=2"])
+
+
+def test_megatron_actor_refuses_layouts_it_cannot_run(tiny_model):
+    from soup_megatron.actor import build_actor
+    from soup_megatron.config import ActorConfig
+    from soup_megatron.mcore.parallel import ParallelError
+
+    with pytest.raises(ParallelError, match="pipeline_parallel > 1: training through megatron's pipeline schedules"):
+        build_actor(ActorConfig(backend="megatron", megatron=MegatronConfig(pipeline_parallel=2)), tiny_model)
+    with pytest.raises(ParallelError, match="launch with `torchrun --nproc-per-node 2"):
+        build_actor(ActorConfig(backend="megatron", megatron=MegatronConfig(tensor_parallel=2)), tiny_model)
