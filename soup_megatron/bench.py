@@ -7,7 +7,9 @@ to GRPO.
 `rollout`: the SGLang server against the in-process engine on the same requests (tokens/s), then SOUP
 against GRPO with SGLang serving rollouts and prefixes: step time, decoded tokens, radix-cache hits,
 and weight sync as a fraction of the step.
-The actor benchmark (megatron vs local) belongs with the megatron backend, which this tree lacks.
+`actor`: tokens/s of the log-prob pass and the training pass (one SOUP update) of the megatron actor
+against the local actor, on the same model and batch, passes alternating. One process (TP=1); run it
+under torchrun with actor.megatron.tensor_parallel=N for a parallel megatron actor.
 """
 
 from __future__ import annotations
@@ -150,7 +152,74 @@ def bench_rollout(config: str, steps: int, warmup: int, overrides: list[str]) ->
     return [throughput, steps_table, cache]
 
 
-BENCHMARKS = {"step": bench_step, "rollout": bench_rollout}
+def _actor_batch(cfg: Config, vocab_size: int):
+    """One step's worth of samples: prompt (16 tokens), historical prefix, on-policy continuation, full
+    response length, advantages of both signs."""
+    import torch
+
+    from .actor.base import TokenBatch
+    from .sample import CONTINUATION, PREFIX
+
+    n = cfg.rollout.prompts_per_step * cfg.rollout.group_size
+    width = 16 + cfg.rollout.max_response_len
+    g = torch.Generator().manual_seed(cfg.seed)
+    ids = torch.randint(1, vocab_size, (n, width), generator=g)
+    segment = torch.zeros(n, width - 1, dtype=torch.long)
+    segment[:, 15:] = CONTINUATION
+    segment[: n // 2, 15: 15 + cfg.rollout.max_response_len // 2] = PREFIX
+    logp = torch.full((n, width - 1), -1.0)
+    return TokenBatch(ids, torch.ones_like(ids), segment, logp, torch.zeros_like(segment), torch.randn(n, generator=g),
+                      old_logp=logp.clone())
+
+
+def bench_actor(config: str, steps: int, warmup: int, overrides: list[str]) -> list[Table]:
+    """Megatron actor against the local actor: log-prob pass and training pass, alternating."""
+    from .actor import build_actor
+    from .algo.loss import LossConfig
+    from .model.hf import load_tokenizer
+
+    from .mcore.parallel import launcher_rank
+
+    _check_steps(steps, warmup)
+    cfg = load_config(config, overrides)
+    megatron_cfg = replace(cfg.actor, backend="megatron")
+    if launcher_rank() != 0:  # under torchrun: the other ranks of the megatron actor
+        build_actor(megatron_cfg, cfg.model.path).follow()
+        return []
+    actors = {"local": build_actor(replace(cfg.actor, backend="local"), cfg.model.path),
+              "megatron": build_actor(megatron_cfg, cfg.model.path)}
+    batch = _actor_batch(cfg, len(load_tokenizer(cfg.model.path)))
+    tokens = int(batch.attention_mask.sum())
+    loss_cfg = LossConfig.from_config(cfg)
+    seconds: dict[str, dict[str, list[float]]] = {n: {"logprobs": [], "train": []} for n in actors}
+    try:
+        for rep in range(steps):
+            for name, actor in actors.items():
+                started = time.perf_counter()
+                actor.logprobs(batch, cfg.rollout.temperature)
+                seconds[name]["logprobs"].append(time.perf_counter() - started)
+                started = time.perf_counter()
+                actor.train_minibatch(batch, loss_cfg, cfg.rollout.temperature)
+                seconds[name]["train"].append(time.perf_counter() - started)
+            print(f"repeat {rep + 1}/{steps}", file=sys.stderr)
+    finally:
+        for actor in actors.values():
+            actor.close()
+    mc = cfg.actor.megatron
+    table = Table(title=f"actor passes on {cfg.model.path}: megatron at TP={mc.tensor_parallel}, {len(batch)} samples x {batch.input_ids.shape[1]} tokens, "
+                        f"micro-batch {cfg.actor.micro_batch_size}, medians of repeats {warmup + 1}-{steps}")
+    for column in ("actor", "log-prob pass s", "log-prob tokens/s", "vs local", "train pass s", "train tokens/s",
+                   "vs local"):
+        table.add_column(column)
+    median = {n: {k: statistics.median(v[warmup:]) for k, v in s.items()} for n, s in seconds.items()}
+    for name, m in median.items():
+        table.add_row(name, f"{m['logprobs']:.3f}", f"{tokens / m['logprobs']:.0f}",
+                      f"{median['local']['logprobs'] / m['logprobs']:.3f}", f"{m['train']:.3f}",
+                      f"{tokens / m['train']:.0f}", f"{median['local']['train'] / m['train']:.3f}")
+    return [table]
+
+
+BENCHMARKS = {"step": bench_step, "rollout": bench_rollout, "actor": bench_actor}
 
 
 def print_table(table: Table) -> None:

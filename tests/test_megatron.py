@@ -196,3 +196,12 @@ def test_megatron_actor_refuses_layouts_it_cannot_run(tiny_model):
         build_actor(ActorConfig(backend="megatron", megatron=MegatronConfig(pipeline_parallel=2)), tiny_model)
     with pytest.raises(ParallelError, match="launch with `torchrun --nproc-per-node 2"):
         build_actor(ActorConfig(backend="megatron", megatron=MegatronConfig(tensor_parallel=2)), tiny_model)
+
+
+def test_bench_actor_compares_megatron_with_local(tiny_model):
+    from tests.conftest import TINY
+
+    done = run("tools/bench_actor.py", "--steps", "2", "--warmup", "1", *TINY, f"model.path={tiny_model}")
+    rows = {line.split("│")[1].strip(): line for line in done.stdout.splitlines() if line.startswith("│")}
+    assert sorted(rows) == ["local", "megatron"]
+    assert rows["local"].count("1.000") == 2  # local against itself, both passes
