@@ -1,4 +1,4 @@
-"""`soup-megatron` command line: prepare | train | eval | sweep | bench."""
+"""`soup-megatron` command line: prepare | train | eval | sweep | bench | launch."""
 
 from __future__ import annotations
 
@@ -165,6 +165,19 @@ def _local(rollout):
     return replace(rollout, backend="local")
 
 
+def cmd_launch(args) -> int:
+    from .cluster.launch import LaunchError, launch
+
+    cfg = load_config(args.config, args.overrides)
+    note = " ".join([args.config or "defaults", *args.overrides])
+    try:
+        launch(cfg, args.executor, args.dryrun, note)
+    except LaunchError as exc:
+        print(f"launch error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _int_list(flag: str, text: str) -> list[int]:
     try:
         values = [int(x) for x in text.split(",") if x.strip()]
@@ -214,8 +227,13 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=12, help="steps per variant")
     p.add_argument("--warmup", type=int, default=2, help="first steps left out of the medians")
     p.set_defaults(fn=cmd_bench)
+    p = sub.add_parser("launch", help="submit a run: on this machine (torchrun) or to Slurm (sbatch)")
+    _config_args(p)
+    p.add_argument("--executor", choices=("local", "slurm"), default="local")
+    p.add_argument("--dryrun", action="store_true", help="print the command or sbatch scripts; submit nothing")
+    p.set_defaults(fn=cmd_launch)
     args = parser.parse_args(argv)
-    exit_on_signals()
+    exit_on_signals(checkpoint_on_usr1=args.command == "train")
     try:
         return args.fn(args)
     except ConfigError as exc:

@@ -6,6 +6,7 @@ key, a wrong type or an inconsistent value before any work starts, naming the ke
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -189,6 +190,38 @@ class TrainerConfig:
 
 
 @dataclass
+class SlurmConfig:
+    """The sbatch job of `soup-megatron launch --executor slurm` (slurm/ holds rendered examples)."""
+
+    partition: str = ""  # "" = the cluster's default partition
+    account: str = ""
+    qos: str = ""
+    time: str = "01:00:00"
+    nodes: int = 1  # trainer nodes: one torchrun per node, launch.ranks_per_node ranks each
+    rollout_nodes: int = 0  # extra nodes for SGLang servers (policy + history groups); 0 = servers managed by the run
+    gpus_per_node: int = 0
+    cpus_per_task: int = 1  # CPUs of each node's torchrun task
+    mem: str = ""  # per node, e.g. "0" (all) or "64G"; "" = cluster default
+    signal_seconds: int = 120  # USR1 this long before the time limit: checkpoint, then requeue
+    requeue: bool = True
+    container_image: str = ""  # pyxis/enroot image; "" = run on the host
+    container_mounts: list[str] = field(default_factory=list)
+    network_interface: str = ""  # NCCL_SOCKET_IFNAME and GLOO_SOCKET_IFNAME
+    setup: list[str] = field(default_factory=list)  # shell lines before the job steps (module load, venv)
+    extra_sbatch: list[str] = field(default_factory=list)  # more "#SBATCH" options, e.g. "--exclusive"
+
+
+@dataclass
+class LaunchConfig:
+    job_name: str = "soup"
+    python: str = "python"  # interpreter with soup-megatron installed, on the nodes
+    ranks_per_node: int = 1  # trainer processes per node (one per GPU on a cluster)
+    convert_from_hf: bool = False  # run tools/convert_hf_to_megatron.py as its own job first (afterok)
+    rendezvous_port: int = 29500
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+
+
+@dataclass
 class Config:
     seed: int = 1
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -200,6 +233,7 @@ class Config:
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     actor: ActorConfig = field(default_factory=ActorConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
 
 
 CHOICES = {
@@ -287,6 +321,12 @@ RULES = [
     ("reward.function", lambda c: c.reward.type != "custom" or ":" in c.reward.function, "'module:function' when reward.type=custom"),
     ("data.arithmetic.min_terms", lambda c: 2 <= c.data.arithmetic.min_terms <= c.data.arithmetic.max_terms, ">= 2 and <= data.arithmetic.max_terms"),
     ("model.tiny.sft_slip_prob", lambda c: 0.0 <= c.model.tiny.sft_slip_prob <= 1.0, "a number in [0, 1]"),
+    ("launch.ranks_per_node", lambda c: c.launch.ranks_per_node >= 1, ">= 1"),
+    ("launch.slurm.nodes", lambda c: c.launch.slurm.nodes >= 1, ">= 1"),
+    ("launch.slurm.rollout_nodes", lambda c: c.launch.slurm.rollout_nodes >= 0, ">= 0"),
+    ("launch.slurm.signal_seconds", lambda c: c.launch.slurm.signal_seconds >= 0, ">= 0"),
+    ("launch.slurm.time", lambda c: bool(re.fullmatch(r"(\d+-)?\d{1,2}:\d{2}:\d{2}", c.launch.slurm.time)),
+     "a Slurm time limit like 04:00:00 or 1-12:00:00"),
     ("data.arithmetic.max_operand", lambda c: c.data.arithmetic.max_operand >= 1, ">= 1"),
 ]
 

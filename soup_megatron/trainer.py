@@ -11,6 +11,7 @@ resumed reaches the same state as an uninterrupted one.
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
 import sys
@@ -39,11 +40,12 @@ from .history.store import CheckpointStore
 from .evaluate import heldout_metrics
 from .io import atomic_dir, atomic_write_json, atomic_write_text, make_private_dir, read_json, remove_tmp_leftovers
 from .metrics import MetricsLog, plot_curves
-from .model.hf import load_tokenizer, newline_token_ids
+from .model.hf import CheckpointError, load_tokenizer, newline_token_ids
 from .reward import build_reward
 from .rollout import build_engine
 from .rollout.base import GenerationRequest
 from .sample import CONTINUATION, PREFIX, PROMPT, Sample, Trajectory
+from .shutdown import stop_requested
 from .weight_sync import WeightSync, sync_mode
 
 
@@ -63,12 +65,24 @@ class Timer:
         self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
+def _refuse_restart_without_checkpoints(ckpt_root: Path) -> None:
+    """A requeued Slurm job whose run directory lost its checkpoints must not quietly start over."""
+    restart = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+    if restart > 0 and not ckpt_root.is_dir():
+        raise CheckpointError(
+            f"this is restart {restart} of Slurm job {os.environ.get('SLURM_JOB_ID', '?')}, but {ckpt_root} does not "
+            "exist: the run's checkpoints vanished (deleted, or the file system is not mounted on this node); "
+            "refusing to start over from step 0. Restore the directory, or submit a new run to start fresh")
+
+
 class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.out = make_private_dir(cfg.trainer.out_dir)  # checkpoints and server keys: the user's own
         self.ckpt_root = self.out / "checkpoints"
+        _refuse_restart_without_checkpoints(self.ckpt_root)
         self.ckpt_root.mkdir(exist_ok=True)
+        self.stop_file = self.out / "STOP"  # written by the Slurm job script on USR1 (see stop_requested)
         remove_tmp_leftovers(self.ckpt_root)
         self.train_prompts, self.heldout = load_splits(cfg.data, cfg.seed)  # cheap checks of inputs first
         self.reward_fn = build_reward(cfg.reward)
@@ -336,10 +350,16 @@ class Trainer:
                     last_eval = self.evaluate(step + 1)
                     record.update(last_eval, **{"time/eval": time.perf_counter() - started})
                 self.metrics.log(record)
-                if last or (step + 1) % c.trainer.save_interval == 0:
+                stop = not last and (stop_requested.is_set() or self.stop_file.exists())
+                if last or stop or (step + 1) % c.trainer.save_interval == 0:
                     self.save_checkpoint(step + 1)
                 bar.set_postfix(reward=f"{record['reward_mean']:.2f}",
                                 acc=f"{last_eval.get('heldout/greedy_acc', float('nan')):.2f}")
+                if stop:
+                    print(f"stop requested: checkpointed step {step + 1} in {self.ckpt_root}; "
+                          "the next start resumes from it", file=sys.stderr)
+                    summary["stopped_at"] = step + 1
+                    break
         finally:
             self.close()
         summary["final"] = last_eval

@@ -1,0 +1,133 @@
+"""`soup-megatron launch`: one config, two executors.
+
+- `local`: the training command on this machine (torchrun with `launch.ranks_per_node` ranks).
+- `slurm`: sbatch scripts rendered from `templates/` — an optional HF -> Megatron conversion job, then
+  the training job with an `afterok` dependency on it. The training job runs one torchrun per node
+  under srun, asks for USR1 before its time limit, checkpoints and requeues itself (see the template).
+
+Launching freezes the run's config: the resolved YAML goes to `<trainer.out_dir>/launch/config.yaml`
+and the job trains from that file, so a requeued job resumes with exactly what was submitted.
+`--dryrun` prints the scripts and writes nothing; `slurm/*.sbatch` are dry runs of the recipes.
+"""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from jinja2 import Environment, FileSystemLoader, StrictUndefined
+
+from ..config import Config, ConfigError, to_yaml
+from ..io import atomic_write_text, make_private_dir
+
+TEMPLATES = Path(__file__).parent / "templates"
+CONVERTED = "megatron_init"  # where the conversion job writes the starting checkpoint, inside the run dir
+
+
+class LaunchError(RuntimeError):
+    """The cluster refused or could not run the job."""
+
+
+@dataclass
+class Job:
+    name: str
+    script: str
+    depends_on: str | None = None  # the name of a job that must end successfully first
+
+
+def _render(template: str, **values) -> str:
+    env = Environment(loader=FileSystemLoader(TEMPLATES), undefined=StrictUndefined, keep_trailing_newline=True)
+    return env.get_template(template).render(**values)
+
+
+def training_config(cfg: Config) -> Config:
+    """The config the job trains with: when converting first, the actor starts from the converted checkpoint."""
+    if not cfg.launch.convert_from_hf:
+        return cfg
+    if cfg.actor.backend != "megatron":
+        raise ConfigError("launch.convert_from_hf=true needs actor.backend=megatron (the conversion writes a "
+                          "megatron checkpoint for it)")
+    converted = str(Path(cfg.trainer.out_dir) / CONVERTED)
+    return replace(cfg, actor=replace(cfg.actor, megatron=replace(cfg.actor.megatron, checkpoint=converted)))
+
+
+def slurm_jobs(cfg: Config, config_note: str) -> list[Job]:
+    s = cfg.launch.slurm
+    if s.rollout_nodes:
+        raise ConfigError("launch.slurm.rollout_nodes > 0: SGLang servers on their own nodes are not built yet; "
+                          "with 0 the run starts its servers itself (rollout.backend=sglang) on the first node")
+    run_dir = Path(cfg.trainer.out_dir).resolve()
+    common = dict(job_name=cfg.launch.job_name, s=s, log_dir=run_dir / "slurm", python=cfg.launch.python,
+                  config_note=config_note)
+    jobs = []
+    if cfg.launch.convert_from_hf:
+        mc = cfg.actor.megatron
+        jobs.append(Job("convert", _render("convert.sbatch.j2", **common, hf_checkpoint=Path(cfg.model.path).resolve(),
+                                            megatron_checkpoint=run_dir / CONVERTED, tp=mc.tensor_parallel, pp=1,
+                                            convert_ranks=mc.tensor_parallel)))
+    jobs.append(Job("train", _render("train.sbatch.j2", **common, run_dir=run_dir, ranks_per_node=cfg.launch.ranks_per_node,
+                                     port=cfg.launch.rendezvous_port,
+                                     config_file=run_dir / "launch" / "config.yaml"),
+                    depends_on="convert" if cfg.launch.convert_from_hf else None))
+    return jobs
+
+
+def local_command(cfg: Config, config_file: Path) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc-per-node={cfg.launch.ranks_per_node}", "-m", "soup_megatron.cli", "train", "--config",
+            str(config_file)]
+
+
+def _sbatch(script: Path, dependency: str | None) -> str:
+    if shutil.which("sbatch") is None:
+        raise LaunchError("sbatch is not on PATH: --executor slurm needs a Slurm client on this machine")
+    cmd = ["sbatch", "--parsable", *([f"--dependency=afterok:{dependency}"] if dependency else []), str(script)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        message = done.stderr.strip()
+        if "partition" in message.lower():
+            message += f" (partitions on this cluster: {_partitions() or 'none found'}; set launch.slurm.partition)"
+        raise LaunchError(f"sbatch {script} failed: {message}")
+    return done.stdout.strip().split(";")[0]
+
+
+def _partitions() -> str:
+    done = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True)
+    return ", ".join(p.rstrip("*") for p in done.stdout.split()) if done.returncode == 0 else ""
+
+
+def launch(cfg: Config, executor: str, dryrun: bool, config_note: str) -> list[str]:
+    """Submit (or, with `dryrun`, print) the run; returns the submitted job ids (slurm) or []."""
+    cfg = training_config(cfg)
+    run_dir = Path(cfg.trainer.out_dir)
+    config_file = run_dir.resolve() / "launch" / "config.yaml"
+    if executor == "slurm":
+        jobs = slurm_jobs(cfg, config_note)
+        if dryrun:
+            for job in jobs:
+                print(job.script, end="")
+            return []
+    elif dryrun:
+        print(shlex.join(local_command(cfg, config_file)))
+        return []
+    make_private_dir(run_dir)
+    (run_dir / "launch").mkdir(exist_ok=True)
+    atomic_write_text(config_file, to_yaml(cfg))
+    if executor == "local":
+        done = subprocess.run(local_command(cfg, config_file))
+        if done.returncode != 0:
+            raise LaunchError(f"the local run ended with exit code {done.returncode}")
+        return []
+    (run_dir / "slurm").mkdir(exist_ok=True)
+    ids: dict[str, str] = {}
+    for job in jobs:
+        script = run_dir / "launch" / f"{job.name}.sbatch"
+        atomic_write_text(script, job.script)
+        ids[job.name] = _sbatch(script, ids.get(job.depends_on) if job.depends_on else None)
+        print(f"submitted {job.name}: job {ids[job.name]} (log {run_dir.resolve() / 'slurm'}/"
+              f"{cfg.launch.job_name}{'-convert' if job.name == 'convert' else ''}-{ids[job.name]}.out)")
+    return list(ids.values())

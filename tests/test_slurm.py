@@ -1,0 +1,145 @@
+"""`soup-megatron launch` against a real single-node Slurm cluster (tools/slurm_cluster.sh; tools/test.sh
+starts one and exports SLURM_CONF). Jobs run the tiny SOUP demo with two gloo ranks under srun + torchrun."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from soup_megatron.config import load_config
+from soup_megatron.model.hf import read_state_dict
+from tests.conftest import TINY
+
+ROOT = Path(__file__).resolve().parents[1]
+
+if not os.environ.get("SLURM_CONF"):
+    if os.environ.get("SOUP_REQUIRE_SLURM") == "1":
+        raise RuntimeError("SOUP_REQUIRE_SLURM=1 but SLURM_CONF is not set: tools/slurm_cluster.sh did not start")
+    pytest.skip("no Slurm cluster here (bash tools/slurm_cluster.sh start DIR, then export SLURM_CONF)",
+                allow_module_level=True)
+
+
+def launch(*overrides, dryrun=False, check=True):
+    cmd = [sys.executable, "-m", "soup_megatron.cli", "launch", "--config", "configs/tiny_cpu.yaml", "--executor",
+           "slurm", *(["--dryrun"] if dryrun else []), *overrides]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    if check and done.returncode != 0:
+        raise AssertionError(f"launch failed ({done.returncode}): {done.stdout}\n{done.stderr}")
+    return done
+
+
+def tiny_run(model, out, *extra):
+    """Two gloo ranks (megatron actor, TP=2) on the one node, 2 CPUs."""
+    return [*TINY, f"model.path={model}", "model.tiny.num_kv_heads=2", f"trainer.out_dir={out}",
+            "actor.backend=megatron", "actor.megatron.tensor_parallel=2", "launch.ranks_per_node=2",
+            "launch.slurm.cpus_per_task=2", f"launch.python={sys.executable}", "launch.slurm.time=00:20:00",
+            "launch.slurm.signal_seconds=0", *extra]
+
+
+def squeue_state(job: str) -> str:
+    return subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True).stdout.strip()
+
+
+def job_id(done) -> str:
+    return done.stdout.split("job ")[1].split()[0]
+
+
+def state(job: str) -> str:
+    out = subprocess.run(["sacct", "-X", "-n", "-P", "-j", job, "-o", "State"], capture_output=True, text=True).stdout
+    return out.strip().splitlines()[-1] if out.strip() else "UNKNOWN"
+
+
+def wait_done(job: str, timeout: float = 900) -> str:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if not subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True).stdout.strip():
+            return state(job)
+        time.sleep(1)
+    subprocess.run(["scancel", job])
+    raise AssertionError(f"job {job} still running after {timeout}s")
+
+
+def metrics(out: Path) -> list[dict]:
+    return [{k: v for k, v in json.loads(line).items() if not k.startswith("time/")}
+            for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def log_of(out: Path) -> str:
+    return "\n".join(p.read_text() for p in sorted((out / "slurm").glob("*.out")))
+
+
+def test_submitted_run_trains_and_a_missing_checkpoint_dir_fails_clearly(tiny_model_kv2, tmp_path):
+    out = tmp_path / "run"
+    job = job_id(launch(*tiny_run(tiny_model_kv2, out, "trainer.steps=2", "trainer.eval_interval=0")))
+    assert wait_done(job) == "COMPLETED", log_of(out)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert (out / "checkpoints" / "step_000002" / "actor" / "soup_megatron.json").is_file()
+    # a requeued job whose checkpoints vanished must not start over from step 0
+    out2 = tmp_path / "vanished"
+    job = job_id(launch(*tiny_run(tiny_model_kv2, out2, "trainer.steps=50", "trainer.eval_interval=0",
+                                  "trainer.save_interval=1")))
+    while not (out2 / "checkpoints" / "latest").is_file():
+        assert squeue_state(job) in ("PENDING", "RUNNING"), log_of(out2)
+        time.sleep(0.5)
+    subprocess.run(["scontrol", "requeue", job], check=True)  # preempted: back to the queue
+    while squeue_state(job) != "PENDING":
+        time.sleep(0.5)
+    shutil.rmtree(out2 / "checkpoints")
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
+    assert wait_done(job) == "FAILED"
+    assert "restart 1 of Slurm job" in log_of(out2) and "the run's checkpoints vanished" in log_of(out2)
+    assert not (out2 / "checkpoints").exists()
+
+
+def test_unknown_partition_is_refused_with_the_partitions_there_are(tmp_path):
+    done = launch(f"trainer.out_dir={tmp_path / 'run'}", "launch.slurm.partition=gpu-h100", check=False)
+    assert done.returncode == 1
+    assert "invalid partition" in done.stderr.lower() and "partitions on this cluster: debug" in done.stderr
+
+
+@pytest.mark.slow
+def test_preempted_run_resumes_to_the_same_final_state(tiny_model_kv2, tmp_path):
+    """USR1 (Slurm's time-limit warning) mid-run: checkpoint at the end of the step, requeue, resume;
+    the final weights and metrics equal an uninterrupted run's."""
+    common = ["trainer.steps=8", "trainer.save_interval=3", "trainer.eval_interval=4", "soup.lookahead=2",
+              "history.interval=2", "launch.slurm.signal_seconds=60"]
+    straight = job_id(launch(*tiny_run(tiny_model_kv2, tmp_path / "straight", *common)))
+    assert wait_done(straight) == "COMPLETED", log_of(tmp_path / "straight")
+    out = tmp_path / "preempted"
+    job = job_id(launch(*tiny_run(tiny_model_kv2, out, *common)))
+    latest = out / "checkpoints" / "latest"
+    deadline = time.time() + 600
+    while not (latest.is_file() and latest.read_text().strip() >= "step_000003") and time.time() < deadline:
+        time.sleep(0.2)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
+    deadline = time.time() + 300
+    while time.time() < deadline:  # requeued jobs wait (BeginTime); start it again now
+        if "requeueing job" in log_of(out):
+            time.sleep(2)
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True)
+            break
+        time.sleep(0.5)
+    assert wait_done(job) == "COMPLETED", log_of(out)
+    log = log_of(out)
+    assert "USR1: checkpoint and stop" in log and "restart 1" in log
+    assert metrics(out) == metrics(tmp_path / "straight") and metrics(out)[-1]["step"] == 8
+    a = read_state_dict(tmp_path / "straight" / "history" / "v000008")  # the final policy, exported to HF
+    b = read_state_dict(out / "history" / "v000008")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "straight" / "history" / "manifest.json").read_text() == (out / "history" / "manifest.json").read_text()
+
+
+def test_dryrun_prints_the_scripts_and_submits_nothing(tmp_path):
+    done = launch(f"trainer.out_dir={tmp_path / 'run'}", "actor.backend=megatron", "launch.convert_from_hf=true",
+                  dryrun=True)
+    assert done.stdout.count("#!/bin/bash") == 2 and "--signal=B:USR1@120" in done.stdout
+    assert "hf-to-megatron" in done.stdout and not (tmp_path / "run").exists()
+    cfg = load_config("configs/tiny_cpu.yaml", ["launch.slurm.time=2-00:00:00"])
+    assert cfg.launch.slurm.time == "2-00:00:00"
