@@ -92,6 +92,8 @@ class SGLangConfig:
     max_total_tokens: int = 8192  # KV-cache token cap (without it the KV pool takes most of the memory)
     mem_fraction_static: Optional[float] = None
     sleep_on_idle: bool = True  # an idle scheduler sleeps instead of polling (servers may share cores)
+    base_gpu_ids: list[int] = field(default_factory=list)  # first GPU of each managed server, policy servers then
+    # history servers (SGLang's --base-gpu-id): keeps them off the trainer's GPUs; empty = SGLang's default, GPU 0
     extra_args: list[str] = field(default_factory=list)  # passed to sglang.launch_server as they are
     startup_timeout: float = 300.0  # seconds to wait for /health
     request_timeout: float = 120.0  # seconds per request
@@ -302,6 +304,9 @@ RULES = [
     ("algo.kl_coef", lambda c: c.rollout.backend == "local" or c.algo.kl_coef == 0,
      "0 with rollout.backend=sglang (reference-model scoring runs on the in-process engine only)"),
     ("rollout.sglang.retries", lambda c: c.rollout.sglang.retries >= 0, ">= 0"),
+    ("rollout.sglang.base_gpu_ids", lambda c: not c.rollout.sglang.base_gpu_ids or len(c.rollout.sglang.base_gpu_ids)
+     == c.rollout.sglang.policy_servers + c.rollout.sglang.history_servers,
+     "empty, or one GPU index per managed server (rollout.sglang.policy_servers + history_servers of them)"),
     ("rollout.sglang.concurrency", lambda c: c.rollout.sglang.concurrency >= 1, ">= 1"),
     ("rollout.sglang.policy_servers", lambda c: c.rollout.sglang.policy_servers >= 1 or c.rollout.sglang.policy_urls,
      ">= 1 unless rollout.sglang.policy_urls names servers"),

@@ -38,6 +38,16 @@ def tiny_model_kv2(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="session")
+def demo_model(tmp_path_factory):
+    """The README demo's model (configs/tiny_cpu.yaml: 0.82M parameters, 600 SFT steps); slow tier."""
+    from soup_megatron.model.tiny import prepare_tiny_model
+
+    path = tmp_path_factory.mktemp("demo") / "model"
+    prepare_tiny_model(load_config("configs/tiny_cpu.yaml", [f"model.path={path}"]), progress=False)
+    return path
+
+
 @pytest.fixture
 def make_config(tiny_model, tmp_path):
     """Config of a tiny run in this test's temporary directory, with extra overrides."""

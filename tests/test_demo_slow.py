@@ -17,13 +17,6 @@ def run_cli(*args):
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-@pytest.fixture(scope="module")
-def demo_model(tmp_path_factory):
-    path = tmp_path_factory.mktemp("demo") / "model"
-    run_cli("prepare", "--config", "configs/tiny_cpu.yaml", f"model.path={path}")
-    return path
-
-
 @pytest.mark.slow
 def test_demo_learns(demo_model, tmp_path):
     run_cli("train", "--config", "configs/tiny_cpu.yaml", f"model.path={demo_model}", f"trainer.out_dir={tmp_path}/run",

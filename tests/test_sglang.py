@@ -284,3 +284,19 @@ def test_servers_end_when_the_run_is_killed(tiny_model, tmp_path):
     while time.time() < deadline and any(live_processes_in_group(pid) for pid in pids):
         time.sleep(0.5)
     assert not any(live_processes_in_group(pid) for pid in pids)
+
+
+def test_managed_servers_are_placed_on_their_own_gpus(tmp_path):
+    """rollout.sglang.base_gpu_ids: policy servers take the first entries, history servers the rest
+    (checked on the arguments; no GPU here to start them on)."""
+    from soup_megatron.config import ConfigError, load_config
+    from soup_megatron.rollout.sglang_servers import ServerGroup
+
+    cfg = SGLangConfig(policy_servers=1, history_servers=2, base_gpu_ids=[4, 6, 7], device="cuda")
+    policy = ServerGroup("policy", cfg, "model", tmp_path)
+    history = ServerGroup("history", cfg, "model", tmp_path)
+    placed = [s.args()[s.args().index("--base-gpu-id") + 1] for s in policy.managed + history.managed]
+    assert placed == ["4", "6", "7"]
+    assert "--base-gpu-id" not in ServerGroup("policy", SGLangConfig(), "model", tmp_path).managed[0].args()
+    with pytest.raises(ConfigError, match="one GPU index per managed server"):
+        load_config("configs/tiny_cpu.yaml", ["rollout.sglang.base_gpu_ids=[4]", "rollout.sglang.history_servers=2"])

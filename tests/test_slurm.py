@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from soup_megatron.config import load_config
 from soup_megatron.model.hf import read_state_dict
 from tests.conftest import TINY
 
@@ -136,10 +135,22 @@ def test_preempted_run_resumes_to_the_same_final_state(tiny_model_kv2, tmp_path)
     assert (tmp_path / "straight" / "history" / "manifest.json").read_text() == (out / "history" / "manifest.json").read_text()
 
 
-def test_dryrun_prints_the_scripts_and_submits_nothing(tmp_path):
-    done = launch(f"trainer.out_dir={tmp_path / 'run'}", "actor.backend=megatron", "launch.convert_from_hf=true",
-                  dryrun=True)
-    assert done.stdout.count("#!/bin/bash") == 2 and "--signal=B:USR1@120" in done.stdout
-    assert "hf-to-megatron" in done.stdout and not (tmp_path / "run").exists()
-    cfg = load_config("configs/tiny_cpu.yaml", ["launch.slurm.time=2-00:00:00"])
-    assert cfg.launch.slurm.time == "2-00:00:00"
+@pytest.mark.slow
+def test_demo_learns_under_sbatch_and_under_nemo_run(demo_model, tmp_path):
+    """The README demo model, 16 SOUP steps with the megatron actor on two gloo ranks (TP=2): submitted
+    with `soup-megatron launch --executor slurm` and with nemo-run's SlurmExecutor; both must raise
+    held-out sampled pass@1 (a 6-step run gained 0.07 here)."""
+    from .test_nemo_run import experiment
+
+    run = ["trainer.steps=16", "trainer.eval_interval=16", "trainer.progress=false", "actor.backend=megatron",
+           "actor.megatron.tensor_parallel=2", f"model.path={demo_model}"]
+    job = job_id(launch(*run, f"trainer.out_dir={tmp_path / 'sbatch'}", "launch.ranks_per_node=2",
+                        "launch.slurm.cpus_per_task=2", f"launch.python={sys.executable}"))
+    assert wait_done(job) == "COMPLETED", log_of(tmp_path / "sbatch")
+    done = experiment("--executor", "slurm", "--account", "soup", "--ranks", "2", "--cpus", "2", "--config",
+                      "configs/tiny_cpu.yaml", *run, f"trainer.out_dir={tmp_path / 'nemo'}")
+    assert done.returncode == 0 and "train SUCCEEDED" in done.stdout, done.stdout[-3000:]
+    for out in (tmp_path / "sbatch", tmp_path / "nemo"):
+        rows = metrics(out)
+        assert rows[-1]["step"] == 16
+        assert rows[-1]["heldout/pass1"] >= rows[0]["heldout/pass1"] + 0.05, (out, rows[0], rows[-1])

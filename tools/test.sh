@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Set up and run the test suite (the default tier; pass -m slow or other pytest arguments to change it).
-# Tests start real SGLang servers on CPU from the SGLang venv; any a failed test left behind are
-# stopped by PID on the way out.
+# Tests start real SGLang servers on CPU from the SGLang venv and a single-node Slurm cluster
+# (tools/slurm_cluster.sh); on the way out the cluster is shut down and any server a failed test
+# left behind is stopped, by PID.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup_env.sh
 bash tools/setup_sglang.sh
+bash tools/setup_launch.sh
 launcher="$PWD/soup_megatron/rollout/sglang_pythonpath/soup_sglang_launch.py"
 stop_leftover_servers() {
   for pid in $(pgrep -f "$launcher" || true); do
@@ -13,6 +15,14 @@ stop_leftover_servers() {
     kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
   done
 }
-trap stop_leftover_servers EXIT
+# a real single-node Slurm cluster (slurmctld, slurmd, slurmdbd + MariaDB) for tests/test_slurm.py
+slurm_dir=$(mktemp -d /tmp/soup-slurm.XXXXXX)
+cleanup() {
+  stop_leftover_servers
+  bash tools/slurm_cluster.sh stop "$slurm_dir"
+}
+trap cleanup EXIT
+eval "$(bash tools/slurm_cluster.sh start "$slurm_dir")"
+export SOUP_REQUIRE_SLURM=1
 . .venv/bin/activate
 python -m pytest -q "$@"

@@ -60,13 +60,13 @@ def slurm_jobs(cfg: Config, config_note: str) -> list[Job]:
     if s.rollout_nodes:
         raise ConfigError("launch.slurm.rollout_nodes > 0: SGLang servers on their own nodes are not built yet; "
                           "with 0 the run starts its servers itself (rollout.backend=sglang) on the first node")
-    run_dir = Path(cfg.trainer.out_dir).resolve()
+    run_dir = Path(cfg.trainer.out_dir)  # as configured: relative paths are relative to the submission directory
     common = dict(job_name=cfg.launch.job_name, s=s, log_dir=run_dir / "slurm", python=cfg.launch.python,
                   config_note=config_note)
     jobs = []
     if cfg.launch.convert_from_hf:
         mc = cfg.actor.megatron
-        jobs.append(Job("convert", _render("convert.sbatch.j2", **common, hf_checkpoint=Path(cfg.model.path).resolve(),
+        jobs.append(Job("convert", _render("convert.sbatch.j2", **common, hf_checkpoint=cfg.model.path,
                                             megatron_checkpoint=run_dir / CONVERTED, tp=mc.tensor_parallel, pp=1,
                                             convert_ranks=mc.tensor_parallel)))
     jobs.append(Job("train", _render("train.sbatch.j2", **common, run_dir=run_dir, ranks_per_node=cfg.launch.ranks_per_node,
@@ -104,7 +104,7 @@ def launch(cfg: Config, executor: str, dryrun: bool, config_note: str) -> list[s
     """Submit (or, with `dryrun`, print) the run; returns the submitted job ids (slurm) or []."""
     cfg = training_config(cfg)
     run_dir = Path(cfg.trainer.out_dir)
-    config_file = run_dir.resolve() / "launch" / "config.yaml"
+    config_file = run_dir / "launch" / "config.yaml"
     if executor == "slurm":
         jobs = slurm_jobs(cfg, config_note)
         if dryrun:
@@ -128,6 +128,6 @@ def launch(cfg: Config, executor: str, dryrun: bool, config_note: str) -> list[s
         script = run_dir / "launch" / f"{job.name}.sbatch"
         atomic_write_text(script, job.script)
         ids[job.name] = _sbatch(script, ids.get(job.depends_on) if job.depends_on else None)
-        print(f"submitted {job.name}: job {ids[job.name]} (log {run_dir.resolve() / 'slurm'}/"
+        print(f"submitted {job.name}: job {ids[job.name]} (log {run_dir / 'slurm'}/"
               f"{cfg.launch.job_name}{'-convert' if job.name == 'convert' else ''}-{ids[job.name]}.out)")
     return list(ids.values())

@@ -69,6 +69,7 @@ class ManagedServer:
     api_key: str
     workdir: Path
     name: str
+    base_gpu_id: Optional[int] = None
     proc: Optional[subprocess.Popen] = None
 
     @property
@@ -89,6 +90,8 @@ class ManagedServer:
             args += ["--mem-fraction-static", str(c.mem_fraction_static)]
         if c.sleep_on_idle:
             args.append("--sleep-on-idle")
+        if self.base_gpu_id is not None:
+            args += ["--base-gpu-id", str(self.base_gpu_id)]
         return args + list(c.extra_args)
 
     def start(self) -> None:
@@ -188,8 +191,10 @@ class ServerGroup:
             self.api_key = _read_key(cfg.api_key_file) if cfg.api_key_file else ""
         else:
             self.api_key = secrets.token_urlsafe(32)
+            first = 0 if group == "policy" else cfg.policy_servers  # this group's slice of base_gpu_ids
+            gpus = cfg.base_gpu_ids[first: first + count] or [None] * count
             self.managed = [ManagedServer(cfg, str(model_path), cfg.host, free_port(cfg.host), self.api_key,
-                                          self.workdir, f"{group}-{i}") for i in range(count)]
+                                          self.workdir, f"{group}-{i}", gpus[i]) for i in range(count)]
             self.urls = [s.url for s in self.managed]
 
     def start(self) -> None:

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Create (or reuse) the venv that drives runs with nemo-run (launch/): .venv-launch (about 30 s, 0.5 GB).
+# The experiments submit `python -m soup_megatron.cli train` of the trainer's venv; nemo-run itself
+# lives apart because its pins (older httpx, anyio) would clash with the trainer's.
+# Usage: bash tools/setup_launch.sh      (LAUNCH_VENV=path to choose where; PYTHON=python3.11)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${LAUNCH_VENV:-.venv-launch}
+PYTHON=${PYTHON:-python3}
+. tools/venv_stamp.sh
+if venv_is_current "$VENV" requirements-launch.txt tools/setup_launch.sh; then
+  echo "setup_launch: $VENV is up to date"
+else
+  echo "setup_launch: installing nemo-run into $VENV (about 30 s)"
+  "$PYTHON" -m venv "$VENV"
+  "$VENV/bin/python" -m pip install --quiet --upgrade pip
+  "$VENV/bin/python" -m pip install -qq -r requirements-launch.txt
+  venv_mark_current "$VENV" requirements-launch.txt tools/setup_launch.sh
+fi
+"$VENV/bin/python" -c 'import nemo_run; print("setup_launch: nemo-run", nemo_run.__version__)'
