@@ -10,14 +10,10 @@ if ! "$PYTHON" -c 'import sys; assert sys.version_info[:2] >= (3, 10)' 2>/dev/nu
   exit 1
 fi
 . tools/venv_stamp.sh
-if venv_is_current "$VENV" requirements-cpu.txt setup.py; then
-  echo "setup_env: $VENV is up to date"
-else
-  echo "setup_env: installing the pinned CPU stack into $VENV (about a minute)"
-  "$PYTHON" -m venv "$VENV"
-  "$VENV/bin/python" -m pip install --quiet --upgrade pip
-  "$VENV/bin/python" -m pip install --quiet -r requirements-cpu.txt
-  "$VENV/bin/python" -m pip install --quiet --no-deps -e .
-  venv_mark_current "$VENV" requirements-cpu.txt setup.py
-fi
+install_pinned_stack() {
+  "$1/bin/python" -m pip install --quiet -r requirements-cpu.txt
+  "$1/bin/python" -m pip install --quiet --no-deps -e .
+}
+ensure_venv "$VENV" "installing the pinned CPU stack into $VENV (about a minute)" install_pinned_stack \
+  requirements-cpu.txt setup.py
 "$VENV/bin/python" -c 'import torch, transformers, soup_megatron; print("setup_env: torch", torch.__version__, "| transformers", transformers.__version__)'

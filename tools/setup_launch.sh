@@ -8,13 +8,6 @@ cd "$(dirname "$0")/.."
 VENV=${LAUNCH_VENV:-.venv-launch}
 PYTHON=${PYTHON:-python3}
 . tools/venv_stamp.sh
-if venv_is_current "$VENV" requirements-launch.txt tools/setup_launch.sh; then
-  echo "setup_launch: $VENV is up to date"
-else
-  echo "setup_launch: installing nemo-run into $VENV (about 30 s)"
-  "$PYTHON" -m venv "$VENV"
-  "$VENV/bin/python" -m pip install --quiet --upgrade pip
-  "$VENV/bin/python" -m pip install -qq -r requirements-launch.txt
-  venv_mark_current "$VENV" requirements-launch.txt tools/setup_launch.sh
-fi
+install_nemo_run() { "$1/bin/python" -m pip install -qq -r requirements-launch.txt; }
+ensure_venv "$VENV" "installing nemo-run into $VENV (about 30 s)" install_nemo_run requirements-launch.txt tools/setup_launch.sh
 "$VENV/bin/python" -c 'import nemo_run; print("setup_launch: nemo-run", nemo_run.__version__)'

@@ -7,16 +7,12 @@ cd "$(dirname "$0")/.."
 VENV=${SGLANG_VENV:-.venv-sglang}
 PYTHON=${PYTHON:-python3}
 . tools/venv_stamp.sh
-if venv_is_current "$VENV" requirements-sglang.txt tools/setup_sglang.sh; then
-  echo "setup_sglang: $VENV is up to date"
-else
-  echo "setup_sglang: installing SGLang 0.5.23 for CPU into $VENV (about 90 s)"
-  "$PYTHON" -m venv "$VENV"
-  "$VENV/bin/python" -m pip install --quiet --upgrade pip
-  "$VENV/bin/python" -m pip install -qq --no-deps -r requirements-sglang.txt
+install_sglang() {
+  "$1/bin/python" -m pip install -qq --no-deps -r requirements-sglang.txt
   # their declared requirements are CUDA builds (torch 2.14.1, flashinfer, ...): none are needed on CPU
-  "$VENV/bin/python" -m pip install -qq --no-deps sglang==0.5.23 torchvision==0.28.0
-  venv_mark_current "$VENV" requirements-sglang.txt tools/setup_sglang.sh
-fi
+  "$1/bin/python" -m pip install -qq --no-deps sglang==0.5.23 torchvision==0.28.0
+}
+ensure_venv "$VENV" "installing SGLang 0.5.23 for CPU into $VENV (about 90 s)" install_sglang \
+  requirements-sglang.txt tools/setup_sglang.sh
 PYTHONPATH=soup_megatron/rollout/sglang_pythonpath SOUP_SGLANG_SHIMS=1 "$VENV/bin/python" -c \
   'import sglang, torch, torchvision; print("setup_sglang: sglang", sglang.__version__, "| torch", torch.__version__)'

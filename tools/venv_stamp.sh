@@ -9,3 +9,19 @@ venv_is_current() {
     [ "$(cat "$venv/.soup-requirements.sha")" = "$(venv_stamp "$@")" ]
 }
 venv_mark_current() { local venv=$1; shift; venv_stamp "$@" > "$venv/.soup-requirements.sha"; }
+# ensure_venv VENV MESSAGE INSTALL FILE...: unless VENV is current for FILEs, say MESSAGE, make the venv
+# with $PYTHON, upgrade pip and run the shell function INSTALL VENV; then record the FILEs
+ensure_venv() {
+  local venv=$1 message=$2 install=$3 tool
+  shift 3
+  tool=$(basename "$0" .sh)
+  if venv_is_current "$venv" "$@"; then
+    echo "$tool: $venv is up to date"
+    return
+  fi
+  echo "$tool: $message"
+  "$PYTHON" -m venv "$venv"
+  "$venv/bin/python" -m pip install --quiet --upgrade pip
+  "$install" "$venv"
+  venv_mark_current "$venv" "$@"
+}
