@@ -200,7 +200,6 @@ class SlurmConfig:
     qos: str = ""
     time: str = "01:00:00"
     nodes: int = 1  # trainer nodes: one torchrun per node, launch.ranks_per_node ranks each
-    rollout_nodes: int = 0  # extra nodes for SGLang servers (policy + history groups); 0 = servers managed by the run
     gpus_per_node: int = 0
     cpus_per_task: int = 1  # CPUs of each node's torchrun task
     mem: str = ""  # per node, e.g. "0" (all) or "64G"; "" = cluster default
@@ -328,7 +327,6 @@ RULES = [
     ("model.tiny.sft_slip_prob", lambda c: 0.0 <= c.model.tiny.sft_slip_prob <= 1.0, "a number in [0, 1]"),
     ("launch.ranks_per_node", lambda c: c.launch.ranks_per_node >= 1, ">= 1"),
     ("launch.slurm.nodes", lambda c: c.launch.slurm.nodes >= 1, ">= 1"),
-    ("launch.slurm.rollout_nodes", lambda c: c.launch.slurm.rollout_nodes >= 0, ">= 0"),
     ("launch.slurm.signal_seconds", lambda c: c.launch.slurm.signal_seconds >= 0, ">= 0"),
     ("launch.slurm.time", lambda c: bool(re.fullmatch(r"(\d+-)?\d{1,2}:\d{2}:\d{2}", c.launch.slurm.time)),
      "a Slurm time limit like 04:00:00 or 1-12:00:00"),

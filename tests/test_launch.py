@@ -50,8 +50,6 @@ def test_launch_config_is_validated(tmp_path):
         load_config("configs/tiny_cpu.yaml", ["launch.slurm.time=4h"])
     assert main(["launch", "--config", "configs/tiny_cpu.yaml", "--executor", "slurm", "--dryrun",
                  "launch.convert_from_hf=true"]) == 2  # conversion needs the megatron actor
-    assert main(["launch", "--config", "configs/tiny_cpu.yaml", "--executor", "slurm", "--dryrun",
-                 "launch.slurm.rollout_nodes=1"]) == 2  # SGLang-only nodes: not built, said so
 
 
 def test_local_executor_runs_the_frozen_config(tiny_model, tmp_path):

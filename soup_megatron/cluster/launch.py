@@ -57,9 +57,6 @@ def training_config(cfg: Config) -> Config:
 
 def slurm_jobs(cfg: Config, config_note: str) -> list[Job]:
     s = cfg.launch.slurm
-    if s.rollout_nodes:
-        raise ConfigError("launch.slurm.rollout_nodes > 0: SGLang servers on their own nodes are not built yet; "
-                          "with 0 the run starts its servers itself (rollout.backend=sglang) on the first node")
     run_dir = Path(cfg.trainer.out_dir)  # as configured: relative paths are relative to the submission directory
     common = dict(job_name=cfg.launch.job_name, s=s, log_dir=run_dir / "slurm", python=cfg.launch.python,
                   config_note=config_note)
