@@ -23,3 +23,13 @@ def alive(pid: int) -> bool:
     """Running (a zombie whose parent never reaps it does not count)."""
     fields = _stat_fields(pid)
     return bool(fields) and fields[0] != "Z"
+
+
+def descendant_pids(parent: int) -> list[int]:
+    """Children, their children, and so on."""
+    out, todo = [], [parent]
+    while todo:
+        kids = child_pids(todo.pop())
+        out += kids
+        todo += kids
+    return out

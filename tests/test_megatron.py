@@ -206,3 +206,30 @@ def test_bench_actor_compares_megatron_with_local(tiny_model):
     rows = {line.split("│")[1].strip(): line for line in done.stdout.splitlines() if line.startswith("│")}
     assert sorted(rows) == ["local", "megatron"]
     assert rows["local"].count("1.000") == 2  # local against itself, both passes
+
+
+def test_sigterm_to_torchrun_ends_every_rank(tiny_model_kv2, tmp_path):
+    """Slurm's preemption and scancel send SIGTERM: torchrun passes it to its ranks, the driver unwinds
+    (prefix worker, logs), and the follower rank, left without its driver, exits too: nothing stays."""
+    import signal
+    import time
+
+    from tests.conftest import TINY
+    from tests.helpers import alive, descendant_pids
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
+                             "soup_megatron.cli", "train", "--config", "configs/tiny_cpu.yaml", *TINY,
+                             f"model.path={tiny_model_kv2}", "model.tiny.num_kv_heads=2", f"trainer.out_dir={out}",
+                             "actor.backend=megatron", "actor.megatron.tensor_parallel=2", "trainer.steps=200"],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
+        time.sleep(0.2)
+    started = descendant_pids(proc.pid)
+    assert len(started) >= 3, started  # two ranks and the driver's prefix worker
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=120)
+    time.sleep(1)
+    assert not [pid for pid in started if alive(pid)]
