@@ -29,7 +29,7 @@ def logits_differences(model_dirs: list[str], tp: int) -> dict:
     from megatron.core import parallel_state as ps
     from transformers import AutoModelForCausalLM
 
-    from soup_megatron.actor.megatron import read_architecture
+    from soup_megatron.mcore.model import read_architecture
     from soup_megatron.mcore import checkpoint, parallel
     from soup_megatron.mcore.model import build_model, padded_vocab_size
     from soup_megatron.mcore.weights import chunk_params

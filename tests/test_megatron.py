@@ -137,12 +137,16 @@ def test_megatron_actor_matches_local_actor(tiny_model_kv2, tmp_path, tp):
 
 def test_soup_run_with_megatron_actor_on_two_tensor_parallel_ranks(tiny_model_kv2, tmp_path):
     """`torchrun -m soup_megatron.cli train actor.backend=megatron`: rank 0 drives, rank 1 follows; the
-    run trains, checkpoints (torch_dist + HF history) and resumes; both ranks exit."""
+    actor starts from a converted checkpoint; the run trains, checkpoints (torch_dist + HF history),
+    resumes and exports; both ranks exit."""
     from tests.conftest import TINY
 
+    # the actor starts from a converted megatron checkpoint (as `launch.convert_from_hf` arranges)
+    run("tools/convert_hf_to_megatron.py", "--hf", tiny_model_kv2, "--out", tmp_path / "mcore", "--tp", 2)
     args = ["-m", "soup_megatron.cli", "train", "--config", "configs/tiny_cpu.yaml", *TINY,
-            f"model.path={tiny_model_kv2}", "model.tiny.num_kv_heads=2", f"trainer.out_dir={tmp_path / 'run'}", "actor.backend=megatron",
-            "actor.megatron.tensor_parallel=2", "trainer.eval_interval=0", "trainer.save_interval=2"]
+            f"model.path={tiny_model_kv2}", "model.tiny.num_kv_heads=2", f"trainer.out_dir={tmp_path / 'run'}",
+            "actor.backend=megatron", "actor.megatron.tensor_parallel=2", f"actor.megatron.checkpoint={tmp_path / 'mcore'}",
+            "trainer.eval_interval=0", "trainer.save_interval=2"]
     run(*args, "trainer.steps=2", ranks=2)
     run(*args, "trainer.steps=3", ranks=2)  # resumes from step 2
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

@@ -19,18 +19,10 @@ from ..algo.loss import LossConfig, aggregation_weights, loss_mask, soup_loss
 from ..config import ActorConfig
 from ..mcore import checkpoint, parallel
 from ..mcore.logprobs import vocab_parallel_logprobs
-from ..mcore.model import Architecture, build_model, padded_vocab_size, transformer_engine_available
+from ..mcore.model import build_model, padded_vocab_size, read_architecture, transformer_engine_available
 from ..mcore.weights import chunk_params, mark_tensor_parallel
 from ..model.hf import CheckpointError
 from .base import TokenBatch
-
-
-def read_architecture(model_path: Path) -> Architecture:
-    from transformers import AutoConfig
-
-    if not (Path(model_path) / "config.json").is_file():
-        raise CheckpointError(f"{model_path}: no config.json (an HF checkpoint directory is expected)")
-    return Architecture.from_hf(AutoConfig.from_pretrained(model_path))
 
 
 class MegatronActor:

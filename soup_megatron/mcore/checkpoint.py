@@ -31,7 +31,7 @@ DIST_MARKER = "soup_megatron.json"  # written last into a distributed checkpoint
 HF_CONFIG_DIR = "hf_config"  # HF config and tokenizer files inside a distributed checkpoint, for exports
 
 
-class _HFReader:
+class HFReader:
     """Lazy access to the tensors of an HF checkpoint directory (single or sharded safetensors)."""
 
     def __init__(self, path: Path):
@@ -51,7 +51,7 @@ class _HFReader:
 
 def load_hf_into(model, params: list[ParamMap], arch: Architecture, hf_dir: Path, layout: Layout,
                  padded_vocab: int, progress: bool = False) -> None:
-    reader = _HFReader(hf_dir)
+    reader = HFReader(hf_dir)
     with torch.no_grad():
         for p, param in tqdm(list(iter_local(model, params)), desc="loading HF weights", disable=not progress):
             value = to_megatron(p, [reader.get(n) for n in p.hf], arch, layout.tp_rank, layout.tp, padded_vocab)

@@ -3,7 +3,7 @@
 A Megatron checkpoint here is a torch_dist directory: shards that load under any TP/PP layout,
 `soup_megatron.json` (architecture, written last) and `hf_config/` (the HF config and tokenizer
 files the export needs). Each rank converts only its own slices; run under torchrun / srun with
-tp x pp processes, or let `run_tool` start them on this machine.
+tp x pp processes, or let `main` start them on this machine.
 """
 
 from __future__ import annotations
@@ -23,16 +23,9 @@ from ..config import MegatronConfig
 from ..io import TMP_MARK, atomic_dir
 from ..model.hf import CheckpointError
 from . import checkpoint, parallel
-from .model import (Architecture, build_model, check_parallel_sizes, padded_vocab_size,
+from .model import (Architecture, build_model, check_parallel_sizes, padded_vocab_size, read_architecture,
                     transformer_engine_available)
 from .weights import chunk_params
-
-def read_hf_architecture(path: Path) -> Architecture:
-    from transformers import AutoConfig
-
-    if not (path / "config.json").is_file():
-        raise CheckpointError(f"{path}: no config.json (an HF checkpoint directory is expected)")
-    return Architecture.from_hf(AutoConfig.from_pretrained(path))
 
 
 def stage_layers(arch: Architecture, layout: parallel.Layout) -> range:
@@ -49,7 +42,7 @@ def build_stage(arch: Architecture, mc: MegatronConfig, layout: parallel.Layout)
 
 
 def _checkpoint_dtype(hf: Path) -> str:
-    reader = checkpoint._HFReader(hf)
+    reader = checkpoint.HFReader(hf)
     dtype = reader.get(next(iter(reader.where))).dtype
     if dtype not in (torch.float32, torch.bfloat16):
         raise CheckpointError(f"{hf}: weights are {dtype}; float32 and bfloat16 are supported")
@@ -57,7 +50,7 @@ def _checkpoint_dtype(hf: Path) -> str:
 
 
 def hf_to_megatron(hf: Path, out: Path, tp: int, pp: int) -> None:
-    arch = read_hf_architecture(hf)
+    arch = read_architecture(hf)
     mc = MegatronConfig(tensor_parallel=tp, pipeline_parallel=pp, params_dtype=_checkpoint_dtype(hf))
     layout = parallel.initialize(mc)
     model, params = build_stage(arch, mc, layout)
@@ -76,7 +69,7 @@ def hf_to_megatron(hf: Path, out: Path, tp: int, pp: int) -> None:
 def megatron_to_hf(megatron: Path, out: Path, hf_template: Path | None, tp: int) -> None:
     meta = checkpoint.read_metadata(megatron)
     config_dir = hf_template or megatron / checkpoint.HF_CONFIG_DIR
-    arch = read_hf_architecture(config_dir)
+    arch = read_architecture(config_dir)
     if asdict(arch) != meta["architecture"]:
         diff = {k: (meta["architecture"].get(k), v) for k, v in asdict(arch).items() if meta["architecture"].get(k) != v}
         raise CheckpointError(f"--hf-template {config_dir} does not describe the model in {megatron}: "
@@ -127,14 +120,14 @@ def _check(args) -> int:
     if args.tp < 1 or getattr(args, "pp", 1) < 1:
         raise CheckpointError("--tp and --pp must be >= 1")
     if args.direction == "hf-to-megatron":
-        arch = read_hf_architecture(args.hf)
+        arch = read_architecture(args.hf)
         if not list(args.hf.glob("*.safetensors")):
             raise CheckpointError(f"--hf {args.hf}: no *.safetensors weights")
         check_parallel_sizes(arch, MegatronConfig(tensor_parallel=args.tp, pipeline_parallel=args.pp))
         return args.tp * args.pp
     meta = checkpoint.read_metadata(args.megatron)
     if args.hf_template is not None:
-        read_hf_architecture(args.hf_template)
+        read_architecture(args.hf_template)
     check_parallel_sizes(Architecture(**meta["architecture"]), MegatronConfig(tensor_parallel=args.tp))
     return args.tp
 

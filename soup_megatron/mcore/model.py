@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -75,6 +76,17 @@ class Architecture:
             rope_theta=float(theta),
             rope_scaling=None if rope_type == "default" else {"rope_type": rope_type, **rope},
         )
+
+
+def read_architecture(path: Path) -> Architecture:
+    """The architecture of an HF checkpoint directory."""
+    from transformers import AutoConfig
+
+    from ..model.hf import CheckpointError
+
+    if not (Path(path) / "config.json").is_file():
+        raise CheckpointError(f"{path}: no config.json (an HF checkpoint directory is expected)")
+    return Architecture.from_hf(AutoConfig.from_pretrained(path))
 
 
 def padded_vocab_size(vocab_size: int, cfg: MegatronConfig) -> int:
