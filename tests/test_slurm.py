@@ -73,10 +73,14 @@ def log_of(out: Path) -> str:
     return "\n".join(p.read_text() for p in sorted((out / "slurm").glob("*.out")))
 
 
-def test_submitted_run_trains_and_a_missing_checkpoint_dir_fails_clearly(tiny_model_kv2, tmp_path):
+def test_submitted_run_converts_trains_and_a_missing_checkpoint_dir_fails_clearly(tiny_model_kv2, tmp_path):
     out = tmp_path / "run"
-    job = job_id(launch(*tiny_run(tiny_model_kv2, out, "trainer.steps=2", "trainer.eval_interval=0")))
-    assert wait_done(job) == "COMPLETED", log_of(out)
+    submitted = launch(*tiny_run(tiny_model_kv2, out, "trainer.steps=2", "trainer.eval_interval=0",
+                                 "launch.convert_from_hf=true"))
+    convert, train = [line.split("job ")[1].split()[0] for line in submitted.stdout.splitlines()]
+    assert wait_done(train) == "COMPLETED", log_of(out)
+    assert state(convert) == "COMPLETED"  # the training job waited for it (afterok)
+    assert (out / "megatron_init" / "soup_megatron.json").is_file()
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2]
     assert (out / "checkpoints" / "step_000002" / "actor" / "soup_megatron.json").is_file()
