@@ -203,6 +203,7 @@ def test_megatron_actor_refuses_layouts_it_cannot_run(tiny_model):
         build_actor(ActorConfig(backend="megatron", megatron=MegatronConfig(tensor_parallel=2)), tiny_model)
 
 
+@pytest.mark.slow
 def test_bench_actor_compares_megatron_with_local(tiny_model):
     from tests.conftest import TINY
 
@@ -212,6 +213,7 @@ def test_bench_actor_compares_megatron_with_local(tiny_model):
     assert rows["local"].count("1.000") == 2  # local against itself, both passes
 
 
+@pytest.mark.slow
 def test_sigterm_to_torchrun_ends_every_rank(tiny_model_kv2, tmp_path):
     """Slurm's preemption and scancel send SIGTERM: torchrun passes it to its ranks, the driver unwinds
     (prefix worker, logs), and the follower rank, left without its driver, exits too: nothing stays."""
