@@ -223,7 +223,8 @@ def main(argv=None) -> int:
     p = sub.add_parser("bench", help="the project's benchmarks, ratios measured side by side in one run")
     _config_args(p)
     p.set_defaults(config="configs/tiny_cpu.yaml")
-    p.add_argument("--only", action="append", choices=("step", "rollout", "actor"), help="run only this benchmark (repeatable)")
+    p.add_argument("--only", action="append", choices=("step", "rollout", "actor"),
+                   help="run only this benchmark (repeatable)")
     p.add_argument("--steps", type=int, default=12, help="steps per variant")
     p.add_argument("--warmup", type=int, default=2, help="first steps left out of the medians")
     p.set_defaults(fn=cmd_bench)

@@ -160,7 +160,10 @@ def main() -> None:
     parser.add_argument("--work", type=Path)
     args = parser.parse_args()
     torch.manual_seed(0)
-    result = logits_differences(args.models, args.tp) if args.check == "logits" else actor_parity(args.models[0], args.tp, args.work)
+    if args.check == "logits":
+        result = logits_differences(args.models, args.tp)
+    else:
+        result = actor_parity(args.models[0], args.tp, args.work)
     if dist.get_rank() == 0:
         args.out.write_text(json.dumps(result, indent=1))
 

@@ -39,7 +39,8 @@ class MegatronActor:
         self.layout = parallel.initialize(mc)
         if samples_per_update is not None:
             parallel.check_batch_split(samples_per_update, self.layout)
-        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        self.device = (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
+                       else torch.device("cpu"))
         self.model = build_model(self.arch, mc)
         self.params = chunk_params(self.arch, range(self.arch.num_layers), True, True,
                                    te_spec=transformer_engine_available())
@@ -47,10 +48,10 @@ class MegatronActor:
         self.padded_vocab = padded_vocab_size(self.arch.vocab_size, mc)
         self.vocab_start = self.layout.tp_rank * self.padded_vocab // self.layout.tp
         if mc.checkpoint:
-            meta = checkpoint.load_distributed(Path(mc.checkpoint), self.model, None, self.layout)
-            if meta.get("architecture") != asdict(self.arch):
+            if checkpoint.read_metadata(Path(mc.checkpoint)).get("architecture") != asdict(self.arch):
                 raise CheckpointError(f"actor.megatron.checkpoint={mc.checkpoint} was converted from another model "
                                       f"than model.path={model_path} (architectures differ)")
+            checkpoint.load_distributed(Path(mc.checkpoint), self.model, None, self.layout)
         else:
             checkpoint.load_hf_into(self.model, self.params, self.arch, self.model_path, self.layout,
                                     self.padded_vocab, progress=self.layout.is_driver)

@@ -73,7 +73,8 @@ def megatron_to_hf(megatron: Path, out: Path, hf_template: Path | None, tp: int)
     if asdict(arch) != meta["architecture"]:
         diff = {k: (meta["architecture"].get(k), v) for k, v in asdict(arch).items() if meta["architecture"].get(k) != v}
         raise CheckpointError(f"--hf-template {config_dir} does not describe the model in {megatron}: "
-                              + ", ".join(f"{k} is {a} in the checkpoint, {b} in the template" for k, (a, b) in diff.items()))
+                              + ", ".join(f"{k} is {a} in the checkpoint, {b} in the template"
+                                          for k, (a, b) in diff.items()))
     mc = MegatronConfig(tensor_parallel=tp, params_dtype=meta.get("params_dtype", "float32"))
     layout = parallel.initialize(mc)
     model, params = build_stage(arch, mc, layout)

@@ -59,5 +59,6 @@ def enable() -> None:
     dist_checkpointing.save = _on_cpu(dist_checkpointing.save)
     dist_checkpointing.load = _on_cpu(dist_checkpointing.load)
     preload = FileSystemWriterAsync.preload_tensors
-    FileSystemWriterAsync.preload_tensors = staticmethod(lambda write_buckets, non_blocking=True: preload(write_buckets, False))
+    FileSystemWriterAsync.preload_tensors = staticmethod(
+        lambda write_buckets, non_blocking=True: preload(write_buckets, False))
     _enabled = True

@@ -141,9 +141,9 @@ def transformer_config(arch: Architecture, cfg: MegatronConfig, use_te: bool):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     if cfg.fp8 and not use_te:
-        raise UnsupportedModel(f"actor.megatron.fp8={cfg.fp8!r} needs Transformer Engine on a GPU, and "
-                               f"{'no GPU is present' if not torch.cuda.is_available() else 'transformer_engine does not import'}; "
-                               "set actor.megatron.fp8='' to train in " + cfg.params_dtype)
+        missing = "no GPU is present" if not torch.cuda.is_available() else "transformer_engine does not import"
+        raise UnsupportedModel(f"actor.megatron.fp8={cfg.fp8!r} needs Transformer Engine on a GPU, and {missing}; "
+                               f"set actor.megatron.fp8='' to train in {cfg.params_dtype}")
     if cfg.sequence_parallel and cfg.tensor_parallel > 1 and not use_te:
         raise UnsupportedModel("actor.megatron.sequence_parallel needs Transformer Engine's norms (a GPU); megatron-core's "
                                "torch norms do not support it: set actor.megatron.sequence_parallel=false")
