@@ -5,7 +5,7 @@
 #   bash tools/slurm_cluster.sh start DIR   # installs the Debian packages if missing; prints `export SLURM_CONF=...`
 #   bash tools/slurm_cluster.sh stop DIR    # scontrol shutdown, then the recorded PIDs
 #
-# Ports: SLURMCTLD_PORT (6817), SLURMD_PORT (6818), SLURMDBD_PORT (6819), MYSQL_PORT (3306).
+# Ports: SLURMCTLD_PORT (6817), SLURMD_PORT (6818), SLURMDBD_PORT (6819), MYSQL_PORT (3407).
 # Authentication is off (auth/none): a cluster for one machine's tests, bound to 127.0.0.1.
 set -euo pipefail
 action=${1:?usage: slurm_cluster.sh start|stop DIR}
@@ -13,7 +13,7 @@ dir=$(mkdir -p "${2:?usage: slurm_cluster.sh start|stop DIR}" && cd "$2" && pwd)
 ctld_port=${SLURMCTLD_PORT:-6817}
 slurmd_port=${SLURMD_PORT:-6818}
 dbd_port=${SLURMDBD_PORT:-6819}
-mysql_port=${MYSQL_PORT:-3306}
+mysql_port=${MYSQL_PORT:-3407}  # not 3306: a system MariaDB may already listen there
 export SLURM_CONF="$dir/slurm.conf"
 
 stop() {
