@@ -300,3 +300,21 @@ def test_managed_servers_are_placed_on_their_own_gpus(tmp_path):
     assert "--base-gpu-id" not in ServerGroup("policy", SGLangConfig(), "model", tmp_path).managed[0].args()
     with pytest.raises(ConfigError, match="one GPU index per managed server"):
         load_config("configs/tiny_cpu.yaml", ["rollout.sglang.base_gpu_ids=[4]", "rollout.sglang.history_servers=2"])
+
+
+def test_an_api_key_starting_with_a_dash_reaches_sglang_intact():
+    """Keys are secrets.token_urlsafe, so one in 64 starts with "-": passed as a separate word, argparse
+    took it for an option and the server exited at start with its usage line (a flaky start in CI)."""
+    if not SGLANG_PYTHON.is_file():
+        pytest.fail(f"{SGLANG_PYTHON} is missing: run `bash tools/setup_sglang.sh` (tools/test.sh does)")
+    shims = ROOT / "soup_megatron" / "rollout" / "sglang_pythonpath"
+    check = ("from soup_sglang_launch import server_argv\n"
+             "from sglang.srt.server_args import prepare_server_args\n"
+             "import sys\n"
+             "spec = {'args': ['--model-path', sys.argv[1], '--device', 'cpu'], 'api_key': '-Zk3_dash-first'}\n"
+             "print(prepare_server_args(server_argv(spec)).api_key)\n")
+    done = subprocess.run([str(SGLANG_PYTHON), "-c", check, str(ROOT / "configs")], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHONPATH": str(shims), "SOUP_SGLANG_SHIMS": "1",
+                                            "SGLANG_USE_CPU_ENGINE": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "-Zk3_dash-first"

@@ -51,6 +51,12 @@ def end_with_owner(owner_pid: int) -> None:
     threading.Thread(target=watch, name="owner-watch", daemon=True).start()
 
 
+def server_argv(spec: dict) -> list[str]:
+    """SGLang's arguments. The key goes as `--api-key=KEY`: a URL-safe key may start with "-", which
+    argparse would take for an option if it were a separate word (the server then exits with usage)."""
+    return list(spec["args"]) + ([f"--api-key={spec['api_key']}"] if spec.get("api_key") else [])
+
+
 def main() -> None:
     path = sys.argv[1]
     mode = stat.S_IMODE(os.stat(path).st_mode)
@@ -61,16 +67,13 @@ def main() -> None:
     redirect_output(spec["log"], spec.get("api_key", ""))
     if spec.get("owner_pid"):
         end_with_owner(spec["owner_pid"])
-    args = list(spec["args"])
-    if spec.get("api_key"):
-        args += ["--api-key", spec["api_key"]]
     from sglang.launch_server import run_server
     from sglang.srt.plugins import load_plugins
     from sglang.srt.server_args import prepare_server_args
     from sglang.srt.utils import kill_process_tree
 
     load_plugins()
-    server_args = prepare_server_args(args)
+    server_args = prepare_server_args(server_argv(spec))
     try:
         run_server(server_args)
     finally:
