@@ -110,7 +110,10 @@ def test_weight_updates_change_outputs_and_version_and_bad_ones_change_nothing(s
                    headers={"Authorization": f"Bearer {info['api_key']}"})
     assert r.status_code == 400 and not r.json()["success"]
     again = engine.generate(reqs, 1.0, seed=7)
-    assert [g.logprobs for g in again] == [g.logprobs for g in after] and all(g.version == 5 for g in again)
+    # still the uniform weights (sampled tokens themselves may differ: seeded sampling from a uniform
+    # distribution is not reproducible across SGLang's batching, a CI run drew a different length)
+    assert all(abs(lp + torch.log(torch.tensor(float(vocab))).item()) < 1e-3 for g in again for lp in g.logprobs)
+    assert all(g.version == 5 for g in again)
     # the client checks a path before any request: a folder without weights, or one outside the run
     (run_dir / "weights" / "empty").mkdir()
     (run_dir / "weights" / "empty" / "config.json").write_text("{}")
