@@ -18,6 +18,7 @@ setup(
         "matplotlib",
         "tensorboard",
         "pyarrow",
+        "jinja2",  # sbatch templates (soup-megatron launch)
     ],
     extras_require={
         "megatron": ["megatron-core>=0.13", "psutil"],  # psutil: the torch_dist checkpoint writer
