@@ -1,7 +1,7 @@
 """Checks that need several megatron ranks; run by tests/test_megatron.py under torchrun.
 
     torchrun --nproc-per-node N tests/mcore_ranks.py logits --tp T --out result.json MODEL_DIR...
-    torchrun --nproc-per-node N tests/mcore_ranks.py actor --tp T --out result.json --work DIR TINY_MODEL
+    torchrun --nproc-per-node N tests/mcore_ranks.py actor --tp T [--pp P] --out result.json --work DIR TINY_MODEL
 
 Rank 0 writes the measured differences as JSON; the test asserts on them.
 """
@@ -94,10 +94,10 @@ def _max_rel(a: dict, b: dict) -> float:
     return max(float((a[k] - b[k]).abs().max() / b[k].abs().max().clamp(min=1e-12)) for k in a)
 
 
-def actor_parity(model_dir: str, tp: int, work: Path) -> dict:
-    """One SOUP update on the megatron actor (TP=tp, the rest data parallel) vs the local actor. Every
+def actor_parity(model_dir: str, tp: int, pp: int, work: Path) -> dict:
+    """One SOUP update on the megatron actor (TP=tp x PP=pp, the rest data parallel) vs the local actor. Every
     rank calls the actor's per-rank methods directly (SPMD), so gradients can be compared too."""
-    acfg = ActorConfig(lr=1e-3, grad_clip=0.3, micro_batch_size=3, megatron=MegatronConfig(tensor_parallel=tp))
+    acfg = ActorConfig(lr=1e-3, grad_clip=0.3, micro_batch_size=3, megatron=MegatronConfig(tensor_parallel=tp, pipeline_parallel=pp))
     loss_cfg = LossConfig(prefix_mode="clip", loss_agg="token_mean", entropy_coef=0.01)
     mega = build_actor(ActorConfig(**{**acfg.__dict__, "backend": "megatron"}), model_dir, samples_per_update=8)
     local = build_actor(acfg, model_dir)
@@ -156,6 +156,7 @@ def main() -> None:
     parser.add_argument("check", choices=["logits", "actor"])
     parser.add_argument("models", nargs="+")
     parser.add_argument("--tp", type=int, required=True)
+    parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--work", type=Path)
     args = parser.parse_args()
@@ -163,7 +164,7 @@ def main() -> None:
     if args.check == "logits":
         result = logits_differences(args.models, args.tp)
     else:
-        result = actor_parity(args.models[0], args.tp, args.work)
+        result = actor_parity(args.models[0], args.tp, args.pp, args.work)
     if dist.get_rank() == 0:
         args.out.write_text(json.dumps(result, indent=1))
 

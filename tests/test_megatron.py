@@ -116,12 +116,15 @@ def test_megatron_logits_equal_hf_logits(families, tmp_path, tp):
         assert r["padding_columns"] == padded_vocab_size(VOCAB, MegatronConfig(tensor_parallel=tp)) - VOCAB > 0
 
 
-@pytest.mark.parametrize("tp", [2, pytest.param(1, marks=pytest.mark.slow)], ids=["tp2", "dp2"])
-def test_megatron_actor_matches_local_actor(tiny_model_kv2, tmp_path, tp):
-    """Two ranks as TP=2 or as two data-parallel replicas: log-probs, entropy, one SOUP update
-    (loss, gradients, clipped norm, Adam update) equal the local actor's; save/resume repeats a step."""
-    run("tests/mcore_ranks.py", "actor", tiny_model_kv2, "--tp", tp, "--out", tmp_path / "r.json", "--work", tmp_path,
-        ranks=2)
+@pytest.mark.parametrize("tp, pp, ranks", [
+    (2, 1, 2), (1, 2, 2), pytest.param(1, 1, 2, marks=pytest.mark.slow), pytest.param(2, 2, 4, marks=pytest.mark.slow),
+    pytest.param(1, 2, 4, marks=pytest.mark.slow)], ids=["tp2", "pp2", "dp2", "tp2-pp2", "pp2-dp2"])
+def test_megatron_actor_matches_local_actor(tiny_model_kv2, tmp_path, tp, pp, ranks):
+    """Ranks as tensor-parallel slices, pipeline stages (through megatron's 1F1B schedule; the tied
+    embedding lives on both end stages) and data-parallel replicas: log-probs, entropy, one SOUP
+    update (loss, gradients, clipped norm, Adam update) equal the local actor's; save/resume repeats a step."""
+    run("tests/mcore_ranks.py", "actor", tiny_model_kv2, "--tp", tp, "--pp", pp, "--out", tmp_path / "r.json",
+        "--work", tmp_path, ranks=ranks)
     r = json.loads((tmp_path / "r.json").read_text())
     assert r["logp_diff"] < 1e-4 and r["entropy_diff"] < 1e-4
     assert abs(r["loss_local"] - r["loss_megatron"]) < 1e-5 * max(1.0, abs(r["loss_local"]))
@@ -135,17 +138,20 @@ def test_megatron_actor_matches_local_actor(tiny_model_kv2, tmp_path, tp):
     assert r["names_only_local"] == ["lm_head.weight"] and r["names_only_megatron"] == []  # tied: HF files omit it
 
 
-def test_soup_run_with_megatron_actor_on_two_tensor_parallel_ranks(tiny_model_kv2, tmp_path):
-    """`torchrun -m soup_megatron.cli train actor.backend=megatron`: rank 0 drives, rank 1 follows; the
-    actor starts from a converted checkpoint; the run trains, checkpoints (torch_dist + HF history),
-    resumes and exports; both ranks exit."""
+@pytest.mark.parametrize("parallel", ["tensor_parallel", pytest.param("pipeline_parallel", marks=pytest.mark.slow)])
+def test_soup_run_with_megatron_actor_on_two_ranks(tiny_model_kv2, tmp_path, parallel):
+    """`torchrun -m soup_megatron.cli train actor.backend=megatron` on two tensor-parallel ranks or two
+    pipeline stages: rank 0 drives, rank 1 follows; the actor starts from a converted checkpoint (written
+    with the other layout); the run trains, checkpoints (torch_dist + HF history), resumes and exports;
+    both ranks exit."""
     from tests.conftest import TINY
 
     # the actor starts from a converted megatron checkpoint (as `launch.convert_from_hf` arranges)
-    run("tools/convert_hf_to_megatron.py", "--hf", tiny_model_kv2, "--out", tmp_path / "mcore", "--tp", 2)
+    other = "--pp" if parallel == "tensor_parallel" else "--tp"
+    run("tools/convert_hf_to_megatron.py", "--hf", tiny_model_kv2, "--out", tmp_path / "mcore", other, 2)
     args = ["-m", "soup_megatron.cli", "train", "--config", "configs/tiny_cpu.yaml", *TINY,
             f"model.path={tiny_model_kv2}", "model.tiny.num_kv_heads=2", f"trainer.out_dir={tmp_path / 'run'}",
-            "actor.backend=megatron", "actor.megatron.tensor_parallel=2", f"actor.megatron.checkpoint={tmp_path / 'mcore'}",
+            "actor.backend=megatron", f"actor.megatron.{parallel}=2", f"actor.megatron.checkpoint={tmp_path / 'mcore'}",
             "trainer.eval_interval=0", "trainer.save_interval=2"]
     run(*args, "trainer.steps=2", ranks=2)
     run(*args, "trainer.steps=3", ranks=2)  # resumes from step 2
@@ -197,7 +203,12 @@ def test_megatron_actor_refuses_layouts_it_cannot_run(tiny_model):
     from soup_megatron.config import ActorConfig
     from soup_megatron.mcore.parallel import ParallelError
 
-    with pytest.raises(ParallelError, match="pipeline_parallel > 1: training through megatron's pipeline schedules"):
+    with pytest.raises(ParallelError, match="virtual_pipeline > 1: the interleaved schedule"):
+        build_actor(ActorConfig(backend="megatron", megatron=MegatronConfig(pipeline_parallel=2, virtual_pipeline=2)),
+                    tiny_model)
+    with pytest.raises(ParallelError, match="context_parallel > 1: this actor does not split sequences"):
+        build_actor(ActorConfig(backend="megatron", megatron=MegatronConfig(context_parallel=2)), tiny_model)
+    with pytest.raises(ParallelError, match="launch with `torchrun --nproc-per-node 2"):
         build_actor(ActorConfig(backend="megatron", megatron=MegatronConfig(pipeline_parallel=2)), tiny_model)
     with pytest.raises(ParallelError, match="launch with `torchrun --nproc-per-node 2"):
         build_actor(ActorConfig(backend="megatron", megatron=MegatronConfig(tensor_parallel=2)), tiny_model)

@@ -1,9 +1,10 @@
-"""megatron-core actor: the policy split over tensor-parallel (and data-parallel) ranks.
+"""megatron-core actor: the policy split over tensor-, pipeline- and data-parallel ranks.
 
 The processes come from the launcher (torchrun / srun). Global rank 0 is the driver: it runs the
 trainer loop and calls the actor like any other; each call is broadcast to the other ranks, which
 sit in `follow()` and run the same method on their slices. Data-parallel ranks take every dp-th
-sample; the SOUP loss weights use the whole batch's token counts, so summing gradients over ranks
+sample and run its microbatches through megatron's forward/backward schedule (1F1B across pipeline
+stages). The SOUP loss weights use the whole batch's token counts, so summing gradients over ranks
 and microbatches gives exactly the gradient of the batch loss.
 """
 
@@ -19,8 +20,9 @@ from ..algo.loss import LossConfig, aggregation_weights, loss_mask, soup_loss
 from ..config import ActorConfig
 from ..mcore import checkpoint, parallel
 from ..mcore.logprobs import vocab_parallel_logprobs
-from ..mcore.model import build_model, padded_vocab_size, read_architecture, transformer_engine_available
-from ..mcore.weights import chunk_params, mark_tensor_parallel
+from ..mcore import cpu_compat
+from ..mcore.model import padded_vocab_size, read_architecture
+from ..mcore.weights import build_stage, mark_tensor_parallel
 from ..model.hf import CheckpointError
 from .base import TokenBatch
 
@@ -31,19 +33,20 @@ class MegatronActor:
         self.cfg = cfg
         self.model_path = Path(model_path)
         self.arch = read_architecture(self.model_path)
-        if mc.pipeline_parallel > 1 or mc.virtual_pipeline > 1:
+        if mc.virtual_pipeline > 1:
             raise parallel.ParallelError(
-                "actor.megatron.pipeline_parallel > 1: training through megatron's pipeline schedules is not built "
-                "in this version of the actor (tensor and data parallel are; conversion tools handle pipeline "
-                "layouts); set pipeline_parallel=1")
+                "actor.megatron.virtual_pipeline > 1: the interleaved schedule (several model chunks per pipeline "
+                "rank) is not built in this actor; pipeline_parallel alone (1F1B) is. Set virtual_pipeline=1")
+        if mc.context_parallel > 1:
+            raise parallel.ParallelError(
+                "actor.megatron.context_parallel > 1: this actor does not split sequences over context-parallel "
+                "ranks (that needs Transformer Engine's attention on a GPU); set context_parallel=1")
         self.layout = parallel.initialize(mc)
         if samples_per_update is not None:
             parallel.check_batch_split(samples_per_update, self.layout)
         self.device = (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
                        else torch.device("cpu"))
-        self.model = build_model(self.arch, mc)
-        self.params = chunk_params(self.arch, range(self.arch.num_layers), True, True,
-                                   te_spec=transformer_engine_available())
+        self.model, self.params = build_stage(self.arch, mc, self.layout)
         mark_tensor_parallel(self.model, self.params)
         self.padded_vocab = padded_vocab_size(self.arch.vocab_size, mc)
         self.vocab_start = self.layout.tp_rank * self.padded_vocab // self.layout.tp
@@ -111,25 +114,52 @@ class MegatronActor:
             picked = rows[start: start + self.cfg.micro_batch_size]
             yield picked, batch.select(picked)
 
-    def _token_logprobs(self, mb: TokenBatch, temperature: float, with_entropy: bool):
-        from megatron.core import parallel_state as ps
-
-        ids = mb.input_ids.to(self.device)
-        positions = torch.arange(ids.shape[1], device=self.device)[None].expand_as(ids)
-        logits = self.model(input_ids=ids, position_ids=positions, attention_mask=None)  # [N, T, V / tp]
-        return vocab_parallel_logprobs(logits[:, :-1], ids[:, 1:], self.vocab_start, self.arch.vocab_size,
-                                       temperature, with_entropy, ps.get_tensor_model_parallel_group(),
-                                       self.cfg.megatron.logprob_chunk)
-
     def _on_device(self, t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else t.to(self.device)
 
-    def _sum_over_data_parallel(self, *tensors: torch.Tensor) -> None:
+    def _token_logprobs(self, logits: torch.Tensor, mb: TokenBatch, temperature: float, with_entropy: bool):
         from megatron.core import parallel_state as ps
 
-        if self.layout.dp > 1:
-            for t in tensors:
-                dist.all_reduce(t, group=ps.get_data_parallel_group())
+        targets = mb.input_ids[:, 1:].to(self.device)
+        return vocab_parallel_logprobs(logits[:, :-1], targets, self.vocab_start, self.arch.vocab_size, temperature,
+                                       with_entropy, ps.get_tensor_model_parallel_group(),
+                                       self.cfg.megatron.logprob_chunk)
+
+    def _run_schedule(self, batch: TokenBatch, loss_of_logits, forward_only: bool) -> list:
+        """This rank's microbatches through megatron's forward/backward schedule. `loss_of_logits(logits,
+        mb)` runs on the last pipeline stage and returns (loss, token count, per-token outputs). Returns
+        [(rows, outputs)] per microbatch on the last stage, [] on the others."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        micro = list(self._micro_batches(batch))
+        if not micro:  # fewer samples than data-parallel replicas (log-probs of a small batch)
+            return []
+        queue = iter(micro)
+
+        def forward_step(_data_iterator, model):
+            _, mb = next(queue)
+            ids = mb.input_ids.to(self.device)
+            positions = torch.arange(ids.shape[1], device=self.device)[None].expand_as(ids)
+            output = model(input_ids=ids, position_ids=positions, attention_mask=None)  # last stage: [N, T, V / tp]
+            return output, lambda logits: loss_of_logits(logits, mb)
+
+        with cpu_compat.cuda_on_cpu():
+            outputs = get_forward_backward_func()(
+                forward_step_func=forward_step, data_iterator=None, model=[self.model], num_microbatches=len(micro),
+                seq_length=max(mb.input_ids.shape[1] for _, mb in micro),
+                micro_batch_size=self.cfg.micro_batch_size, forward_only=forward_only)
+        return [(rows, out) for (rows, _), out in zip(micro, outputs)]
+
+    def _sum_to_driver(self, *tensors: torch.Tensor) -> None:
+        """Per-token results are made on the last stage of each data-parallel replica: sum them over the
+        replicas, then over the stages, into global rank 0 (other ranks end with partial sums)."""
+        from megatron.core import parallel_state as ps
+
+        for size, group in ((self.layout.dp, ps.get_data_parallel_group),
+                            (self.layout.pp, ps.get_pipeline_model_parallel_group)):
+            if size > 1:
+                for t in tensors:
+                    dist.all_reduce(t, group=group())
 
     @torch.no_grad()
     def _logprobs(self, batch: TokenBatch, temperature: float, with_entropy: bool):
@@ -137,12 +167,17 @@ class MegatronActor:
         shape = (len(batch), batch.input_ids.shape[1] - 1)
         logp = torch.zeros(shape)
         entropy = torch.zeros(shape)
-        for rows, mb in self._micro_batches(batch):
-            lp, ent = self._token_logprobs(mb, temperature, with_entropy)
-            logp[rows, : lp.shape[1]] = lp.cpu()
+
+        def per_token(logits, mb):
+            lp, ent = self._token_logprobs(logits, mb, temperature, with_entropy)
+            return torch.zeros(()), torch.tensor(0, dtype=torch.int), {"logp": lp, "entropy": ent}
+
+        for rows, out in self._run_schedule(batch, per_token, forward_only=True):
+            width = out["logp"].shape[1]
+            logp[rows, :width] = out["logp"].cpu()
             if with_entropy:
-                entropy[rows, : ent.shape[1]] = ent.cpu()
-        self._sum_over_data_parallel(logp, entropy)
+                entropy[rows, :width] = out["entropy"].cpu()
+        self._sum_to_driver(logp, entropy)
         return logp, (entropy if with_entropy else None)
 
     def _train_minibatch(self, batch: TokenBatch, loss_cfg: LossConfig, temperature: float) -> dict:
@@ -150,35 +185,44 @@ class MegatronActor:
         self.model.train()
         num_tokens = float(loss_mask(batch.segment, loss_cfg.prefix_mode).sum())
         self.optimizer.zero_grad(set_to_none=True)
+        on = self._on_device
+
+        def soup(logits, mb):
+            logp, ent = self._token_logprobs(logits, mb, temperature, True)  # entropy is logged per segment
+            mask = loss_mask(mb.segment, loss_cfg.prefix_mode)
+            weights = aggregation_weights(mask, loss_cfg.loss_agg, len(batch), num_tokens).to(self.device)
+            loss, tok = soup_loss(logp, on(mb.old_logp), on(mb.behaviour_logp), on(mb.advantages), on(mb.segment),
+                                  weights, loss_cfg, entropy=ent, ref_logp=on(mb.ref_logp))
+            per_token = {"loss": loss.detach(), "ratio": tok["ratio"].detach(), "clipped": tok["clipped"].float(),
+                         "entropy": ent.detach()}
+            return loss, torch.tensor(int(mask.sum()), dtype=torch.int), per_token
+
         shape = (len(batch), batch.input_ids.shape[1] - 1)
         ratio, clipped, entropy = torch.zeros(shape), torch.zeros(shape), torch.zeros(shape)
         total_loss = torch.zeros(1)
-        for rows, mb in self._micro_batches(batch):
-            logp, ent = self._token_logprobs(mb, temperature, True)  # entropy is logged per segment
-            on = self._on_device
-            weights = aggregation_weights(loss_mask(mb.segment, loss_cfg.prefix_mode), loss_cfg.loss_agg,
-                                          len(batch), num_tokens).to(self.device)
-            loss, tok = soup_loss(logp, on(mb.old_logp), on(mb.behaviour_logp), on(mb.advantages), on(mb.segment),
-                                  weights, loss_cfg, entropy=ent, ref_logp=on(mb.ref_logp))
-            loss.backward()
-            total_loss += loss.item()
-            width = logp.shape[1]
-            ratio[rows, :width] = tok["ratio"].cpu()
-            clipped[rows, :width] = tok["clipped"].float().cpu()
-            entropy[rows, :width] = ent.detach().cpu()
+        for rows, out in self._run_schedule(batch, soup, forward_only=False):
+            width = out["ratio"].shape[1]
+            ratio[rows, :width] = out["ratio"].cpu()
+            clipped[rows, :width] = out["clipped"].cpu()
+            entropy[rows, :width] = out["entropy"].cpu()
+            total_loss += out["loss"].cpu()
         self._reduce_gradients()
         grad_norm = self._clip_gradients(self.cfg.grad_clip)
         self.optimizer.step()
         self.model.eval()
-        self._sum_over_data_parallel(ratio, clipped, entropy, total_loss)
+        self._sum_to_driver(ratio, clipped, entropy, total_loss)
         return {"ratio": ratio.flatten(), "clipped": clipped.flatten() > 0, "entropy": entropy.flatten(),
                 "segment": batch.segment.flatten(), "loss": float(total_loss), "grad_norm": grad_norm}
 
     def _reduce_gradients(self) -> None:
         """Sum gradients over data-parallel ranks; with sequence parallelism the replicated norm
-        weights saw only this rank's part of the sequence, so theirs are summed over tensor ranks too."""
+        weights saw only this rank's part of the sequence, so theirs are summed over tensor ranks too;
+        a tied embedding held by the first and the last pipeline stage sums the gradients of its two copies."""
         from megatron.core import parallel_state as ps
 
+        if self.layout.pp > 1 and self.arch.tied_embeddings and ps.is_rank_in_embedding_group():
+            weight = self.model.shared_embedding_or_output_weight()
+            dist.all_reduce(weight.grad, group=ps.get_embedding_group())
         for p in self.model.parameters():
             if p.grad is None:
                 continue
@@ -188,12 +232,15 @@ class MegatronActor:
                 dist.all_reduce(p.grad, group=ps.get_tensor_model_parallel_group())
 
     def _clip_gradients(self, max_norm: float) -> float:
-        """Global L2 norm over all slices (replicated weights counted once), then torch's clip rule."""
+        """Global L2 norm over all slices (replicated weights, and a tied embedding's last-stage copy,
+        counted once), then torch's clip rule."""
         from megatron.core import parallel_state as ps
         from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+        from megatron.core.transformer.module import param_is_not_shared
 
         grads = [p.grad for p in self.model.parameters()
-                 if p.grad is not None and param_is_not_tensor_parallel_duplicate(p, ps.get_tensor_model_parallel_group())]
+                 if p.grad is not None and param_is_not_shared(p)
+                 and param_is_not_tensor_parallel_duplicate(p, ps.get_tensor_model_parallel_group())]
         squares = torch.stack([g.float().pow(2).sum() for g in grads]).sum().reshape(1)
         if self.layout.tp * self.layout.pp > 1:
             dist.all_reduce(squares, group=ps.get_model_parallel_group())

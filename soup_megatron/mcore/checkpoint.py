@@ -22,7 +22,7 @@ from tqdm import tqdm
 from ..model.hf import CheckpointError
 from .model import Architecture
 from .parallel import Layout
-from .weights import ParamMap, iter_local, to_hf, to_megatron
+from .weights import ParamMap, hf_names, iter_local, stage_params, to_hf, to_megatron
 
 HF_SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                  "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja")
@@ -63,24 +63,69 @@ def load_hf_into(model, params: list[ParamMap], arch: Architecture, hf_dir: Path
 
 def iter_hf_tensors(model, params: list[ParamMap], arch: Architecture, layout: Layout,
                     progress: bool = False) -> Iterator[tuple[str, Optional[torch.Tensor]]]:
-    """(HF name, full tensor) on global rank 0, (HF name, None) elsewhere. Collective over the
-    tensor-parallel group of data-parallel rank 0; every rank must iterate to the end."""
+    """(HF name, full tensor) on global rank 0, (HF name, None) elsewhere; every rank must iterate to
+    the end. Stage by stage, the ranks of data-parallel replica 0 gather each parameter's
+    tensor-parallel slices; a later pipeline stage sends the HF tensors to rank 0, one parameter at a time."""
+    from .model import transformer_engine_available
+
+    te_spec = transformer_engine_available()
+    bar = tqdm(total=len(hf_names(arch)), desc="exporting HF weights", disable=not (progress and layout.is_driver))
+    for stage in range(layout.pp):
+        exported = [p for p in (params if stage == layout.pp_rank else stage_params(arch, stage, layout.pp, te_spec))
+                    if not (arch.tied_embeddings and p.megatron == "output_layer.weight")]  # stage 0 exports it
+        if stage == layout.pp_rank:
+            own = {p.megatron: tensor for p, tensor in iter_local(model, params)}
+            for p in exported:
+                tensors = _gather_hf(p, own[p.megatron], arch, layout)
+                if stage > 0 and layout.dp_rank == 0 and layout.tp_rank == 0:
+                    _send_to_driver(tensors)
+                bar.update(len(p.hf))
+                yield from zip(p.hf, tensors if layout.is_driver else [None] * len(p.hf))
+        elif layout.is_driver:
+            for p in exported:
+                bar.update(len(p.hf))
+                yield from zip(p.hf, _receive_from_stage(stage))
+    bar.close()
+
+
+def _gather_hf(p: ParamMap, local: torch.Tensor, arch: Architecture, layout: Layout) -> list[Optional[torch.Tensor]]:
+    """The HF tensors of `p` on tensor-parallel rank 0 of replica 0 (copies: callers may keep them while
+    training goes on); None elsewhere."""
     from megatron.core import parallel_state as ps
 
-    if layout.pp > 1:
-        raise NotImplementedError("HF export from pipeline-parallel ranks is not built yet (pipeline_parallel=1 only)")
-    gather = layout.dp_rank == 0 and layout.tp > 1
-    group = ps.get_tensor_model_parallel_group()
-    for p, param in tqdm(list(iter_local(model, params)), desc="exporting HF weights",
-                         disable=not (progress and layout.is_driver)):
-        local = param.detach()
-        if gather and p.kind != "replicated":
-            shards = [torch.empty_like(local) for _ in range(layout.tp)]
-            dist.all_gather(shards, local.contiguous(), group=group)
-        else:  # a copy: callers may keep the tensor while training goes on
-            shards = [local.clone()] * layout.tp
-        tensors = to_hf(p, [s.cpu() for s in shards], arch) if layout.is_driver else [None] * len(p.hf)
-        yield from zip(p.hf, tensors)
+    if layout.dp_rank != 0:
+        return [None] * len(p.hf)
+    local = local.detach()
+    if layout.tp > 1 and p.kind != "replicated":
+        shards = [torch.empty_like(local) for _ in range(layout.tp)]
+        dist.all_gather(shards, local.contiguous(), group=ps.get_tensor_model_parallel_group())
+    else:
+        shards = [local.clone()] * layout.tp
+    return to_hf(p, [s.cpu() for s in shards], arch) if layout.tp_rank == 0 else [None] * len(p.hf)
+
+
+def _wire_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def _send_to_driver(tensors: list[torch.Tensor]) -> None:
+    dist.send_object_list([[(t.shape, t.dtype) for t in tensors]], dst=0)
+    for t in tensors:
+        dist.send(t.to(_wire_device()), dst=0)
+
+
+def _receive_from_stage(stage: int) -> list[torch.Tensor]:
+    from megatron.core import parallel_state as ps
+
+    sender = dist.get_process_group_ranks(ps.get_pipeline_model_parallel_group())[stage]
+    header = [None]
+    dist.recv_object_list(header, src=sender)
+    out = []
+    for shape, dtype in header[0]:
+        t = torch.empty(shape, dtype=dtype, device=_wire_device())
+        dist.recv(t, src=sender)
+        out.append(t.cpu())
+    return out
 
 
 def copy_side_files(src: Path, dst: Path) -> None:

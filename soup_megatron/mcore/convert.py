@@ -23,22 +23,8 @@ from ..config import MegatronConfig
 from ..io import TMP_MARK, atomic_dir
 from ..model.hf import CheckpointError
 from . import checkpoint, parallel
-from .model import (Architecture, build_model, check_parallel_sizes, padded_vocab_size, read_architecture,
-                    transformer_engine_available)
-from .weights import chunk_params
-
-
-def stage_layers(arch: Architecture, layout: parallel.Layout) -> range:
-    """Global layers of this pipeline stage (equal split, as megatron does without custom layouts)."""
-    per_stage = arch.num_layers // layout.pp
-    return range(layout.pp_rank * per_stage, (layout.pp_rank + 1) * per_stage)
-
-
-def build_stage(arch: Architecture, mc: MegatronConfig, layout: parallel.Layout):
-    first, last = layout.pp_rank == 0, layout.pp_rank == layout.pp - 1
-    model = build_model(arch, mc, pre_process=first, post_process=last)
-    params = chunk_params(arch, stage_layers(arch, layout), first, last, te_spec=transformer_engine_available())
-    return model, params
+from .model import Architecture, check_parallel_sizes, padded_vocab_size, read_architecture
+from .weights import build_stage
 
 
 def _checkpoint_dtype(hf: Path) -> str:

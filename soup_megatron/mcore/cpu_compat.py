@@ -1,16 +1,17 @@
 """Running megatron-core on CPU (gloo): the one place that deals with its CUDA assumptions.
 
-`enable()` does nothing when CUDA is available. Without CUDA it
-- makes `RotaryEmbedding.get_emb`, which moves its frequencies to `torch.cuda.current_device()`,
-  see the CPU as the current device for the duration of that call only;
-- does the same around `dist_checkpointing.save` / `load` (their consistency checks all-reduce a
-  flag tensor made on the current device), and has the torch_dist writer copy tensors to host
-  memory blocking, as there is no device to synchronise with (its non-blocking path ends in
-  `torch.cuda.synchronize()`).
-The other CUDA-only parts are avoided rather than patched:
-core attention is our SDPA module (no global CUDA memory buffer), and the CPU actor runs its
-microbatches directly instead of through megatron's pipeline schedules (which allocate on "cuda"),
-so pipeline parallelism is refused on CPU.
+Without CUDA, `cuda_on_cpu()` is a context in which
+- `torch.cuda.current_device()` is the CPU, so tensors megatron makes "on the current device" (rotary
+  frequencies, pipeline receive buffers, checkpoint consistency flags) are CPU tensors;
+- tensor factories asked for `device="cuda"` make CPU tensors and `Tensor.cuda()` returns the tensor
+  (the schedules' token counter, the tied-embedding copy of a last pipeline stage);
+- `torch.cuda.synchronize()` returns at once: there is no device (pipeline stages call it after
+  exchanging tensor shapes; gloo's sends and receives have completed when their `wait()` returns).
+It is entered around model construction, megatron's forward/backward schedules, RotaryEmbedding and
+`dist_checkpointing.save` / `load`; `enable()` installs the last two wrappers and has the torch_dist
+writer copy tensors to host memory blocking, as there is no device to synchronise with (its
+non-blocking path ends in `torch.cuda.synchronize()`). With CUDA present all of this does nothing.
+Core attention is our SDPA module rather than a patch (megatron's local one uses a CUDA buffer).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import contextlib
 import functools
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 _enabled = False
 
@@ -27,20 +29,35 @@ def cpu_only() -> bool:
     return not torch.cuda.is_available()
 
 
+class _CudaFactoriesOnCpu(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.cuda:
+            return args[0]
+        device = kwargs.get("device")
+        if device is not None and torch.device(device).type == "cuda":
+            kwargs["device"] = "cpu"
+        return func(*args, **kwargs)
+
+
 @contextlib.contextmanager
-def _current_device_is_cpu():
-    original = torch.cuda.current_device
-    torch.cuda.current_device = lambda: "cpu"
-    try:
+def cuda_on_cpu():
+    if not cpu_only():
         yield
+        return
+    current_device, synchronize = torch.cuda.current_device, torch.cuda.synchronize
+    torch.cuda.current_device, torch.cuda.synchronize = (lambda: "cpu"), (lambda device=None: None)
+    try:
+        with _CudaFactoriesOnCpu():
+            yield
     finally:
-        torch.cuda.current_device = original
+        torch.cuda.current_device, torch.cuda.synchronize = current_device, synchronize
 
 
 def _on_cpu(method):
     @functools.wraps(method)
     def wrapper(*args, **kwargs):
-        with _current_device_is_cpu():
+        with cuda_on_cpu():
             return method(*args, **kwargs)
 
     return wrapper

@@ -180,6 +180,9 @@ def transformer_config(arch: Architecture, cfg: MegatronConfig, use_te: bool):
         bf16=dtype == torch.bfloat16,
         pipeline_dtype=dtype,
         calculate_per_token_loss=True,  # the SOUP loss carries global token weights: gradients are summed, not averaged
+        variable_seq_lengths=True,  # microbatches keep their own padded width; stages exchange shapes first
+        moe_token_dispatcher_type="alltoall",  # the default (allgather) is refused with variable lengths; dense: unused
+        batch_p2p_comm=on_gpu,  # the batched path synchronises CUDA; gloo takes plain isend / irecv
         use_cpu_initialization=not on_gpu,
         perform_initialization=False,  # weights come from a checkpoint
         # fused kernels exist only on GPU
@@ -216,20 +219,21 @@ def build_model(arch: Architecture, cfg: MegatronConfig, pre_process: bool = Tru
     cpu_compat.enable()
     check_parallel_sizes(arch, cfg)
     use_te = transformer_engine_available()
-    model = GPTModel(
-        config=transformer_config(arch, cfg, use_te),
-        transformer_layer_spec=layer_spec(arch, use_te),
-        vocab_size=padded_vocab_size(arch.vocab_size, cfg),
-        max_sequence_length=arch.max_positions,
-        pre_process=pre_process,
-        post_process=post_process,
-        parallel_output=True,  # logits stay split along the vocabulary
-        share_embeddings_and_output_weights=arch.tied_embeddings,
-        position_embedding_type="rope",
-        rotary_base=int(arch.rope_theta),
-        vp_stage=vp_stage,
-        **rope_arguments(arch),
-    )
+    with cpu_compat.cuda_on_cpu():  # a tied last stage moves its embedding copy with `.cuda()`
+        model = GPTModel(
+            config=transformer_config(arch, cfg, use_te),
+            transformer_layer_spec=layer_spec(arch, use_te),
+            vocab_size=padded_vocab_size(arch.vocab_size, cfg),
+            max_sequence_length=arch.max_positions,
+            pre_process=pre_process,
+            post_process=post_process,
+            parallel_output=True,  # logits stay split along the vocabulary
+            share_embeddings_and_output_weights=arch.tied_embeddings,
+            position_embedding_type="rope",
+            rotary_base=int(arch.rope_theta),
+            vp_stage=vp_stage,
+            **rope_arguments(arch),
+        )
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     return model

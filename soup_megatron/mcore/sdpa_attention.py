@@ -6,7 +6,6 @@ right-padded and causal, so padding never reaches a real token and no explicit m
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 

@@ -69,6 +69,25 @@ def chunk_params(arch: Architecture, layers: range, pre_process: bool, post_proc
     return out
 
 
+def stage_layers(arch: Architecture, stage: int, stages: int) -> range:
+    """Global layers of one pipeline stage (equal split, as megatron does without custom layouts)."""
+    per_stage = arch.num_layers // stages
+    return range(stage * per_stage, (stage + 1) * per_stage)
+
+
+def stage_params(arch: Architecture, stage: int, stages: int, te_spec: bool) -> list[ParamMap]:
+    return chunk_params(arch, stage_layers(arch, stage, stages), stage == 0, stage == stages - 1, te_spec)
+
+
+def build_stage(arch: Architecture, mc, layout):
+    """This rank's model chunk (its pipeline stage, its tensor-parallel slices) and its weight map."""
+    from .model import build_model, transformer_engine_available
+
+    first, last = layout.pp_rank == 0, layout.pp_rank == layout.pp - 1
+    model = build_model(arch, mc, pre_process=first, post_process=last)
+    return model, stage_params(arch, layout.pp_rank, layout.pp, transformer_engine_available())
+
+
 def hf_names(arch: Architecture) -> list[str]:
     """Every tensor name of the HF checkpoint, in the order exports write them."""
     params = chunk_params(arch, range(arch.num_layers), True, True, te_spec=False)
