@@ -177,6 +177,13 @@ def cmd_launch(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from .rollout.serve import serve
+
+    serve(load_config(args.config, args.overrides), args.group, args.index, args.local_index)
+    return 0
+
+
 def _int_list(flag: str, text: str) -> list[int]:
     try:
         values = [int(x) for x in text.split(",") if x.strip()]
@@ -232,6 +239,13 @@ def main(argv=None) -> int:
     p.add_argument("--executor", choices=("local", "slurm"), default="local")
     p.add_argument("--dryrun", action="store_true", help="print the command or sbatch scripts; submit nothing")
     p.set_defaults(fn=cmd_launch)
+    p = sub.add_parser("serve", help="run one SGLang server of a run's policy or history group (a rollout-node "
+                                     "job step; needs rollout.sglang.servers_from=serve)")
+    _config_args(p)
+    p.add_argument("--group", required=True, choices=("policy", "history"))
+    p.add_argument("--index", type=int, help="server index in the group (default: SLURM_PROCID)")
+    p.add_argument("--local-index", type=int, help="server index on this node, for its GPUs (default: SLURM_LOCALID)")
+    p.set_defaults(fn=cmd_serve)
     args = parser.parse_args(argv)
     exit_on_signals(checkpoint_on_usr1=args.command == "train")
     try:

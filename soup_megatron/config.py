@@ -74,10 +74,12 @@ class SGLangConfig:
     """SGLang server groups: `policy` (on-policy continuations) and `history` (historical prefixes).
 
     Managed servers are started by the run (`python -m sglang.launch_server` in the SGLang venv, made
-    by tools/setup_sglang.sh) with a fresh per-run API key; `*_urls` connect to servers started
-    elsewhere (Slurm), whose key is read from `api_key_file`."""
+    by tools/setup_sglang.sh) with a fresh per-run API key, or, with `servers_from=serve`, by
+    `soup-megatron serve` processes (Slurm job steps on rollout nodes) that publish their addresses in
+    the run directory; `*_urls` connect to servers started elsewhere, whose key is read from `api_key_file`."""
 
     python: str = ".venv-sglang/bin/python"  # interpreter of the SGLang venv
+    servers_from: str = "run"  # run: the trainer starts them on its node | serve: found in <run>/servers/
     policy_servers: int = 1  # managed on-policy servers (ignored when policy_urls is set)
     history_servers: int = 1  # managed historical-policy servers (ignored when history_urls is set)
     policy_urls: list[str] = field(default_factory=list)
@@ -199,7 +201,9 @@ class SlurmConfig:
     account: str = ""
     qos: str = ""
     time: str = "01:00:00"
-    nodes: int = 1  # trainer nodes: one torchrun per node, launch.ranks_per_node ranks each
+    nodes: int = 1  # all nodes of the job: trainer nodes (one torchrun each) first, then rollout nodes
+    rollout_nodes: int = 0  # the last of `nodes` run only SGLang servers (`soup-megatron serve`, needs
+    # rollout.sglang.servers_from=serve); 0 = such servers share the first trainer node
     gpus_per_node: int = 0
     cpus_per_task: int = 1  # CPUs of each node's torchrun task
     mem: str = ""  # per node, e.g. "0" (all) or "64G"; "" = cluster default
@@ -254,6 +258,7 @@ CHOICES = {
     "actor.megatron.fp8": ("", "e4m3", "hybrid"),
     "actor.megatron.fp8_recipe": ("delayed", "tensorwise", "blockwise", "mxfp8"),
     "actor.megatron.recompute": ("none", "selective", "full"),
+    "rollout.sglang.servers_from": ("run", "serve"),
 }
 
 # (key, predicate, what is allowed)
@@ -327,6 +332,12 @@ RULES = [
     ("model.tiny.sft_slip_prob", lambda c: 0.0 <= c.model.tiny.sft_slip_prob <= 1.0, "a number in [0, 1]"),
     ("launch.ranks_per_node", lambda c: c.launch.ranks_per_node >= 1, ">= 1"),
     ("launch.slurm.nodes", lambda c: c.launch.slurm.nodes >= 1, ">= 1"),
+    ("launch.slurm.rollout_nodes", lambda c: 0 <= c.launch.slurm.rollout_nodes < c.launch.slurm.nodes,
+     ">= 0 and < launch.slurm.nodes (at least one node trains)"),
+    ("launch.slurm.rollout_nodes", lambda c: c.launch.slurm.rollout_nodes == 0 or c.rollout.sglang.servers_from == "serve",
+     "0 unless rollout.sglang.servers_from=serve (rollout nodes run `soup-megatron serve`)"),
+    ("rollout.sglang.servers_from", lambda c: c.rollout.sglang.servers_from == "run" or not (
+        c.rollout.sglang.policy_urls or c.rollout.sglang.history_urls), "run when policy_urls / history_urls name servers"),
     ("launch.slurm.signal_seconds", lambda c: c.launch.slurm.signal_seconds >= 0, ">= 0"),
     ("launch.slurm.time", lambda c: bool(re.fullmatch(r"(\d+-)?\d{1,2}:\d{2}:\d{2}", c.launch.slurm.time)),
      "a Slurm time limit like 04:00:00 or 1-12:00:00"),

@@ -357,8 +357,8 @@ def notes(args, cfg: Config, plan: Plan) -> list[str]:
     if plan.optimizer == "distributed":
         out.append("--optimizer distributed: megatron-core's distributed optimizer is not built in the actor yet "
                    "(it steps a plain torch.optim.AdamW)")
-    if mc.pipeline_parallel > 1:
-        out.append("pipeline_parallel > 1: the actor does not train through megatron's pipeline schedules yet")
+    if mc.virtual_pipeline > 1:
+        out.append("virtual_pipeline > 1: the actor does not run megatron's interleaved schedule yet")
     out.append("activations use the published constants of Korthikanti et al. 2022 (GPT-3-style layers): "
                "an estimate for SwiGLU / grouped-query models")
     if sg.mem_fraction_static is None:

@@ -28,11 +28,45 @@ def test_committed_sbatch_scripts_are_the_recipes_dry_runs(recipe):
     assert dryrun(f"configs/{recipe}.yaml") == (ROOT / "slurm" / f"{recipe}.sbatch").read_text()
 
 
-def test_recipes_exist_for_the_demo_and_the_7b_node():
-    assert {"tiny_cpu", "qwen2.5_math_7b_8xh100"} <= set(RECIPES)
+def test_recipes_exist_for_the_demo_the_7b_node_and_70b_on_16_nodes():
+    assert {"tiny_cpu", "qwen2.5_math_7b_8xh100", "llama3_70b_16x8xh100"} <= set(RECIPES)
     script = (ROOT / "slurm" / "qwen2.5_math_7b_8xh100.sbatch").read_text()
     assert "--nproc-per-node=4" in script and "--gpus-per-node=8" in script and "--signal=B:USR1@300" in script
     assert "hf-to-megatron" in script  # the conversion job, submitted first with afterok
+
+
+def test_70b_recipe_trains_on_8_nodes_and_serves_from_the_other_8():
+    script = (ROOT / "slurm" / "llama3_70b_16x8xh100.sbatch").read_text()
+    assert "#SBATCH --nodes=16" in script and "--nnodes=8 --nproc-per-node=8" in script
+    assert "srun --nodes=6 --relative=8 --ntasks=6 --ntasks-per-node=1" in script and "--group policy" in script
+    assert "srun --nodes=2 --relative=14 --ntasks=2 --ntasks-per-node=1" in script and "--group history" in script
+    assert 'kill -USR1 "${servers[@]}"' in script  # servers stop once training has ended
+    cfg = load_config("configs/llama3_70b_16x8xh100.yaml")
+    mc = cfg.actor.megatron
+    assert (mc.tensor_parallel, mc.pipeline_parallel) == (8, 4)
+    assert 8 * cfg.launch.ranks_per_node // (mc.tensor_parallel * mc.pipeline_parallel) == 2  # data parallel
+
+
+def test_serve_tasks_are_split_over_the_rollout_nodes_or_refused(tmp_path):
+    from soup_megatron.cluster.launch import serve_steps
+
+    base = ["rollout.backend=sglang", "rollout.sglang.servers_from=serve", "launch.slurm.nodes=4",
+            "launch.slurm.rollout_nodes=2", "launch.slurm.cpus_per_task=8"]
+    steps = serve_steps(load_config("configs/tiny_cpu.yaml", base + ["rollout.sglang.policy_servers=2",
+                                                                      "rollout.sglang.history_servers=2"]))
+    assert [(s.group, s.nodes, s.relative, s.tasks, s.per_node, s.cpus) for s in steps] == [
+        ("policy", 1, 2, 2, 2, 4), ("history", 1, 3, 2, 2, 4)]
+    with pytest.raises(ConfigError, match=r"same number of servers \(4 / 3 = 1.33\)"):
+        serve_steps(load_config("configs/tiny_cpu.yaml", [*base, "launch.slurm.rollout_nodes=3",
+                                                          "rollout.sglang.policy_servers=3"]))
+    with pytest.raises(ConfigError, match="launch.slurm.rollout_nodes=1 is not allowed; expected 0 unless "
+                                          "rollout.sglang.servers_from=serve"):
+        load_config("configs/tiny_cpu.yaml", ["launch.slurm.nodes=2", "launch.slurm.rollout_nodes=1"])
+    with pytest.raises(ConfigError, match="rollout_nodes=4 is not allowed; expected >= 0 and < launch.slurm.nodes"):
+        load_config("configs/tiny_cpu.yaml", [*base, "launch.slurm.rollout_nodes=4"])
+    assert main(["launch", "--config", "configs/tiny_cpu.yaml", "--executor", "local", "--dryrun",
+                 f"trainer.out_dir={tmp_path / 'run'}", "rollout.backend=sglang",
+                 "rollout.sglang.servers_from=serve"]) == 2  # the local executor starts no serve tasks
 
 
 def test_dryrun_prints_the_scripts_and_writes_nothing(tmp_path):

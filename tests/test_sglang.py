@@ -172,7 +172,7 @@ def test_external_server_that_stops_answering_is_dropped(servers, tiny_model, tm
     info = json.loads((run_dir / "servers" / "policy.json").read_text())
     dead = f"http://127.0.0.1:{free_port('127.0.0.1')}"  # nothing listens there
     address = tmp_path / "external.json"
-    address.write_text(json.dumps({"urls": [dead, info["urls"][0]], "api_key": info["api_key"], "managed": []}))
+    address.write_text(json.dumps({"urls": [dead, info["urls"][0]], "api_key": info["api_key"], "supervised": []}))
     engine = SGLangEngine(address, sglang_config(retries=2), tmp_path)
     tok = load_tokenizer(tiny_model)
     gens = engine.generate([GenerationRequest(p, (), 8) for p in prompts(tok, 16)], 1.0, 5)

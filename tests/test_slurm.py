@@ -107,6 +107,32 @@ def test_unknown_partition_is_refused_with_the_partitions_there_are(tmp_path):
     assert "invalid partition" in done.stderr.lower() and "partitions on this cluster: debug" in done.stderr
 
 
+def test_sglang_servers_run_as_serve_tasks_that_the_trainer_finds(tiny_model, tmp_path):
+    """rollout.sglang.servers_from=serve: the job starts one `soup-megatron serve` task per SGLang server
+    (here beside the trainer: one node); the trainer starts none, finds theirs through the run directory,
+    trains on them; when it ends the job stops them and their records go."""
+    out = tmp_path / "run"
+    job = job_id(launch(*TINY, f"model.path={tiny_model}", f"trainer.out_dir={out}", "rollout.backend=sglang",
+                        f"rollout.sglang.python={ROOT / '.venv-sglang' / 'bin' / 'python'}",
+                        "rollout.sglang.max_total_tokens=4096", "rollout.sglang.servers_from=serve",
+                        "trainer.steps=2", "trainer.eval_interval=0", "history.interval=1",
+                        f"launch.python={sys.executable}", "launch.slurm.cpus_per_task=2",
+                        "launch.slurm.time=00:20:00", "launch.slurm.signal_seconds=0"))
+    assert wait_done(job) == "COMPLETED", log_of(out)
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert all(r["mix/mixed_samples"] > 0 and r["logp_gap/max"] < 1e-3 for r in rows[1:]), rows
+    log = log_of(out)
+    for group in ("policy", "history"):
+        info = json.loads((out / "servers" / f"{group}.json").read_text())
+        assert info["pids"] == [] and info["supervised"] == info["urls"]  # the trainer started none
+        assert len(info["urls"]) == 1 and f"{group} server 0 ready at {info['urls'][0]}" in log
+    assert not list((out / "servers").glob("*.serve.json"))  # the serve tasks ended and removed their records
+    steps = subprocess.run(["sacct", "-n", "-P", "-j", job, "-o", "JobName,State"], capture_output=True,
+                           text=True).stdout
+    assert steps.count("python") >= 3 and "RUNNING" not in steps, steps  # two serve steps and the trainer
+
+
 @pytest.mark.slow
 def test_preempted_run_resumes_to_the_same_final_state(tiny_model_kv2, tmp_path):
     """USR1 (Slurm's time-limit warning) mid-run: checkpoint at the end of the step, requeue, resume;

@@ -2,8 +2,11 @@
 
 - `local`: the training command on this machine (torchrun with `launch.ranks_per_node` ranks).
 - `slurm`: sbatch scripts rendered from `templates/` — an optional HF -> Megatron conversion job, then
-  the training job with an `afterok` dependency on it. The training job runs one torchrun per node
-  under srun, asks for USR1 before its time limit, checkpoints and requeues itself (see the template).
+  the training job with an `afterok` dependency on it. The training job runs one torchrun per trainer
+  node under srun, asks for USR1 before its time limit, checkpoints and requeues itself (see the
+  template). With `rollout.sglang.servers_from=serve` it also starts one `soup-megatron serve` task per
+  SGLang server: on the last `launch.slurm.rollout_nodes` nodes (each group on whole nodes), or beside
+  the trainer on its first node when that is 0.
 
 Launching freezes the run's config: the resolved YAML goes to `<trainer.out_dir>/launch/config.yaml`
 and the job trains from that file, so a requeued job resumes with exactly what was submitted.
@@ -39,6 +42,38 @@ class Job:
     depends_on: str | None = None  # the name of a job that must end successfully first
 
 
+@dataclass
+class ServeStep:
+    """One srun of `soup-megatron serve` tasks: the servers of one group."""
+    group: str
+    nodes: int
+    relative: int  # first node, counted within the job's allocation
+    tasks: int
+    per_node: int
+    cpus: int
+
+
+def serve_steps(cfg: Config) -> list[ServeStep]:
+    s, sg = cfg.launch.slurm, cfg.rollout.sglang
+    if cfg.rollout.backend != "sglang" or sg.servers_from != "serve":
+        return []
+    counts = {"policy": sg.policy_servers, "history": sg.history_servers}
+    if s.rollout_nodes == 0:  # beside the trainer on its first node
+        return [ServeStep(g, 1, 0, n, n, max(1, s.cpus_per_task // n)) for g, n in counts.items()]
+    total = sum(counts.values())
+    per_node = total // s.rollout_nodes
+    if total % s.rollout_nodes or any(n % per_node for n in counts.values()):
+        raise ConfigError(
+            f"launch.slurm.rollout_nodes={s.rollout_nodes} with rollout.sglang.policy_servers={sg.policy_servers} and "
+            f"history_servers={sg.history_servers}: every rollout node must hold the same number of servers "
+            f"({total} / {s.rollout_nodes} = {total / s.rollout_nodes:.2f}) and each group whole nodes")
+    steps, first = [], s.nodes - s.rollout_nodes
+    for group, n in counts.items():
+        steps.append(ServeStep(group, n // per_node, first, n, per_node, max(1, s.cpus_per_task // per_node)))
+        first += n // per_node
+    return steps
+
+
 def _render(template: str, **values) -> str:
     env = Environment(loader=FileSystemLoader(TEMPLATES), undefined=StrictUndefined, keep_trailing_newline=True)
     return env.get_template(template).render(**values)
@@ -67,7 +102,8 @@ def slurm_jobs(cfg: Config, config_note: str) -> list[Job]:
                                             megatron_checkpoint=run_dir / CONVERTED, tp=mc.tensor_parallel, pp=1,
                                             convert_ranks=mc.tensor_parallel)))
     jobs.append(Job("train", _render("train.sbatch.j2", **common, run_dir=run_dir, ranks_per_node=cfg.launch.ranks_per_node,
-                                     port=cfg.launch.rendezvous_port,
+                                     port=cfg.launch.rendezvous_port, serve_steps=serve_steps(cfg),
+                                     train_nodes=s.nodes - s.rollout_nodes,
                                      config_file=run_dir / "launch" / "config.yaml"),
                     depends_on="convert" if cfg.launch.convert_from_hf else None))
     return jobs
@@ -108,6 +144,9 @@ def launch(cfg: Config, executor: str, dryrun: bool, config_note: str) -> list[s
             for job in jobs:
                 print(job.script, end="")
             return []
+    elif serve_steps(cfg):
+        raise ConfigError("rollout.sglang.servers_from=serve needs --executor slurm, which starts the serve tasks "
+                          "(or start `soup-megatron serve` for each server yourself and run `soup-megatron train`)")
     elif dryrun:
         print(shlex.join(local_command(cfg, config_file)))
         return []

@@ -8,8 +8,8 @@
   group; only paths inside the run directory are sent (a server must never be told to load weights
   from elsewhere). A bad path is refused by SGLang, which keeps its old weights.
 - Requests go to the server with the fewest in flight, at most `concurrency` per server. A timeout,
-  refused connection or 5xx is retried (`retries`); a managed server that died is restarted by the
-  run's watchdog and the request re-sent when it is healthy again; an external server that stops
+  refused connection or 5xx is retried (`retries`); a supervised server that died is restarted (by the
+  run's watchdog or its serve process) and the request re-sent when it is healthy again; an external server that stops
   answering is dropped from rotation with a warning. Each result is stored by the request's index,
   so a retry can neither lose nor duplicate a sample. A server answering with another weight version
   than the group's (a restarted one) gets the group's weights again before it is used.
@@ -30,9 +30,9 @@ from .sglang_servers import ServerError, read_address_file
 
 
 class _Balancer:
-    def __init__(self, urls: list[str], managed: set[str], per_server: int):
+    def __init__(self, urls: list[str], supervised: set[str], per_server: int):
         self.in_flight = {u: 0 for u in urls}
-        self.managed = managed
+        self.supervised = supervised
         self.slots = asyncio.Semaphore(per_server * len(urls))
 
     def pick(self) -> str:
@@ -64,7 +64,7 @@ class SGLangEngine:
     def _servers(self) -> tuple[list[str], set[str], dict[str, str]]:
         info = read_address_file(self.address_file)
         headers = {"Authorization": f"Bearer {info['api_key']}"} if info.get("api_key") else {}
-        return info["urls"], set(info.get("managed", [])), headers
+        return info["urls"], set(info.get("supervised", [])), headers
 
     def _run(self, path: str, payloads: list[dict]) -> list[dict]:
         return asyncio.run(self._post_all(path, payloads))
@@ -72,8 +72,8 @@ class SGLangEngine:
     async def _post_all(self, path: str, payloads: list[dict]) -> list[dict]:
         import httpx
 
-        urls, managed, headers = self._servers()
-        balancer = _Balancer(urls, managed, self.cfg.concurrency)
+        urls, supervised, headers = self._servers()
+        balancer = _Balancer(urls, supervised, self.cfg.concurrency)
         results: list[Optional[dict]] = [None] * len(payloads)
         limits = httpx.Limits(max_connections=self.cfg.concurrency * len(urls))
         async with httpx.AsyncClient(headers=headers, timeout=self.cfg.request_timeout, limits=limits) as client:
@@ -107,8 +107,8 @@ class SGLangEngine:
                     return body
             except httpx.TransportError as exc:  # refused, reset, timed out
                 last_error = f"{type(exc).__name__}: {exc}"
-                if url in balancer.managed:
-                    await self._wait_healthy(client, url)  # the watchdog restarts it
+                if url in balancer.supervised:
+                    await self._wait_healthy(client, url)  # its watchdog or serve process restarts it
                 elif len(balancer.in_flight) > 1:
                     balancer.drop(url)
             finally:
@@ -199,7 +199,7 @@ class SGLangEngine:
             self.weights_path, self.version = old
             if isinstance(exc, httpx.TransportError):  # e.g. SGLang's scheduler crashed on an unreadable file
                 raise ServerError(f"loading {source} (version {version}): a server dropped the connection ({exc}); "
-                                  "a managed server is restarted and gets the previous weights again") from None
+                                  "a supervised server is restarted and gets the previous weights again") from None
             raise
         failed = [f"{u}: {b}" for u, b in zip(urls, bodies) if not b.get("success")]
         if failed:

@@ -1,9 +1,13 @@
-"""SGLang server groups: started by the run (managed) or started elsewhere (external URLs).
+"""SGLang server groups: started by the run (managed), by `soup-megatron serve` on rollout nodes
+(served), or elsewhere (external URLs).
 
 A run has two groups, `policy` (on-policy continuations) and `history` (historical-policy prefixes).
 Their addresses and API key are written to `<run>/servers/<group>.json` (mode 0600, folder 0700): the
 clients, including the prefix worker process, read them from there, so the key is never on a command
-line or in a log. Managed servers:
+line or in a log. Served servers publish `<run>/servers/<group>-<i>.serve.json` when healthy and share
+the run's key file `<run>/servers/api_key`; the run waits for all of them. Managed and served servers
+are "supervised": when one dies, it is restarted (by the run's watchdog, or by its serve process) and
+clients wait for it. Managed servers:
 
 - run `soup_sglang_launch.py` in the SGLang venv with its arguments in a private file, the
   `sglang_pythonpath/` stand-ins on PYTHONPATH (CPU only), and stdout/stderr into `<group>-<i>.log`
@@ -70,11 +74,12 @@ class ManagedServer:
     workdir: Path
     name: str
     base_gpu_id: Optional[int] = None
+    public_host: Optional[str] = None  # the name clients use, when `host` is a bind-all address
     proc: Optional[subprocess.Popen] = None
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"http://{self.public_host or self.host}:{self.port}"
 
     @property
     def log_path(self) -> Path:
@@ -176,19 +181,85 @@ def live_processes_in_group(pgid: int) -> list[int]:
     return live
 
 
+def group_size(cfg: SGLangConfig, group: str) -> int:
+    return cfg.policy_servers if group == "policy" else cfg.history_servers
+
+
+def run_api_key(workdir: Path) -> str:
+    """The run's key for served servers: `<workdir>/api_key`, made by whichever process needs it first
+    (linked into place, so two racing processes end up with the same key)."""
+    path = workdir / "api_key"
+    if not path.exists():
+        tmp = workdir / f".api_key.{os.getpid()}.{socket.gethostname()}"
+        atomic_write_private(tmp, secrets.token_urlsafe(32))
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+    return _read_key(str(path))
+
+
+def serve_record(workdir: Path, group: str, index: int) -> Path:
+    return workdir / f"{group}-{index}.serve.json"
+
+
+def _answers_health(url: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(url + "/health", timeout=2.0).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def discover(workdir: Path, group: str, count: int, timeout: float) -> list[str]:
+    """URLs of servers 0..count-1 of `group` published by `soup-megatron serve`, once each answers
+    /health (a record left by an earlier job points at a dead server: waited on until replaced)."""
+    deadline = time.monotonic() + timeout
+    urls: dict[int, str] = {}
+    announced = False
+    while True:
+        for i in range(count):
+            if i not in urls and serve_record(workdir, group, i).is_file():
+                try:
+                    url = json.loads(serve_record(workdir, group, i).read_text())["url"]
+                except (OSError, ValueError, KeyError):
+                    continue  # being replaced
+                if _answers_health(url):
+                    urls[i] = url
+        if len(urls) == count:
+            return [urls[i] for i in range(count)]
+        if time.monotonic() > deadline:
+            missing = [serve_record(workdir, group, i).name for i in range(count) if i not in urls]
+            raise ServerError(f"{count} {group} server(s) of `soup-megatron serve` expected "
+                              f"(rollout.sglang.servers_from=serve); after {timeout:.0f} s "
+                              f"(rollout.sglang.startup_timeout) none healthy for {', '.join(missing)} in {workdir}. "
+                              "Are the serve job steps running? Their output is in the job's log")
+        if not announced:
+            print(f"waiting for {count} {group} server(s) from `soup-megatron serve` in {workdir}", file=sys.stderr)
+            announced = True
+        time.sleep(1.0)
+
+
 class ServerGroup:
-    """The servers of one group, managed or external, and the address file clients read."""
+    """The servers of one group, managed, served or external, and the address file clients read."""
 
     def __init__(self, group: str, cfg: SGLangConfig, model_path: str, run_dir: Path):
         self.group, self.cfg = group, cfg
         self.workdir = make_private_dir(Path(run_dir) / "servers")
         self.address_file = self.workdir / f"{group}.json"
         urls = cfg.policy_urls if group == "policy" else cfg.history_urls
-        count = cfg.policy_servers if group == "policy" else cfg.history_servers
+        count = group_size(cfg, group)
         self.managed: list[ManagedServer] = []
+        self.served = cfg.servers_from == "serve"
         if urls:
             self.urls = [u.rstrip("/") for u in urls]
             self.api_key = _read_key(cfg.api_key_file) if cfg.api_key_file else ""
+        elif self.served:
+            self.urls = []  # known once the serve processes publish them
+            self.api_key = run_api_key(self.workdir)
         else:
             self.api_key = secrets.token_urlsafe(32)
             first = 0 if group == "policy" else cfg.policy_servers  # this group's slice of base_gpu_ids
@@ -200,16 +271,21 @@ class ServerGroup:
     def start(self) -> None:
         for server in self.managed:  # all start together; each takes ~25 s on CPU
             server.start()
-        self.write_address_file()
+        if not self.served:
+            self.write_address_file()
 
     def wait_healthy(self) -> None:
         for server in self.managed:
             server.wait_healthy(self.cfg.startup_timeout)
+        if self.served:
+            self.urls = discover(self.workdir, self.group, group_size(self.cfg, self.group), self.cfg.startup_timeout)
+            self.write_address_file()
 
     def write_address_file(self) -> None:
+        supervised = self.urls if self.served else [s.url for s in self.managed]
         atomic_write_private(self.address_file, json.dumps({
-            "group": self.group, "urls": self.urls, "api_key": self.api_key,
-            "managed": [s.url for s in self.managed], "pids": [s.proc.pid for s in self.managed if s.proc]}))
+            "group": self.group, "urls": self.urls, "api_key": self.api_key, "supervised": supervised,
+            "pids": [s.proc.pid for s in self.managed if s.proc]}))
 
     def restart(self, url: str) -> bool:
         """Restart the managed server at `url` (blocking until healthy); False for an external one."""
