@@ -98,6 +98,7 @@ def slurm_jobs(cfg: Config, config_note: str) -> list[Job]:
     jobs = []
     if cfg.launch.convert_from_hf:
         mc = cfg.actor.megatron
+        # one node at the training TP and PP=1: torch_dist checkpoints load under any other layout
         jobs.append(Job("convert", _render("convert.sbatch.j2", **common, hf_checkpoint=cfg.model.path,
                                             megatron_checkpoint=run_dir / CONVERTED, tp=mc.tensor_parallel, pp=1,
                                             convert_ranks=mc.tensor_parallel)))
