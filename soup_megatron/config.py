@@ -161,7 +161,9 @@ class MegatronConfig:
     virtual_pipeline: int = 1  # model chunks per pipeline rank (interleaved schedule when > 1)
     context_parallel: int = 1
     sequence_parallel: bool = False
-    params_dtype: str = "float32"  # float32 | bfloat16
+    params_dtype: str = "float32"  # float32 | bfloat16 (megatron's optimizer keeps fp32 main weights for bf16)
+    distributed_optimizer: bool = True  # shard the fp32 main weights and Adam state over data-parallel ranks
+    # (one replica: nothing to shard, the replicated optimizer is used)
     fp8: str = ""  # "" (off) | e4m3 | hybrid: needs Transformer Engine and a GPU
     fp8_recipe: str = "delayed"  # delayed | tensorwise | blockwise | mxfp8 (as the installed megatron-core offers)
     recompute: str = "none"  # none | selective | full

@@ -8,13 +8,10 @@ Parameters: counted exactly from the HF config.json, in megatron-core's layout (
     per GPU: layers / pp of them with their matrices split over t (norms replicated); the embedding on the first
     stage, the output layer and final norm on the last (pp = 1: all on one GPU).
 
-Weights, gradients and optimizer state, bytes per parameter (p = 2 for bfloat16, 4 for float32):
-    as-built     p + p + 2p: the megatron actor's plain torch.optim.AdamW (soup_megatron/actor/megatron.py):
-                 gradients and Adam m, v in the parameter dtype, no fp32 main weights, a full copy on every
-                 data-parallel rank
-    distributed  megatron-core's distributed optimizer (not built in the actor yet). Megatron-LM docs, "Distributed
-                 Optimizer": bf16 params + fp32 grads 6 + 12/d (18 undistributed: 2 + 4 + (4 main weights + 8 Adam));
-                 fp32 params + fp32 grads 8 + 8/d; d = data-parallel size
+Weights, gradients and optimizer state, bytes per parameter: the actor's megatron-core DDP (fp32 gradient
+buffers) and optimizer, Megatron-LM docs, "Distributed Optimizer": bf16 params + fp32 grads 6 + 12/d
+(2 + 4 + (4 main weights + 8 Adam m, v) / d); fp32 params + fp32 grads 8 + 8/d; d = data-parallel size with
+actor.megatron.distributed_optimizer, 1 without (18 and 16).
 
 Activations per transformer layer and microbatch: Korthikanti et al. 2022, "Reducing Activation Recomputation in
 Large Transformer Models" (arXiv:2205.05198), Table 2; bytes for 16-bit activations (twice that for float32),
@@ -73,7 +70,7 @@ ADVICE = {
 }
 ADVICE["gradients"] = ADVICE["weights"]
 ADVICE["optimizer state"] = (ADVICE["weights"] + ", or shard the optimizer state over data-parallel ranks "
-                             "(--optimizer distributed with a larger --world-size)")
+                             "(actor.megatron.distributed_optimizer=true with a larger --world-size)")
 
 
 class PlanError(ValueError):
@@ -135,14 +132,12 @@ def parameter_counts(arch: Architecture, padded_vocab: int) -> ParameterCounts:
     )
 
 
-def bytes_per_parameter(optimizer: str, params_dtype: str, data_parallel: int) -> dict[str, float]:
+def bytes_per_parameter(distributed: bool, params_dtype: str, data_parallel: int) -> dict[str, float]:
     """Bytes per parameter on one GPU for weights, gradients and optimizer state."""
-    p = DTYPE_BYTES[params_dtype]
-    if optimizer == "as-built":
-        return {"weights": p, "gradients": p, "optimizer state": 2 * p}
-    if params_dtype == "bfloat16":  # fp32 gradient buffer; fp32 main weights and Adam m, v sharded over d
-        return {"weights": 2, "gradients": 4, "optimizer state": (4 + 8) / data_parallel}
-    return {"weights": 4, "gradients": 4, "optimizer state": 8 / data_parallel}
+    shards = data_parallel if distributed else 1
+    if params_dtype == "bfloat16":  # fp32 gradient buffer; fp32 main weights and Adam m, v (sharded over d)
+        return {"weights": 2, "gradients": 4, "optimizer state": (4 + 8) / shards}
+    return {"weights": 4, "gradients": 4, "optimizer state": 8 / shards}
 
 
 def layer_activation_bytes(seq: float, micro_batch: int, hidden: int, heads: int, tp: int, sequence_parallel: bool,
@@ -177,7 +172,6 @@ class Plan:
     micro_batch: int
     seq_len: int
     world_size: int
-    optimizer: str
 
     @property
     def model_parallel(self) -> int:
@@ -208,7 +202,7 @@ class Plan:
         seq = self.seq_len / mc.context_parallel
         params = self.counts.on_stage(stage, tp, pp)
         terms = {name: params * size
-                 for name, size in bytes_per_parameter(self.optimizer, mc.params_dtype, self.data_parallel).items()}
+                 for name, size in bytes_per_parameter(mc.distributed_optimizer, mc.params_dtype, self.data_parallel).items()}
         layer = (seq, self.micro_batch, self.arch.hidden_size, self.arch.num_heads, tp,
                  mc.sequence_parallel and tp > 1)
         stacks = self.arch.num_layers // pp * microbatches_in_flight(stage, pp, mc.virtual_pipeline)
@@ -253,15 +247,15 @@ def gib(value: float) -> str:
 def trainer_table(plan: Plan, stages: dict[str, int], gpu_bytes: float) -> Table:
     """Memory terms of the first and last pipeline stages (one column when pp = 1)."""
     mc, arch = plan.megatron, plan.arch
-    per_param = bytes_per_parameter(plan.optimizer, mc.params_dtype, plan.data_parallel)
+    per_param = bytes_per_parameter(mc.distributed_optimizer, mc.params_dtype, plan.data_parallel)
     layers = arch.num_layers // mc.pipeline_parallel
     sp = "SP" if mc.sequence_parallel and mc.tensor_parallel > 1 else "no SP"
     how = {
         "weights": f"{per_param['weights']:g} B/param",
         "gradients": f"{per_param['gradients']:g} B/param",
         "optimizer state": f"{per_param['optimizer state']:g} B/param (Adam"
-                           + (f", fp32 main weights, / d={plan.data_parallel})" if plan.optimizer == "distributed"
-                              else " m, v)"),
+                           + (", fp32 main weights" if mc.params_dtype == "bfloat16" else "")
+                           + (f", / d={plan.data_parallel})" if mc.distributed_optimizer else ")"),
         "activations": f"recompute={mc.recompute}, {sp}: {layers} layers x microbatches in flight",
         "logits": f"s b V_pad/t, V_pad={plan.padded_vocab}, last stage",
         "CUDA context": "fixed allowance",
@@ -321,9 +315,6 @@ def parse_args(argv):
                              "rollout.max_response_len)")
     parser.add_argument("--world-size", type=positive_int,
                         help="GPUs training (default: tensor x pipeline x context parallel, i.e. data parallel 1)")
-    parser.add_argument("--optimizer", choices=["as-built", "distributed"], default="as-built",
-                        help="as-built: the actor's torch AdamW in the parameter dtype; distributed: megatron-core's "
-                             "mixed-precision distributed optimizer (not built in the actor yet)")
     parser.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory of one GPU (default 80)")
     parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. actor.megatron.tensor_parallel=8")
     return parser.parse_intermixed_args(argv)
@@ -339,7 +330,7 @@ def plan_from(args, cfg: Config) -> Plan:
     plan = Plan(arch=arch, megatron=mc, micro_batch=cfg.actor.micro_batch_size,
                 seq_len=args.seq_len or PROMPT_BUDGET + cfg.rollout.max_response_len,
                 world_size=args.world_size or mc.tensor_parallel * mc.pipeline_parallel * mc.context_parallel,
-                optimizer=args.optimizer)
+)
     world, model_parallel = plan.world_size, plan.model_parallel
     if world % model_parallel:
         raise PlanError(f"--world-size {world} is not a multiple of tensor_parallel {mc.tensor_parallel} x "
@@ -354,9 +345,6 @@ def notes(args, cfg: Config, plan: Plan) -> list[str]:
     if args.seq_len is None:
         out.append(f"s = {plan.seq_len}: prompt budget {PROMPT_BUDGET} + rollout.max_response_len "
                    f"{cfg.rollout.max_response_len} (--seq-len to change)")
-    if plan.optimizer == "distributed":
-        out.append("--optimizer distributed: megatron-core's distributed optimizer is not built in the actor yet "
-                   "(it steps a plain torch.optim.AdamW)")
     if mc.virtual_pipeline > 1:
         out.append("virtual_pipeline > 1: the actor does not run megatron's interleaved schedule yet")
     out.append("activations use the published constants of Korthikanti et al. 2022 (GPT-3-style layers): "
@@ -412,7 +400,7 @@ def main(argv=None) -> int:
     console.print(f"{plan.arch.family}, {plan.model_parameters / 1e9:.2f} B parameters; tp={mc.tensor_parallel} "
                   f"pp={mc.pipeline_parallel} vp={mc.virtual_pipeline} cp={mc.context_parallel} "
                   f"d={plan.data_parallel} (world {plan.world_size}); s={plan.seq_len} b={plan.micro_batch}; "
-                  f"{mc.params_dtype}; optimizer {plan.optimizer}")
+                  f"{mc.params_dtype}; {'distributed' if mc.distributed_optimizer else 'replicated'} optimizer")
     console.print(trainer_table(plan, stages, gpu_bytes))
     console.print(sglang_table(budget, cfg, mem_fraction, plan.seq_len))
     for note in notes(args, cfg, plan):

@@ -56,15 +56,13 @@ def test_bytes_per_parameter():
     def total(*args):
         return sum(bytes_per_parameter(*args).values())
 
-    # as built: torch AdamW, gradients and m, v in the parameter dtype
-    assert total("as-built", "bfloat16", 8) == 8
-    assert total("as-built", "float32", 8) == 16
     # Megatron-LM docs, "Distributed Optimizer": bf16 params + fp32 grads 18 undistributed, 6 + 12/d distributed;
     # fp32 params + fp32 grads 16 and 8 + 8/d
-    assert total("distributed", "bfloat16", 1) == 18
-    assert total("distributed", "bfloat16", 8) == 6 + 12 / 8 == 7.5
-    assert total("distributed", "float32", 1) == 16
-    assert total("distributed", "float32", 4) == 8 + 8 / 4
+    assert total(False, "bfloat16", 8) == 18
+    assert total(True, "bfloat16", 1) == 18
+    assert total(True, "bfloat16", 8) == 6 + 12 / 8 == 7.5
+    assert total(False, "float32", 4) == 16
+    assert total(True, "float32", 4) == 8 + 8 / 4
 
 
 def test_activation_formulas():
@@ -102,10 +100,9 @@ def test_cli_refuses_70b_on_8_gpus_and_accepts_128():
     assert "more than --gpu-memory-gib 80; the biggest term is activations" in refused.stderr
     assert "actor.megatron.recompute" in refused.stderr  # what to change
 
-    fits = run_tool("--architecture", LLAMA, *FITS_70B, "--world-size", "128", "--optimizer", "distributed")
+    fits = run_tool("--architecture", LLAMA, *FITS_70B, "--world-size", "128")
     assert fits.returncode == 0, fits.stdout + fits.stderr
     assert "first stage" in fits.stdout and "last stage" in fits.stdout and "d=4" in fits.stdout
-    assert "not built in the actor yet" in fits.stdout
 
 
 def plan(capsys, *args):
@@ -132,7 +129,7 @@ def test_refusals(capsys):
     code, _, err = plan(capsys, "--architecture", LLAMA, "actor.megatron.no_such_key=1")
     assert code == 2 and "unknown key" in err
 
-    sglang = ["--architecture", LLAMA, *FITS_70B, "--world-size", "64", "--optimizer", "distributed",
+    sglang = ["--architecture", LLAMA, *FITS_70B, "--world-size", "64",
               "rollout.backend=sglang", "rollout.sglang.dtype=bfloat16"]
     code, _, err = plan(capsys, *sglang, "rollout.sglang.tp_size=1")  # 70.55e9 x 2 bytes = 131.42 GiB > 0.85 x 80 GiB
     assert code == 2 and "SGLang's weights (131.42 GiB per GPU" in err and "raise rollout.sglang.tp_size" in err

@@ -3,7 +3,7 @@ KV budget; exits 2 with the biggest term and what to change when the plan does n
 (formulas and sources: `soup_megatron/plan_memory.py`).
 
     python tools/plan_memory.py --config configs/X.yaml [--architecture HF_CONFIG_JSON] [--world-size N]
-        [--optimizer as-built|distributed] [--seq-len N] [--gpu-memory-gib 80] [overrides...]
+        [--seq-len N] [--gpu-memory-gib 80] [overrides, e.g. actor.megatron.distributed_optimizer=false]
 """
 
 import sys

@@ -5,7 +5,10 @@ trainer loop and calls the actor like any other; each call is broadcast to the o
 sit in `follow()` and run the same method on their slices. Data-parallel ranks take every dp-th
 sample and run its microbatches through megatron's forward/backward schedule (1F1B across pipeline
 stages). The SOUP loss weights use the whole batch's token counts, so summing gradients over ranks
-and microbatches gives exactly the gradient of the batch loss.
+and microbatches gives exactly the gradient of the batch loss: megatron's DDP sums (not averages)
+them into fp32 gradient buffers when the loss is per token, and megatron's optimizer (fp32 main
+weights, Adam, grad-norm clipping; sharded over data-parallel ranks with `distributed_optimizer`)
+takes the step.
 """
 
 from __future__ import annotations
@@ -18,9 +21,8 @@ import torch.distributed as dist
 
 from ..algo.loss import LossConfig, aggregation_weights, loss_mask, soup_loss
 from ..config import ActorConfig
-from ..mcore import checkpoint, parallel
+from ..mcore import checkpoint, cpu_compat, parallel
 from ..mcore.logprobs import vocab_parallel_logprobs
-from ..mcore import cpu_compat
 from ..mcore.model import padded_vocab_size, read_architecture
 from ..mcore.weights import build_stage, mark_tensor_parallel
 from ..model.hf import CheckpointError
@@ -41,6 +43,13 @@ class MegatronActor:
             raise parallel.ParallelError(
                 "actor.megatron.context_parallel > 1: this actor does not split sequences over context-parallel "
                 "ranks (that needs Transformer Engine's attention on a GPU); set context_parallel=1")
+        if mc.distributed_optimizer and mc.tensor_parallel > 1 and mc.pipeline_parallel > 1:
+            raise parallel.ParallelError(
+                "actor.megatron.distributed_optimizer=true with tensor_parallel > 1 and pipeline_parallel > 1: "
+                "megatron-core 0.16's checkpoint of the distributed optimizer fails in that layout (its "
+                "dp_reshardable format mixes up the buckets of the stages; the layout-free format fails with "
+                "torch's Adam), so training could not be saved; set distributed_optimizer=false (each rank then "
+                "keeps the full fp32 main weights and Adam state: tools/plan_memory.py shows whether that fits)")
         self.layout = parallel.initialize(mc)
         if samples_per_update is not None:
             parallel.check_batch_split(samples_per_update, self.layout)
@@ -58,9 +67,27 @@ class MegatronActor:
         else:
             checkpoint.load_hf_into(self.model, self.params, self.arch, self.model_path, self.layout,
                                     self.padded_vocab, progress=self.layout.is_driver)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.sharded_optimizer = mc.distributed_optimizer and self.layout.dp > 1  # one replica: nothing to shard
+        self.ddp, self.optimizer = self._wrap_for_training()
         self.version = 0
         self.closed = False
+
+    def _wrap_for_training(self):
+        """megatron's DDP (gradient buffers, reduction over data-parallel ranks) and its optimizer,
+        made after the weights are loaded: the optimizer copies them into its fp32 main weights."""
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+        mc = self.cfg.megatron
+        sharded = self.sharded_optimizer
+        with cpu_compat.cuda_on_cpu():
+            ddp = DistributedDataParallel(self.model.config, DistributedDataParallelConfig(
+                grad_reduce_in_fp32=True, use_distributed_optimizer=sharded), self.model)
+            optimizer = get_megatron_optimizer(OptimizerConfig(
+                optimizer="adam", lr=self.cfg.lr, weight_decay=self.cfg.weight_decay, clip_grad=self.cfg.grad_clip,
+                bf16=mc.params_dtype == "bfloat16", params_dtype=self.model.config.params_dtype,
+                use_distributed_optimizer=sharded), [ddp])
+        return ddp, optimizer
 
     # ---- driver -> followers ---------------------------------------------------------------------
     def _call(self, name: str, *args):
@@ -145,7 +172,7 @@ class MegatronActor:
 
         with cpu_compat.cuda_on_cpu():
             outputs = get_forward_backward_func()(
-                forward_step_func=forward_step, data_iterator=None, model=[self.model], num_microbatches=len(micro),
+                forward_step_func=forward_step, data_iterator=None, model=[self.ddp], num_microbatches=len(micro),
                 seq_length=max(mb.input_ids.shape[1] for _, mb in micro),
                 micro_batch_size=self.cfg.micro_batch_size, forward_only=forward_only)
         return [(rows, out) for (rows, _), out in zip(micro, outputs)]
@@ -181,10 +208,13 @@ class MegatronActor:
         return logp, (entropy if with_entropy else None)
 
     def _train_minibatch(self, batch: TokenBatch, loss_cfg: LossConfig, temperature: float) -> dict:
+        from megatron.core.distributed import finalize_model_grads
+
         parallel.check_batch_split(len(batch), self.layout)
         self.model.train()
         num_tokens = float(loss_mask(batch.segment, loss_cfg.prefix_mode).sum())
-        self.optimizer.zero_grad(set_to_none=True)
+        self.ddp.zero_grad_buffer()
+        self.optimizer.zero_grad()
         on = self._on_device
 
         def soup(logits, mb):
@@ -206,51 +236,15 @@ class MegatronActor:
             clipped[rows, :width] = out["clipped"].cpu()
             entropy[rows, :width] = out["entropy"].cpu()
             total_loss += out["loss"].cpu()
-        self._reduce_gradients()
-        grad_norm = self._clip_gradients(self.cfg.grad_clip)
-        self.optimizer.step()
+        with cpu_compat.cuda_on_cpu():
+            # sums gradients over data-parallel ranks and over a tied embedding's two pipeline stages
+            # (num_tokens=None: no rescaling, the loss already carries the batch's token weights)
+            finalize_model_grads([self.ddp], num_tokens=None)
+            _, grad_norm, _ = self.optimizer.step()  # norm before clipping, every slice counted once
         self.model.eval()
         self._sum_to_driver(ratio, clipped, entropy, total_loss)
         return {"ratio": ratio.flatten(), "clipped": clipped.flatten() > 0, "entropy": entropy.flatten(),
-                "segment": batch.segment.flatten(), "loss": float(total_loss), "grad_norm": grad_norm}
-
-    def _reduce_gradients(self) -> None:
-        """Sum gradients over data-parallel ranks; with sequence parallelism the replicated norm
-        weights saw only this rank's part of the sequence, so theirs are summed over tensor ranks too;
-        a tied embedding held by the first and the last pipeline stage sums the gradients of its two copies."""
-        from megatron.core import parallel_state as ps
-
-        if self.layout.pp > 1 and self.arch.tied_embeddings and ps.is_rank_in_embedding_group():
-            weight = self.model.shared_embedding_or_output_weight()
-            dist.all_reduce(weight.grad, group=ps.get_embedding_group())
-        for p in self.model.parameters():
-            if p.grad is None:
-                continue
-            if self.layout.dp > 1:
-                dist.all_reduce(p.grad, group=ps.get_data_parallel_group())
-            if getattr(p, "sequence_parallel", False) and self.layout.tp > 1:
-                dist.all_reduce(p.grad, group=ps.get_tensor_model_parallel_group())
-
-    def _clip_gradients(self, max_norm: float) -> float:
-        """Global L2 norm over all slices (replicated weights, and a tied embedding's last-stage copy,
-        counted once), then torch's clip rule."""
-        from megatron.core import parallel_state as ps
-        from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
-        from megatron.core.transformer.module import param_is_not_shared
-
-        grads = [p.grad for p in self.model.parameters()
-                 if p.grad is not None and param_is_not_shared(p)
-                 and param_is_not_tensor_parallel_duplicate(p, ps.get_tensor_model_parallel_group())]
-        squares = torch.stack([g.float().pow(2).sum() for g in grads]).sum().reshape(1)
-        if self.layout.tp * self.layout.pp > 1:
-            dist.all_reduce(squares, group=ps.get_model_parallel_group())
-        norm = float(squares.sqrt())
-        coef = max_norm / (norm + 1e-6)
-        if coef < 1.0:
-            for p in self.model.parameters():
-                if p.grad is not None:
-                    p.grad.mul_(coef)
-        return norm
+                "segment": batch.segment.flatten(), "loss": float(total_loss), "grad_norm": float(grad_norm)}
 
     def _rollout_weights(self):
         tensors = checkpoint.iter_hf_tensors(self.model, self.params, self.arch, self.layout)
@@ -264,8 +258,23 @@ class MegatronActor:
     def _save_state(self, path: Path, version: int) -> None:
         checkpoint.save_distributed(path, self.model, self.optimizer, self.layout,
                                     {"version": version, "has_optimizer": True, "architecture": asdict(self.arch),
-                                     "params_dtype": self.cfg.megatron.params_dtype},
+                                     "params_dtype": self.cfg.megatron.params_dtype,
+                                     "distributed_optimizer": self.sharded_optimizer,
+                                     "saved_with": {"tp": self.layout.tp, "pp": self.layout.pp}},
                                     hf_files_from=self.model_path)
 
     def _load_state(self, path: Path) -> int:
+        meta = checkpoint.read_metadata(path)
+        sharded = self.sharded_optimizer
+        if meta.get("distributed_optimizer") != sharded:
+            raise CheckpointError(f"{path} holds the state of a {'sharded' if meta.get('distributed_optimizer') else 'replicated'} "
+                                  f"optimizer and this actor's is {'sharded' if sharded else 'replicated'} "
+                                  "(actor.megatron.distributed_optimizer with more than one data-parallel replica); "
+                                  "resume with the same setting and data-parallel size > 1 or = 1 as saved")
+        here = {"tp": self.layout.tp, "pp": self.layout.pp}
+        if sharded and meta.get("saved_with") != here:
+            # megatron-core 0.16's layout-free format for it fails with torch's Adam (no TE / apex)
+            raise CheckpointError(f"{path}: the distributed optimizer's state was saved at {meta.get('saved_with')} "
+                                  f"and loads only under the same tensor / pipeline sizes (data parallel may "
+                                  f"change), not {here}")
         return checkpoint.load_distributed(path, self.model, self.optimizer, self.layout)["version"]

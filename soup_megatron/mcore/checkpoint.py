@@ -4,8 +4,9 @@
 - model -> HF: tensors are gathered from the tensor-parallel ranks one parameter at a time and
   written by rank 0 in safetensors shards of bounded size (the full model never sits in one rank's
   memory besides its own slice).
-- Distributed checkpoints (megatron `torch_dist`): model, optimizer state (sharded like the
-  parameters, so a checkpoint loads under another TP/PP layout), per-rank RNG state and metadata.
+- Distributed checkpoints (megatron `torch_dist`): model, megatron's optimizer state (fp32 main
+  weights, Adam moments; saved per parameter, so a checkpoint loads under another TP/PP/DP layout),
+  per-rank RNG state and metadata.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ HF_SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tok
 SHARD_BYTES = 2 * 1024 ** 3
 DIST_MARKER = "soup_megatron.json"  # written last into a distributed checkpoint: its presence means complete
 HF_CONFIG_DIR = "hf_config"  # HF config and tokenizer files inside a distributed checkpoint, for exports
+# the distributed optimizer's state saved per parameter, so it loads under another TP/PP/DP layout
+OPTIMIZER_LAYOUT = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
 class HFReader:
@@ -177,26 +180,23 @@ def write_hf(path: Path, tensors: Iterator[tuple[str, Optional[torch.Tensor]]], 
 
 
 def save_distributed(path: Path, model, optimizer, layout: Layout, metadata: dict, hf_files_from: Path) -> None:
-    """A megatron torch_dist checkpoint of the model and the optimizer state (both resharded on load
-    with another layout), each rank's RNG state, the HF config/tokenizer files of `hf_files_from`,
-    and `soup_megatron.json` written last."""
+    """A megatron torch_dist checkpoint of the model and of megatron's optimizer (fp32 main weights and
+    Adam state; both resharded on load with another layout), each rank's RNG state, the HF
+    config/tokenizer files of `hf_files_from`, and `soup_megatron.json` written last."""
     from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.optimizer import (get_param_id_to_sharded_param_map,
-                                                            optim_state_to_sharding_state)
+
+    from .cpu_compat import cuda_on_cpu
 
     path = Path(path)
     if layout.is_driver:
         path.mkdir(parents=True, exist_ok=True)
     dist.barrier()
     state = {"model": model.sharded_state_dict(prefix="")}
-    if optimizer is not None:
-        # build the optimizer view on a second copy of the model's sharded tensors
-        id_map = get_param_id_to_sharded_param_map(model.sharded_state_dict(prefix=""),
-                                                   [p for g in optimizer.param_groups for p in g["params"]])
-        optim_state = optimizer.state_dict()
-        state["adam_step"] = _adam_step(optim_state)
-        optim_state_to_sharding_state(optim_state, id_map, exclude_keys=("step",))
-        state["optimizer"] = optim_state
+    if optimizer is not None:  # its view is built on a second copy of the model's sharded tensors
+        with cuda_on_cpu():
+            state["optimizer"] = optimizer.sharded_state_dict(model.sharded_state_dict(prefix=""), is_loading=False,
+                                                              metadata=OPTIMIZER_LAYOUT)
+        state["adam_step"] = _adam_step(optimizer)
     dist_checkpointing.save(state, str(path))
     if optimizer is not None:  # a training checkpoint: each rank's random state too
         rng = path / "rng"
@@ -228,8 +228,8 @@ def read_metadata(path: Path) -> dict:
 def load_distributed(path: Path, model, optimizer, layout: Layout) -> dict:
     """Load model (and optimizer, when given) under the current layout; returns the metadata."""
     from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.optimizer import (get_param_id_to_sharded_param_map,
-                                                            optim_state_to_sharding_state)
+
+    from .cpu_compat import cuda_on_cpu
 
     path = Path(path)
     metadata = read_metadata(path)
@@ -237,19 +237,18 @@ def load_distributed(path: Path, model, optimizer, layout: Layout) -> dict:
     if optimizer is not None:
         if not metadata.get("has_optimizer"):
             raise CheckpointError(f"{path}: holds no optimizer state (a converted model, not a training checkpoint)")
-        id_map = get_param_id_to_sharded_param_map(model.sharded_state_dict(prefix=""),
-                                                   [p for g in optimizer.param_groups for p in g["params"]])
-        _init_optimizer_state(optimizer)
-        optim_state = optimizer.state_dict()
-        optim_state_to_sharding_state(optim_state, id_map, exclude_keys=("step",))
-        state["optimizer"] = optim_state
+        with cuda_on_cpu():
+            state["optimizer"] = optimizer.sharded_state_dict(model.sharded_state_dict(prefix=""), is_loading=True,
+                                                              metadata=OPTIMIZER_LAYOUT)
         state["adam_step"] = 0.0
     loaded = dist_checkpointing.load(state, str(path))
     model.load_state_dict(loaded["model"], strict=False)
     if optimizer is not None:
-        for param_state in loaded["optimizer"]["state"].values():
-            param_state["step"] = torch.tensor(loaded["adam_step"], dtype=torch.float32)
-        optimizer.load_state_dict(loaded["optimizer"])
+        with cuda_on_cpu(), torch.no_grad():  # it copies into the main weights in place
+            optimizer.load_state_dict(loaded["optimizer"])
+        for param_state in _torch_adam_states(optimizer):
+            if "step" in param_state:  # one tensor each: Adam increments them in place
+                param_state["step"] = torch.tensor(loaded["adam_step"], dtype=torch.float32)
         rng = path / "rng" / f"rank{layout.rank:05d}.pt"
         if rng.is_file():  # a checkpoint saved with fewer ranks has none for this one
             saved = torch.load(rng, weights_only=False)
@@ -259,18 +258,16 @@ def load_distributed(path: Path, model, optimizer, layout: Layout) -> dict:
     return metadata
 
 
-def _adam_step(optim_state: dict) -> float:
-    """Adam's step counter, kept once (every parameter is updated on every step, so all are equal)."""
-    steps = {float(st["step"]) for st in optim_state["state"].values()}
+def _torch_adam_states(optimizer):
+    """Per-parameter states of the torch Adam optimizers inside megatron's (chained) optimizer."""
+    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+        yield from part.optimizer.state.values()
+
+
+def _adam_step(optimizer) -> float:
+    """torch Adam's per-parameter step count (all equal: every parameter is updated every step). Saved
+    apart because megatron-core 0.16's distributed optimizer does not restore it on load."""
+    steps = {float(st["step"]) for st in _torch_adam_states(optimizer) if "step" in st}
     if len(steps) > 1:
         raise RuntimeError(f"optimizer parameters disagree on Adam's step count: {sorted(steps)}")
     return steps.pop() if steps else 0.0
-
-
-def _init_optimizer_state(optimizer) -> None:
-    """Adam keeps no state before its first step; make zero state so the loaded one has a place."""
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            if not optimizer.state[p]:
-                optimizer.state[p] = {"step": torch.zeros((), dtype=torch.float32),
-                                      "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}

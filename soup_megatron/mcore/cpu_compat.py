@@ -6,8 +6,11 @@ Without CUDA, `cuda_on_cpu()` is a context in which
 - tensor factories asked for `device="cuda"` make CPU tensors and `Tensor.cuda()` returns the tensor
   (the schedules' token counter, the tied-embedding copy of a last pipeline stage);
 - `torch.cuda.synchronize()` returns at once: there is no device (pipeline stages call it after
-  exchanging tensor shapes; gloo's sends and receives have completed when their `wait()` returns).
-It is entered around model construction, megatron's forward/backward schedules, RotaryEmbedding and
+  exchanging tensor shapes; gloo's sends and receives have completed when their `wait()` returns);
+- `Tensor.type()` names the CUDA type of the tensor's dtype ("torch.cuda.FloatTensor"): megatron's
+  optimizers sort parameters into fp32 / half groups by these names and refuse any other.
+It is entered around model construction, megatron's DDP and optimizer (construction, gradient
+reduction, step, state dicts), the forward/backward schedules, RotaryEmbedding and
 `dist_checkpointing.save` / `load`; `enable()` installs the last two wrappers and has the torch_dist
 writer copy tensors to host memory blocking, as there is no device to synchronise with (its
 non-blocking path ends in `torch.cuda.synchronize()`). With CUDA present all of this does nothing.
@@ -34,6 +37,8 @@ class _CudaFactoriesOnCpu(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is torch.Tensor.cuda:
             return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            return func(*args).replace("torch.", "torch.cuda.", 1)
         device = kwargs.get("device")
         if device is not None and torch.device(device).type == "cuda":
             kwargs["device"] = "cpu"

@@ -51,14 +51,14 @@ def initialize(cfg: MegatronConfig) -> Layout:
     from megatron.core import parallel_state as ps
 
     model_parallel = cfg.tensor_parallel * cfg.pipeline_parallel * cfg.context_parallel
+    rank, world, local = _launcher_env()
+    if (dist.get_world_size() if dist.is_initialized() else world) == 1 and model_parallel > 1:
+        raise ParallelError(
+            f"actor.megatron: tensor_parallel {cfg.tensor_parallel} x pipeline_parallel {cfg.pipeline_parallel} x "
+            f"context_parallel {cfg.context_parallel} = {model_parallel} processes are needed, and this is one "
+            f"process: launch with `torchrun --nproc-per-node {model_parallel} -m soup_megatron.cli train ...` "
+            "(or srun with that many tasks)")
     if not dist.is_initialized():
-        rank, world, local = _launcher_env()
-        if world == 1 and model_parallel > 1:
-            raise ParallelError(
-                f"actor.megatron: tensor_parallel {cfg.tensor_parallel} x pipeline_parallel {cfg.pipeline_parallel} x "
-                f"context_parallel {cfg.context_parallel} = {model_parallel} processes are needed, and this is one "
-                f"process: launch with `torchrun --nproc-per-node {model_parallel} -m soup_megatron.cli train ...` "
-                "(or srun with that many tasks)")
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if torch.cuda.is_available():
             torch.cuda.set_device(local)
