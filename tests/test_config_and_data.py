@@ -34,7 +34,7 @@ from soup_megatron.config import RewardConfig
     ("model.tiny.num_kv_heads=3", "model.tiny.num_kv_heads=3 is not allowed; expected a divisor of model.tiny.num_heads"),
     ("rollout.weight_sync=distributed", "need CUDA servers and NCCL and are not built in this tree"),
     ("rollout.backend=vllm", "rollout.backend='vllm' is not allowed; choose one of: local, sglang"),
-    ("rollout.sglang.tp=2", "unknown key 'rollout.sglang.tp'. Allowed here: python, policy_servers"),
+    ("rollout.sglang.tp=2", "unknown key 'rollout.sglang.tp'. Allowed here: python, servers_from, policy_servers"),
 ])
 def test_bad_overrides_are_refused(override, message):
     with pytest.raises(ConfigError) as err:
