@@ -176,7 +176,7 @@ class MegatronConfig:
 class ActorConfig:
     backend: str = "local"  # local (transformers model, one process) | megatron (megatron-core, torchrun ranks)
     lr: float = 1e-3
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0  # AdamW; the megatron actor (megatron's default) leaves norms and biases undecayed
     grad_clip: float = 1.0
     micro_batch_size: int = 64
     megatron: MegatronConfig = field(default_factory=MegatronConfig)
