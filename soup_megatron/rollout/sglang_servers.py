@@ -117,19 +117,14 @@ class ManagedServer:
                                      stderr=subprocess.DEVNULL, start_new_session=True)
 
     def wait_healthy(self, timeout: float) -> None:
-        import httpx
-
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc is None or self.proc.poll() is not None:
                 raise ServerError(f"SGLang server {self.name} ({self.url}) exited with code "
                                   f"{None if self.proc is None else self.proc.returncode} while starting; "
                                   f"last lines of {self.log_path}:\n{self.log_tail()}")
-            try:
-                if httpx.get(self.url + "/health", timeout=2.0).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
+            if answers_health(self.url):
+                return
             time.sleep(0.5)
         raise ServerError(f"SGLang server {self.name} ({self.url}) not healthy after {timeout:.0f} s "
                           f"(rollout.sglang.startup_timeout); last lines of {self.log_path}:\n{self.log_tail()}")
@@ -205,7 +200,7 @@ def serve_record(workdir: Path, group: str, index: int) -> Path:
     return workdir / f"{group}-{index}.serve.json"
 
 
-def _answers_health(url: str) -> bool:
+def answers_health(url: str) -> bool:
     import httpx
 
     try:
@@ -227,7 +222,7 @@ def discover(workdir: Path, group: str, count: int, timeout: float) -> list[str]
                     url = json.loads(serve_record(workdir, group, i).read_text())["url"]
                 except (OSError, ValueError, KeyError):
                     continue  # being replaced
-                if _answers_health(url):
+                if answers_health(url):
                     urls[i] = url
         if len(urls) == count:
             return [urls[i] for i in range(count)]
