@@ -50,18 +50,28 @@ def job_id(done) -> str:
 
 
 def state(job: str) -> str:
+    """The job's state in accounting: its last record (a requeued job has one per start), reason dropped."""
     out = subprocess.run(["sacct", "-X", "-n", "-P", "-j", job, "-o", "State"], capture_output=True, text=True).stdout
-    return out.strip().splitlines()[-1] if out.strip() else "UNKNOWN"
+    return out.strip().splitlines()[-1].split()[0] if out.strip() else "UNKNOWN"
+
+
+FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
+                "DEADLINE", "PREEMPTED"}
 
 
 def wait_done(job: str, timeout: float = 900) -> str:
+    """The job's final state. Both signs are awaited: squeue no longer lists it (a squeue that failed, as a busy
+    slurmctld's can, is no answer) and slurmdbd has recorded the end, which lags the controller by a moment."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if not subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True).stdout.strip():
+        queued = subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True)
+        gone = (queued.returncode == 0 and not queued.stdout.strip()) or "Invalid job id" in queued.stderr
+        if gone and state(job) in FINAL_STATES:
             return state(job)
         time.sleep(1)
     subprocess.run(["scancel", job])
-    raise AssertionError(f"job {job} still running after {timeout}s")
+    raise AssertionError(f"job {job} not finished after {timeout}s (squeue: {squeue_state(job)!r}, "
+                         f"sacct: {state(job)!r})")
 
 
 def metrics(out: Path) -> list[dict]:
