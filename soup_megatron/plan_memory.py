@@ -340,13 +340,11 @@ def plan_from(args, cfg: Config) -> Plan:
 
 
 def notes(args, cfg: Config, plan: Plan) -> list[str]:
-    mc, sg = plan.megatron, cfg.rollout.sglang
+    sg = cfg.rollout.sglang
     out = []
     if args.seq_len is None:
         out.append(f"s = {plan.seq_len}: prompt budget {PROMPT_BUDGET} + rollout.max_response_len "
                    f"{cfg.rollout.max_response_len} (--seq-len to change)")
-    if mc.virtual_pipeline > 1:
-        out.append("virtual_pipeline > 1: the actor does not run megatron's interleaved schedule yet")
     out.append("activations use the published constants of Korthikanti et al. 2022 (GPT-3-style layers): "
                "an estimate for SwiGLU / grouped-query models")
     if sg.mem_fraction_static is None:

@@ -39,6 +39,17 @@ def tiny_model_kv2(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_model_4_layers(tmp_path_factory):
+    """The two-key/value-head tiny model with 4 layers: two pipeline stages x two model chunks of one layer."""
+    from soup_megatron.model.tiny import prepare_tiny_model
+
+    path = tmp_path_factory.mktemp("model_4_layers") / "tiny"
+    prepare_tiny_model(load_config("configs/tiny_cpu.yaml", TINY + [f"model.path={path}", "model.tiny.num_kv_heads=2",
+                                                                    "model.tiny.num_layers=4"]), progress=False)
+    return path
+
+
+@pytest.fixture(scope="session")
 def demo_model(tmp_path_factory):
     """The README demo's model (configs/tiny_cpu.yaml: 0.82M parameters, 600 SFT steps); slow tier."""
     from soup_megatron.model.tiny import prepare_tiny_model

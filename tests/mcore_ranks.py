@@ -1,7 +1,7 @@
 """Checks that need several megatron ranks; run by tests/test_megatron.py under torchrun.
 
     torchrun --nproc-per-node N tests/mcore_ranks.py logits --tp T --out result.json MODEL_DIR...
-    torchrun --nproc-per-node N tests/mcore_ranks.py actor --tp T [--pp P] --out result.json --work DIR TINY_MODEL
+    torchrun --nproc-per-node N tests/mcore_ranks.py actor --tp T [--pp P] [--vp V] --out result.json --work DIR TINY_MODEL
 
 Rank 0 writes the measured differences as JSON; the test asserts on them.
 """
@@ -40,7 +40,7 @@ def logits_differences(model_dirs: list[str], tp: int) -> dict:
     for d in model_dirs:
         arch = read_architecture(Path(d))
         model = build_model(arch, mc)
-        checkpoint.load_hf_into(model, chunk_params(arch, range(arch.num_layers), True, True, False), arch,
+        checkpoint.load_hf_into([model], [chunk_params(arch, range(arch.num_layers), True, True, False)], arch,
                                 Path(d), layout, padded_vocab_size(arch.vocab_size, mc))
         ids = torch.randint(0, arch.vocab_size, (3, 21), generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
@@ -80,11 +80,11 @@ def _exported(mega, tensors_of=lambda p: p) -> dict:
     from soup_megatron.mcore import checkpoint
 
     saved = {}
-    for p in mega.model.parameters():
+    for p in (p for chunk in mega.chunks for p in chunk.parameters()):
         saved[p] = p.data
         p.data = tensors_of(p).detach()
     try:
-        return dict(checkpoint.iter_hf_tensors(mega.model, mega.params, mega.arch, mega.layout))
+        return dict(checkpoint.iter_hf_tensors(mega.chunks, mega.params, mega.arch, mega.layout))
     finally:
         for p, data in saved.items():
             p.data = data
@@ -94,11 +94,11 @@ def _max_rel(a: dict, b: dict) -> float:
     return max(float((a[k] - b[k]).abs().max() / b[k].abs().max().clamp(min=1e-12)) for k in a)
 
 
-def actor_parity(model_dir: str, tp: int, pp: int, work: Path) -> dict:
-    """One SOUP update on the megatron actor (TP=tp x PP=pp, the rest data parallel) vs the local actor. Every
-    rank calls the actor's per-rank methods directly (SPMD), so gradients can be compared too."""
-    megatron = MegatronConfig(tensor_parallel=tp, pipeline_parallel=pp,
-                              distributed_optimizer=tp == 1 or pp == 1)  # refused at TP x PP (see the actor)
+def actor_parity(model_dir: str, tp: int, pp: int, vp: int, work: Path) -> dict:
+    """One SOUP update on the megatron actor (TP=tp x PP=pp with vp model chunks per stage, the rest data
+    parallel) vs the local actor. Every rank calls the actor's per-rank methods directly (SPMD), so
+    gradients can be compared too."""
+    megatron = MegatronConfig(tensor_parallel=tp, pipeline_parallel=pp, virtual_pipeline=vp)
     acfg = ActorConfig(lr=1e-3, grad_clip=0.3, micro_batch_size=3, megatron=megatron)
     loss_cfg = LossConfig(prefix_mode="clip", loss_agg="token_mean", entropy_coef=0.01)
     mega = build_actor(ActorConfig(**{**acfg.__dict__, "backend": "megatron"}), model_dir, samples_per_update=8)
@@ -161,6 +161,7 @@ def main() -> None:
     parser.add_argument("models", nargs="+")
     parser.add_argument("--tp", type=int, required=True)
     parser.add_argument("--pp", type=int, default=1)
+    parser.add_argument("--vp", type=int, default=1)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--work", type=Path)
     args = parser.parse_args()
@@ -168,7 +169,7 @@ def main() -> None:
     if args.check == "logits":
         result = logits_differences(args.models, args.tp)
     else:
-        result = actor_parity(args.models[0], args.tp, args.pp, args.work)
+        result = actor_parity(args.models[0], args.tp, args.pp, args.vp, args.work)
     if dist.get_rank() == 0:
         args.out.write_text(json.dumps(result, indent=1))
 

@@ -116,14 +116,18 @@ def test_megatron_logits_equal_hf_logits(families, tmp_path, tp):
         assert r["padding_columns"] == padded_vocab_size(VOCAB, MegatronConfig(tensor_parallel=tp)) - VOCAB > 0
 
 
-@pytest.mark.parametrize("tp, pp, ranks", [
-    (2, 1, 2), (1, 2, 2), pytest.param(1, 1, 2, marks=pytest.mark.slow), pytest.param(2, 2, 4, marks=pytest.mark.slow),
-    pytest.param(1, 2, 4, marks=pytest.mark.slow)], ids=["tp2", "pp2", "dp2", "tp2-pp2", "pp2-dp2"])
-def test_megatron_actor_matches_local_actor(tiny_model_kv2, tmp_path, tp, pp, ranks):
-    """Ranks as tensor-parallel slices, pipeline stages (through megatron's 1F1B schedule; the tied
-    embedding lives on both end stages) and data-parallel replicas: log-probs, entropy, one SOUP
-    update (loss, gradients, clipped norm, Adam update) equal the local actor's; save/resume repeats a step."""
-    run("tests/mcore_ranks.py", "actor", tiny_model_kv2, "--tp", tp, "--pp", pp, "--out", tmp_path / "r.json",
+@pytest.mark.parametrize("tp, pp, vp, ranks", [
+    (2, 1, 1, 2), (1, 2, 1, 2), (1, 2, 2, 2), pytest.param(1, 1, 1, 2, marks=pytest.mark.slow),
+    pytest.param(2, 2, 1, 4, marks=pytest.mark.slow), pytest.param(1, 2, 1, 4, marks=pytest.mark.slow),
+    pytest.param(1, 2, 2, 4, marks=pytest.mark.slow)],
+    ids=["tp2", "pp2", "pp2-vp2", "dp2", "tp2-pp2", "pp2-dp2", "pp2-vp2-dp2"])
+def test_megatron_actor_matches_local_actor(tiny_model_kv2, tiny_model_4_layers, tmp_path, tp, pp, vp, ranks):
+    """Ranks as tensor-parallel slices, pipeline stages (through megatron's 1F1B schedule, or its interleaved
+    one over two model chunks per stage; the tied embedding lives on both end stages) and data-parallel
+    replicas: log-probs, entropy, one SOUP update (loss, gradients, clipped norm, Adam update) equal the
+    local actor's; save/resume repeats a step."""
+    model = tiny_model_4_layers if vp > 1 else tiny_model_kv2  # 2 stages x 2 chunks need 4 layers
+    run("tests/mcore_ranks.py", "actor", model, "--tp", tp, "--pp", pp, "--vp", vp, "--out", tmp_path / "r.json",
         "--work", tmp_path, ranks=ranks)
     r = json.loads((tmp_path / "r.json").read_text())
     assert r["logp_diff"] < 1e-4 and r["entropy_diff"] < 1e-4
@@ -139,21 +143,25 @@ def test_megatron_actor_matches_local_actor(tiny_model_kv2, tmp_path, tp, pp, ra
     assert r["names_only_local"] == ["lm_head.weight"] and r["names_only_megatron"] == []  # tied: HF files omit it
 
 
-@pytest.mark.parametrize("parallel", ["tensor_parallel", pytest.param("pipeline_parallel", marks=pytest.mark.slow)])
-def test_soup_run_with_megatron_actor_on_two_ranks(tiny_model_kv2, tmp_path, parallel):
-    """`torchrun -m soup_megatron.cli train actor.backend=megatron` on two tensor-parallel ranks or two
-    pipeline stages: rank 0 drives, rank 1 follows; the actor starts from a converted checkpoint (written
-    with the other layout); the run trains, checkpoints (torch_dist + HF history), resumes and exports;
-    both ranks exit."""
+@pytest.mark.parametrize("layout, converted_with", [
+    (["tensor_parallel=2"], "--pp"), pytest.param(["pipeline_parallel=2"], "--tp", marks=pytest.mark.slow),
+    pytest.param(["pipeline_parallel=2", "virtual_pipeline=2"], "--pp", marks=pytest.mark.slow)],
+    ids=["tensor", "pipeline", "interleaved"])
+def test_soup_run_with_megatron_actor_on_two_ranks(tiny_model_kv2, tiny_model_4_layers, tmp_path, layout,
+                                                   converted_with):
+    """`torchrun -m soup_megatron.cli train actor.backend=megatron` on two tensor-parallel ranks, two
+    pipeline stages, or two stages of two interleaved model chunks: rank 0 drives, rank 1 follows; the
+    actor starts from a converted checkpoint (written with another layout); the run trains, checkpoints
+    (torch_dist + HF history), resumes and exports; both ranks exit."""
     from tests.conftest import TINY
 
+    model = tiny_model_4_layers if "virtual_pipeline=2" in layout else tiny_model_kv2
     # the actor starts from a converted megatron checkpoint (as `launch.convert_from_hf` arranges)
-    other = "--pp" if parallel == "tensor_parallel" else "--tp"
-    run("tools/convert_hf_to_megatron.py", "--hf", tiny_model_kv2, "--out", tmp_path / "mcore", other, 2)
+    run("tools/convert_hf_to_megatron.py", "--hf", model, "--out", tmp_path / "mcore", converted_with, 2)
     args = ["-m", "soup_megatron.cli", "train", "--config", "configs/tiny_cpu.yaml", *TINY,
-            f"model.path={tiny_model_kv2}", "model.tiny.num_kv_heads=2", f"trainer.out_dir={tmp_path / 'run'}",
-            "actor.backend=megatron", f"actor.megatron.{parallel}=2", f"actor.megatron.checkpoint={tmp_path / 'mcore'}",
-            "trainer.eval_interval=0", "trainer.save_interval=2"]
+            f"model.path={model}", "model.tiny.num_kv_heads=2", f"trainer.out_dir={tmp_path / 'run'}",
+            "actor.backend=megatron", *(f"actor.megatron.{size}" for size in layout),
+            f"actor.megatron.checkpoint={tmp_path / 'mcore'}", "trainer.eval_interval=0", "trainer.save_interval=2"]
     run(*args, "trainer.steps=2", ranks=2)
     run(*args, "trainer.steps=3", ranks=2)  # resumes from step 2
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -185,7 +193,7 @@ def test_bf16_updates_accumulate_in_fp32_main_weights(tiny_model_kv2):
     for _ in range(5):
         actor.train_minibatch(batch, LossConfig(), 1.0)
     assert all(p.dtype == torch.float32 for p in main)
-    assert next(actor.model.parameters()).dtype == torch.bfloat16
+    assert next(actor.chunks[0].parameters()).dtype == torch.bfloat16
     moved = max(float((p - b).abs().max()) for p, b in zip(main, before))
     assert 4e-6 < moved < 6e-6  # Adam moves a weight by about lr per step (5 steps)
     actor.close()
@@ -214,6 +222,18 @@ def test_unsupported_architecture_and_sizes_are_refused():
         rope_arguments(Architecture.from_hf(yarn))
 
 
+def test_interleaved_schedule_gets_at_least_two_groups_of_microbatches():
+    """Groups of pipeline_parallel microbatches, two at least (one deadlocks megatron-core 0.16 with shape
+    exchange); too few samples per data-parallel rank are refused with the arithmetic."""
+    from soup_megatron.mcore.parallel import Layout, ParallelError, check_batch_split, interleaved_microbatches
+
+    layout = Layout(rank=0, world=4, tp=1, pp=2, vp=2, cp=1, dp=2, tp_rank=0, pp_rank=0, dp_rank=0)
+    assert [interleaved_microbatches(count, 8, layout) for count in (1, 3, 4, 5)] == [4, 4, 4, 6]
+    check_batch_split(8, layout)
+    with pytest.raises(ParallelError, match="at least 2 x pipeline_parallel = 4 microbatches .* has 3 samples"):
+        check_batch_split(6, layout)
+
+
 def test_megatron_config_is_validated(tiny_model):
     with pytest.raises(ConfigError, match="actor.megatron.fp8='e5m2' is not allowed; choose one of: , e4m3, hybrid"):
         load_config("configs/tiny_cpu.yaml", ["actor.megatron.fp8=e5m2"])
@@ -225,19 +245,19 @@ def test_megatron_config_is_validated(tiny_model):
 
 def test_megatron_actor_refuses_layouts_it_cannot_run(tiny_model):
     from soup_megatron.actor import build_actor
+    from soup_megatron.actor.megatron import check_layout
     from soup_megatron.config import ActorConfig
     from soup_megatron.mcore.parallel import ParallelError
 
-    with pytest.raises(ParallelError, match="virtual_pipeline > 1: the interleaved schedule"):
-        build_actor(ActorConfig(backend="megatron", megatron=MegatronConfig(pipeline_parallel=2, virtual_pipeline=2)),
-                    tiny_model)
     with pytest.raises(ParallelError, match="context_parallel > 1: this actor does not split sequences"):
         build_actor(ActorConfig(backend="megatron", megatron=MegatronConfig(context_parallel=2)), tiny_model)
     with pytest.raises(ParallelError, match="launch with `torchrun --nproc-per-node 2"):
         build_actor(ActorConfig(backend="megatron", megatron=MegatronConfig(pipeline_parallel=2)), tiny_model)
-    with pytest.raises(ParallelError, match="distributed_optimizer=true with tensor_parallel > 1 and pipeline_parallel > 1"):
-        build_actor(ActorConfig(backend="megatron", megatron=MegatronConfig(tensor_parallel=2, pipeline_parallel=2)),
-                    tiny_model)
+    # with one replica the optimizer would not shard: only TP x PP with DP > 1 is refused
+    tp_pp = MegatronConfig(tensor_parallel=2, pipeline_parallel=2)
+    with pytest.raises(ParallelError, match="pipeline_parallel > 1 and 2 data-parallel replicas"):
+        check_layout(tp_pp, world=8)
+    check_layout(tp_pp, world=4)
     with pytest.raises(ParallelError, match="launch with `torchrun --nproc-per-node 2"):
         build_actor(ActorConfig(backend="megatron", megatron=MegatronConfig(tensor_parallel=2)), tiny_model)
 

@@ -4,7 +4,7 @@ The processes come from the launcher (torchrun / srun). Global rank 0 is the dri
 trainer loop and calls the actor like any other; each call is broadcast to the other ranks, which
 sit in `follow()` and run the same method on their slices. Data-parallel ranks take every dp-th
 sample and run its microbatches through megatron's forward/backward schedule (1F1B across pipeline
-stages). The SOUP loss weights use the whole batch's token counts, so summing gradients over ranks
+stages; interleaved 1F1B over several model chunks per stage with `virtual_pipeline`). The SOUP loss weights use the whole batch's token counts, so summing gradients over ranks
 and microbatches gives exactly the gradient of the batch loss: megatron's DDP sums (not averages)
 them into fp32 gradient buffers when the loss is per token, and megatron's optimizer (fp32 main
 weights, Adam, grad-norm clipping; sharded over data-parallel ranks with `distributed_optimizer`)
@@ -20,13 +20,30 @@ import torch
 import torch.distributed as dist
 
 from ..algo.loss import LossConfig, aggregation_weights, loss_mask, soup_loss
-from ..config import ActorConfig
+from ..config import ActorConfig, MegatronConfig
 from ..mcore import checkpoint, cpu_compat, parallel
 from ..mcore.logprobs import vocab_parallel_logprobs
 from ..mcore.model import padded_vocab_size, read_architecture
-from ..mcore.weights import build_stage, mark_tensor_parallel
+from ..mcore.weights import build_chunks, mark_tensor_parallel
 from ..model.hf import CheckpointError
 from .base import TokenBatch
+
+
+def check_layout(mc: MegatronConfig, world: int) -> None:
+    """Refuse, before any process group starts, layouts this actor cannot run on `world` processes."""
+    if mc.context_parallel > 1:
+        raise parallel.ParallelError(
+            "actor.megatron.context_parallel > 1: this actor does not split sequences over context-parallel "
+            "ranks (that needs Transformer Engine's attention on a GPU); set context_parallel=1")
+    replicas = world // (mc.tensor_parallel * mc.pipeline_parallel * mc.context_parallel)
+    if mc.distributed_optimizer and mc.tensor_parallel > 1 and mc.pipeline_parallel > 1 and replicas > 1:
+        raise parallel.ParallelError(
+            f"actor.megatron.distributed_optimizer=true with tensor_parallel > 1 and pipeline_parallel > 1 and "
+            f"{replicas} data-parallel replicas: "
+            "megatron-core 0.16's checkpoint of the distributed optimizer fails in that layout (its "
+            "dp_reshardable format mixes up the buckets of the stages; the layout-free format fails with "
+            "torch's Adam), so training could not be saved; set distributed_optimizer=false (each rank then "
+            "keeps the full fp32 main weights and Adam state: tools/plan_memory.py shows whether that fits)")
 
 
 class MegatronActor:
@@ -35,37 +52,24 @@ class MegatronActor:
         self.cfg = cfg
         self.model_path = Path(model_path)
         self.arch = read_architecture(self.model_path)
-        if mc.virtual_pipeline > 1:
-            raise parallel.ParallelError(
-                "actor.megatron.virtual_pipeline > 1: the interleaved schedule (several model chunks per pipeline "
-                "rank) is not built in this actor; pipeline_parallel alone (1F1B) is. Set virtual_pipeline=1")
-        if mc.context_parallel > 1:
-            raise parallel.ParallelError(
-                "actor.megatron.context_parallel > 1: this actor does not split sequences over context-parallel "
-                "ranks (that needs Transformer Engine's attention on a GPU); set context_parallel=1")
-        if mc.distributed_optimizer and mc.tensor_parallel > 1 and mc.pipeline_parallel > 1:
-            raise parallel.ParallelError(
-                "actor.megatron.distributed_optimizer=true with tensor_parallel > 1 and pipeline_parallel > 1: "
-                "megatron-core 0.16's checkpoint of the distributed optimizer fails in that layout (its "
-                "dp_reshardable format mixes up the buckets of the stages; the layout-free format fails with "
-                "torch's Adam), so training could not be saved; set distributed_optimizer=false (each rank then "
-                "keeps the full fp32 main weights and Adam state: tools/plan_memory.py shows whether that fits)")
+        check_layout(mc, parallel.world_size())
         self.layout = parallel.initialize(mc)
         if samples_per_update is not None:
             parallel.check_batch_split(samples_per_update, self.layout)
         self.device = (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
                        else torch.device("cpu"))
-        self.model, self.params = build_stage(self.arch, mc, self.layout)
-        mark_tensor_parallel(self.model, self.params)
+        self.chunks, self.params = build_chunks(self.arch, mc, self.layout)  # one per virtual pipeline stage
+        for chunk, params in zip(self.chunks, self.params):
+            mark_tensor_parallel(chunk, params)
         self.padded_vocab = padded_vocab_size(self.arch.vocab_size, mc)
         self.vocab_start = self.layout.tp_rank * self.padded_vocab // self.layout.tp
         if mc.checkpoint:
             if checkpoint.read_metadata(Path(mc.checkpoint)).get("architecture") != asdict(self.arch):
                 raise CheckpointError(f"actor.megatron.checkpoint={mc.checkpoint} was converted from another model "
                                       f"than model.path={model_path} (architectures differ)")
-            checkpoint.load_distributed(Path(mc.checkpoint), self.model, None, self.layout)
+            checkpoint.load_distributed(Path(mc.checkpoint), self.chunks, None, self.layout)
         else:
-            checkpoint.load_hf_into(self.model, self.params, self.arch, self.model_path, self.layout,
+            checkpoint.load_hf_into(self.chunks, self.params, self.arch, self.model_path, self.layout,
                                     self.padded_vocab, progress=self.layout.is_driver)
         self.sharded_optimizer = mc.distributed_optimizer and self.layout.dp > 1  # one replica: nothing to shard
         self.ddp, self.optimizer = self._wrap_for_training()
@@ -73,20 +77,22 @@ class MegatronActor:
         self.closed = False
 
     def _wrap_for_training(self):
-        """megatron's DDP (gradient buffers, reduction over data-parallel ranks) and its optimizer,
-        made after the weights are loaded: the optimizer copies them into its fp32 main weights."""
+        """megatron's DDP around each model chunk (gradient buffers, reduction over data-parallel ranks) and
+        its optimizer over all of them, made after the weights are loaded: the optimizer copies them into
+        its fp32 main weights."""
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
         mc = self.cfg.megatron
         sharded = self.sharded_optimizer
+        config = self.chunks[0].config
         with cpu_compat.cuda_on_cpu():
-            ddp = DistributedDataParallel(self.model.config, DistributedDataParallelConfig(
-                grad_reduce_in_fp32=True, use_distributed_optimizer=sharded), self.model)
+            ddp = [DistributedDataParallel(config, DistributedDataParallelConfig(
+                grad_reduce_in_fp32=True, use_distributed_optimizer=sharded), chunk) for chunk in self.chunks]
             optimizer = get_megatron_optimizer(OptimizerConfig(
                 optimizer="adam", lr=self.cfg.lr, weight_decay=self.cfg.weight_decay, clip_grad=self.cfg.grad_clip,
-                bf16=mc.params_dtype == "bfloat16", params_dtype=self.model.config.params_dtype,
-                use_distributed_optimizer=sharded), [ddp])
+                bf16=mc.params_dtype == "bfloat16", params_dtype=config.params_dtype,
+                use_distributed_optimizer=sharded), ddp)
         return ddp, optimizer
 
     # ---- driver -> followers ---------------------------------------------------------------------
@@ -134,12 +140,14 @@ class MegatronActor:
     def _my_rows(self, n: int) -> torch.Tensor:
         return torch.arange(self.layout.dp_rank, n, self.layout.dp)
 
-    def _micro_batches(self, batch: TokenBatch):
-        """(rows of `batch`, micro-batch) for this data-parallel rank's samples."""
+    def _micro_batches(self, batch: TokenBatch) -> list:
+        """[(rows of `batch`, micro-batch)] for this data-parallel rank's samples, at most micro_batch_size
+        rows each and as even as possible. The interleaved schedule needs more: see `parallel.interleaved_microbatches`."""
         rows = self._my_rows(len(batch))
-        for start in range(0, len(rows), self.cfg.micro_batch_size):
-            picked = rows[start: start + self.cfg.micro_batch_size]
-            yield picked, batch.select(picked)
+        count = -(-len(rows) // self.cfg.micro_batch_size)
+        if self.layout.vp > 1 and count:
+            count = parallel.interleaved_microbatches(count, len(rows), self.layout)
+        return [(picked, batch.select(picked)) for picked in torch.tensor_split(rows, count)] if count else []
 
     def _on_device(self, t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else t.to(self.device)
@@ -158,13 +166,12 @@ class MegatronActor:
         [(rows, outputs)] per microbatch on the last stage, [] on the others."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        micro = list(self._micro_batches(batch))
+        micro = self._micro_batches(batch)
         if not micro:  # fewer samples than data-parallel replicas (log-probs of a small batch)
             return []
-        queue = iter(micro)
 
-        def forward_step(_data_iterator, model):
-            _, mb = next(queue)
+        def forward_step(data_iterator, model):  # called per model chunk, each with its own pass over `micro`
+            _, mb = next(data_iterator)
             ids = mb.input_ids.to(self.device)
             positions = torch.arange(ids.shape[1], device=self.device)[None].expand_as(ids)
             output = model(input_ids=ids, position_ids=positions, attention_mask=None)  # last stage: [N, T, V / tp]
@@ -172,7 +179,8 @@ class MegatronActor:
 
         with cpu_compat.cuda_on_cpu():
             outputs = get_forward_backward_func()(
-                forward_step_func=forward_step, data_iterator=None, model=[self.ddp], num_microbatches=len(micro),
+                forward_step_func=forward_step, data_iterator=[iter(micro) for _ in self.ddp], model=self.ddp,
+                num_microbatches=len(micro),
                 seq_length=max(mb.input_ids.shape[1] for _, mb in micro),
                 micro_batch_size=self.cfg.micro_batch_size, forward_only=forward_only)
         return [(rows, out) for (rows, _), out in zip(micro, outputs)]
@@ -188,9 +196,13 @@ class MegatronActor:
                 for t in tensors:
                     dist.all_reduce(t, group=group())
 
+    def _train_mode(self, on: bool) -> None:
+        for chunk in self.chunks:
+            chunk.train(on)
+
     @torch.no_grad()
     def _logprobs(self, batch: TokenBatch, temperature: float, with_entropy: bool):
-        self.model.eval()
+        self._train_mode(False)
         shape = (len(batch), batch.input_ids.shape[1] - 1)
         logp = torch.zeros(shape)
         entropy = torch.zeros(shape)
@@ -211,9 +223,10 @@ class MegatronActor:
         from megatron.core.distributed import finalize_model_grads
 
         parallel.check_batch_split(len(batch), self.layout)
-        self.model.train()
+        self._train_mode(True)
         num_tokens = float(loss_mask(batch.segment, loss_cfg.prefix_mode).sum())
-        self.ddp.zero_grad_buffer()
+        for ddp in self.ddp:
+            ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
         on = self._on_device
 
@@ -239,24 +252,24 @@ class MegatronActor:
         with cpu_compat.cuda_on_cpu():
             # sums gradients over data-parallel ranks and over a tied embedding's two pipeline stages
             # (num_tokens=None: no rescaling, the loss already carries the batch's token weights)
-            finalize_model_grads([self.ddp], num_tokens=None)
+            finalize_model_grads(self.ddp, num_tokens=None)
             _, grad_norm, _ = self.optimizer.step()  # norm before clipping, every slice counted once
-        self.model.eval()
+        self._train_mode(False)
         self._sum_to_driver(ratio, clipped, entropy, total_loss)
         return {"ratio": ratio.flatten(), "clipped": clipped.flatten() > 0, "entropy": entropy.flatten(),
                 "segment": batch.segment.flatten(), "loss": float(total_loss), "grad_norm": float(grad_norm)}
 
     def _rollout_weights(self):
-        tensors = checkpoint.iter_hf_tensors(self.model, self.params, self.arch, self.layout)
+        tensors = checkpoint.iter_hf_tensors(self.chunks, self.params, self.arch, self.layout)
         weights = {name: t for name, t in tensors}
         return weights if self.layout.is_driver else None
 
     def _save_hf(self, path: Path) -> None:
-        tensors = checkpoint.iter_hf_tensors(self.model, self.params, self.arch, self.layout)
+        tensors = checkpoint.iter_hf_tensors(self.chunks, self.params, self.arch, self.layout)
         checkpoint.write_hf(path, tensors, self.model_path, self.layout.is_driver)
 
     def _save_state(self, path: Path, version: int) -> None:
-        checkpoint.save_distributed(path, self.model, self.optimizer, self.layout,
+        checkpoint.save_distributed(path, self.chunks, self.optimizer, self.layout,
                                     {"version": version, "has_optimizer": True, "architecture": asdict(self.arch),
                                      "params_dtype": self.cfg.megatron.params_dtype,
                                      "distributed_optimizer": self.sharded_optimizer,
@@ -277,4 +290,4 @@ class MegatronActor:
             raise CheckpointError(f"{path}: the distributed optimizer's state was saved at {meta.get('saved_with')} "
                                   f"and loads only under the same tensor / pipeline sizes (data parallel may "
                                   f"change), not {here}")
-        return checkpoint.load_distributed(path, self.model, self.optimizer, self.layout)["version"]
+        return checkpoint.load_distributed(path, self.chunks, self.optimizer, self.layout)["version"]

@@ -52,11 +52,13 @@ class HFReader:
         return self.where[name].get_tensor(name)
 
 
-def load_hf_into(model, params: list[ParamMap], arch: Architecture, hf_dir: Path, layout: Layout,
+def load_hf_into(models: list, params: list[list[ParamMap]], arch: Architecture, hf_dir: Path, layout: Layout,
                  padded_vocab: int, progress: bool = False) -> None:
+    """Fill this rank's model chunks (`params[i]` maps `models[i]`) from an HF checkpoint."""
     reader = HFReader(hf_dir)
+    local = [pair for model, chunk in zip(models, params) for pair in iter_local(model, chunk)]
     with torch.no_grad():
-        for p, param in tqdm(list(iter_local(model, params)), desc="loading HF weights", disable=not progress):
+        for p, param in tqdm(local, desc="loading HF weights", disable=not progress):
             value = to_megatron(p, [reader.get(n) for n in p.hf], arch, layout.tp_rank, layout.tp, padded_vocab)
             if tuple(value.shape) != tuple(param.shape):
                 raise CheckpointError(f"{hf_dir}: {p.hf} give shape {tuple(value.shape)} for {p.megatron}, "
@@ -64,20 +66,23 @@ def load_hf_into(model, params: list[ParamMap], arch: Architecture, hf_dir: Path
             param.copy_(value)
 
 
-def iter_hf_tensors(model, params: list[ParamMap], arch: Architecture, layout: Layout,
+def iter_hf_tensors(models: list, params: list[list[ParamMap]], arch: Architecture, layout: Layout,
                     progress: bool = False) -> Iterator[tuple[str, Optional[torch.Tensor]]]:
     """(HF name, full tensor) on global rank 0, (HF name, None) elsewhere; every rank must iterate to
-    the end. Stage by stage, the ranks of data-parallel replica 0 gather each parameter's
-    tensor-parallel slices; a later pipeline stage sends the HF tensors to rank 0, one parameter at a time."""
+    the end. Model chunk by chunk in layer order, the ranks of data-parallel replica 0 gather each
+    parameter's tensor-parallel slices; a later pipeline stage sends the HF tensors to rank 0, one
+    parameter at a time."""
     from .model import transformer_engine_available
 
     te_spec = transformer_engine_available()
     bar = tqdm(total=len(hf_names(arch)), desc="exporting HF weights", disable=not (progress and layout.is_driver))
-    for stage in range(layout.pp):
-        exported = [p for p in (params if stage == layout.pp_rank else stage_params(arch, stage, layout.pp, te_spec))
-                    if not (arch.tied_embeddings and p.megatron == "output_layer.weight")]  # stage 0 exports it
-        if stage == layout.pp_rank:
-            own = {p.megatron: tensor for p, tensor in iter_local(model, params)}
+    for chunk, stage in ((c, s) for c in range(layout.vp) for s in range(layout.pp)):
+        mine = stage == layout.pp_rank
+        piece = params[chunk] if mine else stage_params(arch, stage, layout.pp, te_spec, chunk, layout.vp)
+        exported = [p for p in piece  # the first chunk exports a tied embedding
+                    if not (arch.tied_embeddings and p.megatron == "output_layer.weight")]
+        if mine:
+            own = {p.megatron: tensor for p, tensor in iter_local(models[chunk], params[chunk])}
             for p in exported:
                 tensors = _gather_hf(p, own[p.megatron], arch, layout)
                 if stage > 0 and layout.dp_rank == 0 and layout.tp_rank == 0:
@@ -179,7 +184,14 @@ def write_hf(path: Path, tensors: Iterator[tuple[str, Optional[torch.Tensor]]], 
     copy_side_files(side_files_from, path)
 
 
-def save_distributed(path: Path, model, optimizer, layout: Layout, metadata: dict, hf_files_from: Path) -> None:
+def model_state(models: list) -> dict:
+    """The sharded state of this rank's model chunks. megatron keys every tensor by its global layer, so the
+    nesting per chunk is only the shape of the returned dict: a checkpoint loads under any layout."""
+    return {f"chunk{i}": model.sharded_state_dict(prefix="") for i, model in enumerate(models)}
+
+
+def save_distributed(path: Path, models: list, optimizer, layout: Layout, metadata: dict,
+                     hf_files_from: Path) -> None:
     """A megatron torch_dist checkpoint of the model and of megatron's optimizer (fp32 main weights and
     Adam state; both resharded on load with another layout), each rank's RNG state, the HF
     config/tokenizer files of `hf_files_from`, and `soup_megatron.json` written last."""
@@ -191,10 +203,10 @@ def save_distributed(path: Path, model, optimizer, layout: Layout, metadata: dic
     if layout.is_driver:
         path.mkdir(parents=True, exist_ok=True)
     dist.barrier()
-    state = {"model": model.sharded_state_dict(prefix="")}
+    state = {"model": model_state(models)}
     if optimizer is not None:  # its view is built on a second copy of the model's sharded tensors
         with cuda_on_cpu():
-            state["optimizer"] = optimizer.sharded_state_dict(model.sharded_state_dict(prefix=""), is_loading=False,
+            state["optimizer"] = optimizer.sharded_state_dict(model_state(models), is_loading=False,
                                                               metadata=OPTIMIZER_LAYOUT)
         state["adam_step"] = _adam_step(optimizer)
     dist_checkpointing.save(state, str(path))
@@ -225,24 +237,25 @@ def read_metadata(path: Path) -> dict:
     return json.loads((path / DIST_MARKER).read_text())
 
 
-def load_distributed(path: Path, model, optimizer, layout: Layout) -> dict:
-    """Load model (and optimizer, when given) under the current layout; returns the metadata."""
+def load_distributed(path: Path, models: list, optimizer, layout: Layout) -> dict:
+    """Load the model chunks (and optimizer, when given) under the current layout; returns the metadata."""
     from megatron.core import dist_checkpointing
 
     from .cpu_compat import cuda_on_cpu
 
     path = Path(path)
     metadata = read_metadata(path)
-    state = {"model": model.sharded_state_dict(prefix="")}
+    state = {"model": model_state(models)}
     if optimizer is not None:
         if not metadata.get("has_optimizer"):
             raise CheckpointError(f"{path}: holds no optimizer state (a converted model, not a training checkpoint)")
         with cuda_on_cpu():
-            state["optimizer"] = optimizer.sharded_state_dict(model.sharded_state_dict(prefix=""), is_loading=True,
+            state["optimizer"] = optimizer.sharded_state_dict(model_state(models), is_loading=True,
                                                               metadata=OPTIMIZER_LAYOUT)
         state["adam_step"] = 0.0
     loaded = dist_checkpointing.load(state, str(path))
-    model.load_state_dict(loaded["model"], strict=False)
+    for i, model in enumerate(models):
+        model.load_state_dict(loaded["model"][f"chunk{i}"], strict=False)
     if optimizer is not None:
         with cuda_on_cpu(), torch.no_grad():  # it copies into the main weights in place
             optimizer.load_state_dict(loaded["optimizer"])

@@ -24,7 +24,7 @@ from ..io import TMP_MARK, atomic_dir
 from ..model.hf import CheckpointError
 from . import checkpoint, parallel
 from .model import Architecture, check_parallel_sizes, padded_vocab_size, read_architecture
-from .weights import build_stage
+from .weights import build_chunks
 
 
 def _checkpoint_dtype(hf: Path) -> str:
@@ -39,11 +39,11 @@ def hf_to_megatron(hf: Path, out: Path, tp: int, pp: int) -> None:
     arch = read_architecture(hf)
     mc = MegatronConfig(tensor_parallel=tp, pipeline_parallel=pp, params_dtype=_checkpoint_dtype(hf))
     layout = parallel.initialize(mc)
-    model, params = build_stage(arch, mc, layout)
-    checkpoint.load_hf_into(model, params, arch, hf, layout, padded_vocab_size(arch.vocab_size, mc),
+    models, params = build_chunks(arch, mc, layout)
+    checkpoint.load_hf_into(models, params, arch, hf, layout, padded_vocab_size(arch.vocab_size, mc),
                             progress=layout.is_driver)
     tmp = _shared_tmp(out, layout)
-    checkpoint.save_distributed(tmp, model, None, layout,
+    checkpoint.save_distributed(tmp, models, None, layout,
                                 {"architecture": asdict(arch), "has_optimizer": False, "source": str(hf),
                                  "params_dtype": mc.params_dtype, "saved_with": {"tp": tp, "pp": pp}},
                                 hf_files_from=hf)
@@ -63,9 +63,9 @@ def megatron_to_hf(megatron: Path, out: Path, hf_template: Path | None, tp: int)
                                           for k, (a, b) in diff.items()))
     mc = MegatronConfig(tensor_parallel=tp, params_dtype=meta.get("params_dtype", "float32"))
     layout = parallel.initialize(mc)
-    model, params = build_stage(arch, mc, layout)
-    checkpoint.load_distributed(megatron, model, None, layout)
-    tensors = checkpoint.iter_hf_tensors(model, params, arch, layout, progress=True)
+    models, params = build_chunks(arch, mc, layout)
+    checkpoint.load_distributed(megatron, models, None, layout)
+    tensors = checkpoint.iter_hf_tensors(models, params, arch, layout, progress=True)
     if layout.is_driver:
         with atomic_dir(out) as tmp:
             checkpoint.write_hf(tmp, tensors, config_dir, is_writer=True)

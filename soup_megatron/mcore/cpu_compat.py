@@ -13,7 +13,8 @@ It is entered around model construction, megatron's DDP and optimizer (construct
 reduction, step, state dicts), the forward/backward schedules, RotaryEmbedding and
 `dist_checkpointing.save` / `load`; `enable()` installs the last two wrappers and has the torch_dist
 writer copy tensors to host memory blocking, as there is no device to synchronise with (its
-non-blocking path ends in `torch.cuda.synchronize()`). With CUDA present all of this does nothing.
+non-blocking path ends in `torch.cuda.synchronize()`), and posts pipeline stages' shape messages in an
+order gloo pairs correctly (`_exchange_shapes`). With CUDA present all of this does nothing.
 Core attention is our SDPA module rather than a patch (megatron's local one uses a CUDA buffer).
 """
 
@@ -68,6 +69,27 @@ def _on_cpu(method):
     return wrapper
 
 
+def _exchange_shapes(self, tensor_send_next, tensor_send_prev, recv_prev, recv_next):
+    """megatron's P2PCommunicator._communicate_shapes, with the messages posted forward stream first:
+    [send next, receive prev, send prev, receive next]. megatron posts [send prev, receive prev, send next,
+    receive next]. With two pipeline stages the previous and the next rank are the same process, and gloo
+    pairs the messages between two processes in the order they are posted, so when a step sends both ways
+    at once (the interleaved schedule's steady state) a backward shape landed in the peer's forward
+    receive. Returns (shape received from prev, shape received from next), [0, 0, 0] where none."""
+    import torch.distributed as dist
+
+    def shape_of(t):
+        return None if t is None else torch.tensor(t.size(), dtype=torch.int64)
+
+    from_prev = torch.empty(3, dtype=torch.int64) if recv_prev else None
+    from_next = torch.empty(3, dtype=torch.int64) if recv_next else None
+    posted = [(dist.isend, shape_of(tensor_send_next), self.next_rank), (dist.irecv, from_prev, self.prev_rank),
+              (dist.isend, shape_of(tensor_send_prev), self.prev_rank), (dist.irecv, from_next, self.next_rank)]
+    for request in [op(t, peer, group=self.pp_group) for op, t, peer in posted if t is not None]:
+        request.wait()
+    return tuple([0, 0, 0] if t is None else t.tolist() for t in (from_prev, from_next))
+
+
 def enable() -> None:
     global _enabled
     if _enabled or not cpu_only():
@@ -77,7 +99,10 @@ def enable() -> None:
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
 
+    from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
+
     RotaryEmbedding.get_emb = _on_cpu(RotaryEmbedding.get_emb)
+    P2PCommunicator._communicate_shapes = _exchange_shapes
     dist_checkpointing.save = _on_cpu(dist_checkpointing.save)
     dist_checkpointing.load = _on_cpu(dist_checkpointing.load)
     preload = FileSystemWriterAsync.preload_tensors

@@ -23,6 +23,7 @@ class Layout:
     world: int
     tp: int
     pp: int
+    vp: int  # model chunks per pipeline rank (the interleaved schedule when > 1)
     cp: int
     dp: int
     tp_rank: int
@@ -47,12 +48,17 @@ def _launcher_env() -> tuple[int, int, int]:
     return 0, 1, 0
 
 
+def world_size() -> int:
+    """Processes of the job: torch.distributed's count once it is up, the launcher's before."""
+    return dist.get_world_size() if dist.is_initialized() else _launcher_env()[1]
+
+
 def initialize(cfg: MegatronConfig) -> Layout:
     from megatron.core import parallel_state as ps
 
     model_parallel = cfg.tensor_parallel * cfg.pipeline_parallel * cfg.context_parallel
     rank, world, local = _launcher_env()
-    if (dist.get_world_size() if dist.is_initialized() else world) == 1 and model_parallel > 1:
+    if world_size() == 1 and model_parallel > 1:
         raise ParallelError(
             f"actor.megatron: tensor_parallel {cfg.tensor_parallel} x pipeline_parallel {cfg.pipeline_parallel} x "
             f"context_parallel {cfg.context_parallel} = {model_parallel} processes are needed, and this is one "
@@ -86,7 +92,7 @@ def initialize(cfg: MegatronConfig) -> Layout:
             context_parallel_size=cfg.context_parallel,
         )
     return Layout(rank=dist.get_rank(), world=world, tp=cfg.tensor_parallel, pp=cfg.pipeline_parallel,
-                  cp=cfg.context_parallel, dp=ps.get_data_parallel_world_size(),
+                  vp=cfg.virtual_pipeline, cp=cfg.context_parallel, dp=ps.get_data_parallel_world_size(),
                   tp_rank=ps.get_tensor_model_parallel_rank(), pp_rank=ps.get_pipeline_model_parallel_rank(),
                   dp_rank=ps.get_data_parallel_rank())
 
@@ -100,3 +106,21 @@ def check_batch_split(samples: int, layout: Layout) -> None:
             f"algo.minibatches) do not split over {layout.dp} data-parallel ranks ({samples} / {layout.dp} = "
             f"{samples / layout.dp:.2f}); data parallel = world {layout.world} / (tp {layout.tp} x pp {layout.pp} "
             f"x cp {layout.cp})")
+    if layout.vp > 1:
+        interleaved_microbatches(1, samples // layout.dp, layout)
+
+
+def interleaved_microbatches(count: int, samples: int, layout: Layout) -> int:
+    """How many microbatches the interleaved schedule runs for `samples` rows of one data-parallel rank,
+    `count` being what micro_batch_size gives: a multiple of pipeline_parallel (it runs them in groups of
+    that many), and at least two groups. With one group the first stage runs every microbatch in its
+    warm-up, and there megatron-core 0.16's schedule deadlocks when stages exchange shapes first
+    (variable_seq_lengths): the last stage waits for a gradient's shape the first one sends only later."""
+    pp = layout.pp
+    wanted = max(-(-count // pp) * pp, 2 * pp)
+    if wanted > samples:
+        raise ParallelError(
+            f"virtual_pipeline={layout.vp}: the interleaved schedule runs at least 2 x pipeline_parallel = {2 * pp} "
+            f"microbatches of one sample or more, and a data-parallel rank has {samples} samples here (raise "
+            "rollout.prompts_per_step x rollout.group_size / algo.minibatches, or use virtual_pipeline=1)")
+    return wanted

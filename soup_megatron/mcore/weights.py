@@ -69,23 +69,41 @@ def chunk_params(arch: Architecture, layers: range, pre_process: bool, post_proc
     return out
 
 
-def stage_layers(arch: Architecture, stage: int, stages: int) -> range:
-    """Global layers of one pipeline stage (equal split, as megatron does without custom layouts)."""
-    per_stage = arch.num_layers // stages
-    return range(stage * per_stage, (stage + 1) * per_stage)
+def chunk_layers(arch: Architecture, stage: int, stages: int, chunk: int = 0, chunks: int = 1) -> range:
+    """Global layers of model chunk `chunk` of pipeline stage `stage`. The layers are cut into stages x chunks
+    equal pieces, placed as megatron's interleaved schedule runs them: chunk 0 of every stage in stage order,
+    then chunk 1, ... (with one chunk per stage, stage s holds the s-th consecutive block)."""
+    per_piece = arch.num_layers // (stages * chunks)
+    start = (chunk * stages + stage) * per_piece
+    return range(start, start + per_piece)
 
 
-def stage_params(arch: Architecture, stage: int, stages: int, te_spec: bool) -> list[ParamMap]:
-    return chunk_params(arch, stage_layers(arch, stage, stages), stage == 0, stage == stages - 1, te_spec)
+def stage_params(arch: Architecture, stage: int, stages: int, te_spec: bool, chunk: int = 0,
+                 chunks: int = 1) -> list[ParamMap]:
+    """Weight map of one model chunk of a pipeline stage: the embedding on the very first piece, the final
+    norm and output layer on the very last."""
+    return chunk_params(arch, chunk_layers(arch, stage, stages, chunk, chunks),
+                        *model_ends(stage, stages, chunk, chunks), te_spec)
 
 
-def build_stage(arch: Architecture, mc, layout):
-    """This rank's model chunk (its pipeline stage, its tensor-parallel slices) and its weight map."""
+def model_ends(stage: int, stages: int, chunk: int, chunks: int) -> tuple[bool, bool]:
+    """(holds the embedding, holds the final norm and output layer) for a chunk of a pipeline stage."""
+    return stage == 0 and chunk == 0, stage == stages - 1 and chunk == chunks - 1
+
+
+def build_chunks(arch: Architecture, mc, layout) -> tuple[list, list[list[ParamMap]]]:
+    """This rank's model chunks (one per virtual pipeline stage; a single one without interleaving, each
+    holding its tensor-parallel slices) and their weight maps."""
     from .model import build_model, transformer_engine_available
 
-    first, last = layout.pp_rank == 0, layout.pp_rank == layout.pp - 1
-    model = build_model(arch, mc, pre_process=first, post_process=last)
-    return model, stage_params(arch, layout.pp_rank, layout.pp, transformer_engine_available())
+    te_spec = transformer_engine_available()
+    models, params = [], []
+    for chunk in range(layout.vp):
+        first, last = model_ends(layout.pp_rank, layout.pp, chunk, layout.vp)
+        models.append(build_model(arch, mc, pre_process=first, post_process=last,
+                                  vp_stage=chunk if layout.vp > 1 else None))
+        params.append(stage_params(arch, layout.pp_rank, layout.pp, te_spec, chunk, layout.vp))
+    return models, params
 
 
 def hf_names(arch: Architecture) -> list[str]:
