@@ -20,8 +20,7 @@ stop() {
   if [ -f "$SLURM_CONF" ]; then scontrol shutdown >/dev/null 2>&1 || true; fi
   for name in slurmd slurmctld slurmdbd mariadb; do
     pidfile="$dir/$name.pid"
-    [ -f "$pidfile" ] || continue
-    pid=$(cat "$pidfile")
+    pid=$(cat "$pidfile" 2>/dev/null) || continue  # gone, or removed by the daemon as `scontrol shutdown` ends it
     for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; kill -TERM "$pid" 2>/dev/null || true; sleep 0.2; done
     kill -KILL "$pid" 2>/dev/null || true
     rm -f "$pidfile"
