@@ -10,8 +10,8 @@ Parameters: counted exactly from the HF config.json, in megatron-core's layout (
 
 Weights, gradients and optimizer state, bytes per parameter: the actor's megatron-core DDP (fp32 gradient
 buffers) and optimizer, Megatron-LM docs, "Distributed Optimizer": bf16 params + fp32 grads 6 + 12/d
-(2 + 4 + (4 main weights + 8 Adam m, v) / d); fp32 params + fp32 grads 8 + 8/d; d = data-parallel size with
-actor.megatron.distributed_optimizer, 1 without (18 and 16).
+(2 + 4 + (4 main weights + 8 Adam m, v) / d); fp32 params + fp32 grads 8 + 8/d; d = data x context-parallel
+size with actor.megatron.distributed_optimizer (megatron shards over both), 1 without (18 and 16).
 
 Activations per transformer layer and microbatch: Korthikanti et al. 2022, "Reducing Activation Recomputation in
 Large Transformer Models" (arXiv:2205.05198), Table 2; bytes for 16-bit activations (twice that for float32),
@@ -132,9 +132,9 @@ def parameter_counts(arch: Architecture, padded_vocab: int) -> ParameterCounts:
     )
 
 
-def bytes_per_parameter(distributed: bool, params_dtype: str, data_parallel: int) -> dict[str, float]:
+def bytes_per_parameter(distributed: bool, params_dtype: str, optimizer_shards: int) -> dict[str, float]:
     """Bytes per parameter on one GPU for weights, gradients and optimizer state."""
-    shards = data_parallel if distributed else 1
+    shards = optimizer_shards if distributed else 1
     if params_dtype == "bfloat16":  # fp32 gradient buffer; fp32 main weights and Adam m, v (sharded over d)
         return {"weights": 2, "gradients": 4, "optimizer state": (4 + 8) / shards}
     return {"weights": 4, "gradients": 4, "optimizer state": 8 / shards}
@@ -182,6 +182,11 @@ class Plan:
         return self.world_size // self.model_parallel
 
     @property
+    def optimizer_shards(self) -> int:
+        """Ranks the distributed optimizer shards its state over: data x context parallel."""
+        return self.data_parallel * self.megatron.context_parallel
+
+    @property
     def padded_vocab(self) -> int:
         return padded_vocab_size(self.arch.vocab_size, self.megatron)
 
@@ -202,7 +207,7 @@ class Plan:
         seq = self.seq_len / mc.context_parallel
         params = self.counts.on_stage(stage, tp, pp)
         terms = {name: params * size
-                 for name, size in bytes_per_parameter(mc.distributed_optimizer, mc.params_dtype, self.data_parallel).items()}
+                 for name, size in bytes_per_parameter(mc.distributed_optimizer, mc.params_dtype, self.optimizer_shards).items()}
         layer = (seq, self.micro_batch, self.arch.hidden_size, self.arch.num_heads, tp,
                  mc.sequence_parallel and tp > 1)
         stacks = self.arch.num_layers // pp * microbatches_in_flight(stage, pp, mc.virtual_pipeline)
@@ -247,7 +252,7 @@ def gib(value: float) -> str:
 def trainer_table(plan: Plan, stages: dict[str, int], gpu_bytes: float) -> Table:
     """Memory terms of the first and last pipeline stages (one column when pp = 1)."""
     mc, arch = plan.megatron, plan.arch
-    per_param = bytes_per_parameter(mc.distributed_optimizer, mc.params_dtype, plan.data_parallel)
+    per_param = bytes_per_parameter(mc.distributed_optimizer, mc.params_dtype, plan.optimizer_shards)
     layers = arch.num_layers // mc.pipeline_parallel
     sp = "SP" if mc.sequence_parallel and mc.tensor_parallel > 1 else "no SP"
     how = {
@@ -255,7 +260,7 @@ def trainer_table(plan: Plan, stages: dict[str, int], gpu_bytes: float) -> Table
         "gradients": f"{per_param['gradients']:g} B/param",
         "optimizer state": f"{per_param['optimizer state']:g} B/param (Adam"
                            + (", fp32 main weights" if mc.params_dtype == "bfloat16" else "")
-                           + (f", / d={plan.data_parallel})" if mc.distributed_optimizer else ")"),
+                           + (f", / d={plan.optimizer_shards})" if mc.distributed_optimizer else ")"),
         "activations": f"recompute={mc.recompute}, {sp}: {layers} layers x microbatches in flight",
         "logits": f"s b V_pad/t, V_pad={plan.padded_vocab}, last stage",
         "CUDA context": "fixed allowance",

@@ -1,7 +1,7 @@
 """Checks that need several megatron ranks; run by tests/test_megatron.py under torchrun.
 
     torchrun --nproc-per-node N tests/mcore_ranks.py logits --tp T --out result.json MODEL_DIR...
-    torchrun --nproc-per-node N tests/mcore_ranks.py actor --tp T [--pp P] [--vp V] --out result.json --work DIR TINY_MODEL
+    torchrun --nproc-per-node N tests/mcore_ranks.py actor --tp T [--pp P] [--vp V] [--cp C] --out result.json --work DIR TINY_MODEL
 
 Rank 0 writes the measured differences as JSON; the test asserts on them.
 """
@@ -94,11 +94,11 @@ def _max_rel(a: dict, b: dict) -> float:
     return max(float((a[k] - b[k]).abs().max() / b[k].abs().max().clamp(min=1e-12)) for k in a)
 
 
-def actor_parity(model_dir: str, tp: int, pp: int, vp: int, work: Path) -> dict:
-    """One SOUP update on the megatron actor (TP=tp x PP=pp with vp model chunks per stage, the rest data
-    parallel) vs the local actor. Every rank calls the actor's per-rank methods directly (SPMD), so
+def actor_parity(model_dir: str, tp: int, pp: int, vp: int, cp: int, work: Path) -> dict:
+    """One SOUP update on the megatron actor (TP=tp x PP=pp with vp model chunks per stage x CP=cp, the rest
+    data parallel) vs the local actor. Every rank calls the actor's per-rank methods directly (SPMD), so
     gradients can be compared too."""
-    megatron = MegatronConfig(tensor_parallel=tp, pipeline_parallel=pp, virtual_pipeline=vp)
+    megatron = MegatronConfig(tensor_parallel=tp, pipeline_parallel=pp, virtual_pipeline=vp, context_parallel=cp)
     acfg = ActorConfig(lr=1e-3, grad_clip=0.3, micro_batch_size=3, megatron=megatron)
     loss_cfg = LossConfig(prefix_mode="clip", loss_agg="token_mean", entropy_coef=0.01)
     mega = build_actor(ActorConfig(**{**acfg.__dict__, "backend": "megatron"}), model_dir, samples_per_update=8)
@@ -113,9 +113,9 @@ def actor_parity(model_dir: str, tp: int, pp: int, vp: int, work: Path) -> dict:
     out_local = local.train_minibatch(batch, loss_cfg, 0.8)
     out_mega = mega._train_minibatch(batch, loss_cfg, 0.8)
     grads_local = {n: p.grad for n, p in local.model.named_parameters()}
-    # megatron's DDP keeps gradients in fp32 buffers (main_grad); with a sharded optimizer and several
-    # replicas each holds the reduced sum of its own shard only, so gradients are compared at dp = 1
-    grads_mega = _exported(mega, lambda p: p.main_grad) if mega.layout.dp == 1 else None
+    # megatron's DDP keeps gradients in fp32 buffers (main_grad); with a sharded optimizer each rank
+    # holds the reduced sum of its own shard only, so gradients are compared when nothing is sharded
+    grads_mega = _exported(mega, lambda p: p.main_grad) if not mega.sharded_optimizer else None
     after_local = local.rollout_weights()
     after_mega = _exported(mega)
     stats_local, stats_mega = (segment_stats(o["segment"], o["ratio"], o["clipped"], o["entropy"])
@@ -127,6 +127,11 @@ def actor_parity(model_dir: str, tp: int, pp: int, vp: int, work: Path) -> dict:
     mega._load_state(work / "state")
     again = mega._train_minibatch(batch, loss_cfg, 0.8)
     weights_again = _exported(mega)
+    # and so does a new actor, as a resumed job makes: its optimizer has taken no step yet
+    fresh = build_actor(ActorConfig(**{**acfg.__dict__, "backend": "megatron"}), model_dir, samples_per_update=8)
+    fresh._load_state(work / "state")
+    from_fresh = fresh._train_minibatch(batch, loss_cfg, 0.8)
+    weights_fresh = _exported(fresh)
     if dist.get_rank() != 0:
         return {}
     update_local = {k: after_local[k] - before[k] for k in after_mega}
@@ -147,8 +152,9 @@ def actor_parity(model_dir: str, tp: int, pp: int, vp: int, work: Path) -> dict:
         "share_of_entries_compared": float(sum(c.sum() for c in clear.values()) / sum(c.numel() for c in clear.values())),
         "segment_stats_diff": max(abs(stats_local[k] - stats_mega[k]) for k in stats_local),
         "segment_stats_keys_match": sorted(stats_local) == sorted(stats_mega),
-        "resume_loss": [second["loss"], again["loss"]],
-        "resume_weight_diff": max(float((weights_second[k] - weights_again[k]).abs().max()) for k in weights_again),
+        "resume_loss": [second["loss"], again["loss"], from_fresh["loss"]],
+        "resume_weight_diff": max(float((weights_second[k] - w[k]).abs().max()) for w in (weights_again, weights_fresh)
+                                  for k in w),
         # the local state dict also lists a tied lm_head, which HF checkpoints leave out
         "names_only_local": sorted(set(after_local) - set(after_mega)),
         "names_only_megatron": sorted(set(after_mega) - set(after_local)),
@@ -162,6 +168,7 @@ def main() -> None:
     parser.add_argument("--tp", type=int, required=True)
     parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--vp", type=int, default=1)
+    parser.add_argument("--cp", type=int, default=1)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--work", type=Path)
     args = parser.parse_args()
@@ -169,7 +176,7 @@ def main() -> None:
     if args.check == "logits":
         result = logits_differences(args.models, args.tp)
     else:
-        result = actor_parity(args.models[0], args.tp, args.pp, args.vp, args.work)
+        result = actor_parity(args.models[0], args.tp, args.pp, args.vp, args.cp, args.work)
     if dist.get_rank() == 0:
         args.out.write_text(json.dumps(result, indent=1))
 

@@ -116,43 +116,46 @@ def test_megatron_logits_equal_hf_logits(families, tmp_path, tp):
         assert r["padding_columns"] == padded_vocab_size(VOCAB, MegatronConfig(tensor_parallel=tp)) - VOCAB > 0
 
 
-@pytest.mark.parametrize("tp, pp, vp, ranks", [
-    (2, 1, 1, 2), (1, 2, 1, 2), (1, 2, 2, 2), pytest.param(1, 1, 1, 2, marks=pytest.mark.slow),
-    pytest.param(2, 2, 1, 4, marks=pytest.mark.slow), pytest.param(1, 2, 1, 4, marks=pytest.mark.slow),
-    pytest.param(1, 2, 2, 4, marks=pytest.mark.slow)],
-    ids=["tp2", "pp2", "pp2-vp2", "dp2", "tp2-pp2", "pp2-dp2", "pp2-vp2-dp2"])
-def test_megatron_actor_matches_local_actor(tiny_model_kv2, tiny_model_4_layers, tmp_path, tp, pp, vp, ranks):
+@pytest.mark.parametrize("tp, pp, vp, cp, ranks", [
+    (2, 1, 1, 1, 2), (1, 2, 1, 1, 2), (1, 2, 2, 1, 2), (1, 1, 1, 2, 2),
+    pytest.param(1, 1, 1, 1, 2, marks=pytest.mark.slow), pytest.param(2, 2, 1, 1, 4, marks=pytest.mark.slow),
+    pytest.param(1, 2, 1, 1, 4, marks=pytest.mark.slow), pytest.param(1, 2, 2, 1, 4, marks=pytest.mark.slow),
+    pytest.param(2, 1, 1, 2, 4, marks=pytest.mark.slow)],
+    ids=["tp2", "pp2", "pp2-vp2", "cp2", "dp2", "tp2-pp2", "pp2-dp2", "pp2-vp2-dp2", "tp2-cp2"])
+def test_megatron_actor_matches_local_actor(tiny_model_kv2, tiny_model_4_layers, tmp_path, tp, pp, vp, cp, ranks):
     """Ranks as tensor-parallel slices, pipeline stages (through megatron's 1F1B schedule, or its interleaved
-    one over two model chunks per stage; the tied embedding lives on both end stages) and data-parallel
-    replicas: log-probs, entropy, one SOUP update (loss, gradients, clipped norm, Adam update) equal the
-    local actor's; save/resume repeats a step."""
+    one over two model chunks per stage; the tied embedding lives on both end stages), context-parallel
+    ranks (two chunks of each sequence apiece) and data-parallel replicas: log-probs, entropy, one SOUP
+    update (loss, gradients, clipped norm, Adam update) equal the local actor's; save/resume (in the same
+    actor and in a new one) repeats a step."""
     model = tiny_model_4_layers if vp > 1 else tiny_model_kv2  # 2 stages x 2 chunks need 4 layers
-    run("tests/mcore_ranks.py", "actor", model, "--tp", tp, "--pp", pp, "--vp", vp, "--out", tmp_path / "r.json",
-        "--work", tmp_path, ranks=ranks)
+    run("tests/mcore_ranks.py", "actor", model, "--tp", tp, "--pp", pp, "--vp", vp, "--cp", cp,
+        "--out", tmp_path / "r.json", "--work", tmp_path, ranks=ranks)
     r = json.loads((tmp_path / "r.json").read_text())
     assert r["logp_diff"] < 1e-4 and r["entropy_diff"] < 1e-4
     assert abs(r["loss_local"] - r["loss_megatron"]) < 1e-5 * max(1.0, abs(r["loss_local"]))
     assert abs(r["grad_norm_local"] - r["grad_norm_megatron"]) < 1e-4 * r["grad_norm_local"]
     assert r["grad_norm_local"] > r["grad_clip"]  # the update was clipped: clipping is part of the comparison
-    if ranks == tp * pp:  # one replica: gradients compared directly (the updates are compared in every layout)
+    if ranks == tp * pp:  # nothing sharded: gradients compared directly (the updates are compared in every layout)
         assert r["grad_max_rel_diff"] < 1e-4
     assert r["update_max_diff_where_grad_above_1e-6"] < 1e-6 and r["update_max"] > 5e-4
     assert r["share_of_entries_compared"] > 0.9
     assert r["segment_stats_diff"] < 1e-4 and r["segment_stats_keys_match"]
-    assert r["resume_loss"][0] == r["resume_loss"][1] and r["resume_weight_diff"] == 0.0
+    assert r["resume_loss"][0] == r["resume_loss"][1] == r["resume_loss"][2] and r["resume_weight_diff"] == 0.0
     assert r["names_only_local"] == ["lm_head.weight"] and r["names_only_megatron"] == []  # tied: HF files omit it
 
 
 @pytest.mark.parametrize("layout, converted_with", [
     (["tensor_parallel=2"], "--pp"), pytest.param(["pipeline_parallel=2"], "--tp", marks=pytest.mark.slow),
-    pytest.param(["pipeline_parallel=2", "virtual_pipeline=2"], "--pp", marks=pytest.mark.slow)],
-    ids=["tensor", "pipeline", "interleaved"])
+    pytest.param(["pipeline_parallel=2", "virtual_pipeline=2"], "--pp", marks=pytest.mark.slow),
+    pytest.param(["context_parallel=2"], "--tp", marks=pytest.mark.slow)],
+    ids=["tensor", "pipeline", "interleaved", "context"])
 def test_soup_run_with_megatron_actor_on_two_ranks(tiny_model_kv2, tiny_model_4_layers, tmp_path, layout,
                                                    converted_with):
     """`torchrun -m soup_megatron.cli train actor.backend=megatron` on two tensor-parallel ranks, two
-    pipeline stages, or two stages of two interleaved model chunks: rank 0 drives, rank 1 follows; the
-    actor starts from a converted checkpoint (written with another layout); the run trains, checkpoints
-    (torch_dist + HF history), resumes and exports; both ranks exit."""
+    pipeline stages, two stages of two interleaved model chunks, or two context-parallel ranks: rank 0
+    drives, rank 1 follows; the actor starts from a converted checkpoint (written with another layout);
+    the run trains, checkpoints (torch_dist + HF history), resumes and exports; both ranks exit."""
     from tests.conftest import TINY
 
     model = tiny_model_4_layers if "virtual_pipeline=2" in layout else tiny_model_kv2
@@ -227,7 +230,7 @@ def test_interleaved_schedule_gets_at_least_two_groups_of_microbatches():
     exchange); too few samples per data-parallel rank are refused with the arithmetic."""
     from soup_megatron.mcore.parallel import Layout, ParallelError, check_batch_split, interleaved_microbatches
 
-    layout = Layout(rank=0, world=4, tp=1, pp=2, vp=2, cp=1, dp=2, tp_rank=0, pp_rank=0, dp_rank=0)
+    layout = Layout(rank=0, world=4, tp=1, pp=2, vp=2, cp=1, dp=2, tp_rank=0, pp_rank=0, dp_rank=0, cp_rank=0)
     assert [interleaved_microbatches(count, 8, layout) for count in (1, 3, 4, 5)] == [4, 4, 4, 6]
     check_batch_split(8, layout)
     with pytest.raises(ParallelError, match="at least 2 x pipeline_parallel = 4 microbatches .* has 3 samples"):
@@ -249,13 +252,13 @@ def test_megatron_actor_refuses_layouts_it_cannot_run(tiny_model):
     from soup_megatron.config import ActorConfig
     from soup_megatron.mcore.parallel import ParallelError
 
-    with pytest.raises(ParallelError, match="context_parallel > 1: this actor does not split sequences"):
+    with pytest.raises(ParallelError, match="launch with `torchrun --nproc-per-node 2"):
         build_actor(ActorConfig(backend="megatron", megatron=MegatronConfig(context_parallel=2)), tiny_model)
     with pytest.raises(ParallelError, match="launch with `torchrun --nproc-per-node 2"):
         build_actor(ActorConfig(backend="megatron", megatron=MegatronConfig(pipeline_parallel=2)), tiny_model)
     # with one replica the optimizer would not shard: only TP x PP with DP > 1 is refused
     tp_pp = MegatronConfig(tensor_parallel=2, pipeline_parallel=2)
-    with pytest.raises(ParallelError, match="pipeline_parallel > 1 and 2 data-parallel replicas"):
+    with pytest.raises(ParallelError, match="pipeline_parallel > 1 and 2 data x context-parallel ranks to shard"):
         check_layout(tp_pp, world=8)
     check_layout(tp_pp, world=4)
     with pytest.raises(ParallelError, match="launch with `torchrun --nproc-per-node 2"):

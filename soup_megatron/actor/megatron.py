@@ -1,18 +1,20 @@
-"""megatron-core actor: the policy split over tensor-, pipeline- and data-parallel ranks.
+"""megatron-core actor: the policy split over tensor-, pipeline-, context- and data-parallel ranks.
 
 The processes come from the launcher (torchrun / srun). Global rank 0 is the driver: it runs the
 trainer loop and calls the actor like any other; each call is broadcast to the other ranks, which
 sit in `follow()` and run the same method on their slices. Data-parallel ranks take every dp-th
-sample and run its microbatches through megatron's forward/backward schedule (1F1B across pipeline
-stages; interleaved 1F1B over several model chunks per stage with `virtual_pipeline`). The SOUP loss weights use the whole batch's token counts, so summing gradients over ranks
-and microbatches gives exactly the gradient of the batch loss: megatron's DDP sums (not averages)
-them into fp32 gradient buffers when the loss is per token, and megatron's optimizer (fp32 main
-weights, Adam, grad-norm clipping; sharded over data-parallel ranks with `distributed_optimizer`)
-takes the step.
+sample; context-parallel ranks of a replica share its samples and each computes two chunks of every
+sequence. The microbatches go through megatron's forward/backward schedule (1F1B across pipeline
+stages; interleaved 1F1B over several model chunks per stage with `virtual_pipeline`). The SOUP loss
+weights use the whole batch's token counts, so summing gradients over ranks and microbatches gives
+exactly the gradient of the batch loss: megatron's DDP sums (not averages) them into fp32 gradient
+buffers when the loss is per token, and megatron's optimizer (fp32 main weights, Adam, grad-norm
+clipping; sharded over data-parallel ranks with `distributed_optimizer`) takes the step.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict
 from pathlib import Path
 
@@ -31,15 +33,11 @@ from .base import TokenBatch
 
 def check_layout(mc: MegatronConfig, world: int) -> None:
     """Refuse, before any process group starts, layouts this actor cannot run on `world` processes."""
-    if mc.context_parallel > 1:
-        raise parallel.ParallelError(
-            "actor.megatron.context_parallel > 1: this actor does not split sequences over context-parallel "
-            "ranks (that needs Transformer Engine's attention on a GPU); set context_parallel=1")
-    replicas = world // (mc.tensor_parallel * mc.pipeline_parallel * mc.context_parallel)
-    if mc.distributed_optimizer and mc.tensor_parallel > 1 and mc.pipeline_parallel > 1 and replicas > 1:
+    shards = world // (mc.tensor_parallel * mc.pipeline_parallel)  # data x context parallel
+    if mc.distributed_optimizer and mc.tensor_parallel > 1 and mc.pipeline_parallel > 1 and shards > 1:
         raise parallel.ParallelError(
             f"actor.megatron.distributed_optimizer=true with tensor_parallel > 1 and pipeline_parallel > 1 and "
-            f"{replicas} data-parallel replicas: "
+            f"{shards} data x context-parallel ranks to shard over: "
             "megatron-core 0.16's checkpoint of the distributed optimizer fails in that layout (its "
             "dp_reshardable format mixes up the buckets of the stages; the layout-free format fails with "
             "torch's Adam), so training could not be saved; set distributed_optimizer=false (each rank then "
@@ -71,7 +69,8 @@ class MegatronActor:
         else:
             checkpoint.load_hf_into(self.chunks, self.params, self.arch, self.model_path, self.layout,
                                     self.padded_vocab, progress=self.layout.is_driver)
-        self.sharded_optimizer = mc.distributed_optimizer and self.layout.dp > 1  # one replica: nothing to shard
+        # megatron shards over the data- and context-parallel ranks; with one of them there is nothing to shard
+        self.sharded_optimizer = mc.distributed_optimizer and self.layout.dp * self.layout.cp > 1
         self.ddp, self.optimizer = self._wrap_for_training()
         self.version = 0
         self.closed = False
@@ -149,21 +148,23 @@ class MegatronActor:
             count = parallel.interleaved_microbatches(count, len(rows), self.layout)
         return [(picked, batch.select(picked)) for picked in torch.tensor_split(rows, count)] if count else []
 
-    def _on_device(self, t: torch.Tensor | None) -> torch.Tensor | None:
-        return None if t is None else t.to(self.device)
-
-    def _token_logprobs(self, logits: torch.Tensor, mb: TokenBatch, temperature: float, with_entropy: bool):
+    def _token_logprobs(self, logits: torch.Tensor, mb: TokenBatch, part: parallel.SequenceSlice, temperature: float,
+                        with_entropy: bool):
+        """Log-probs (and entropy) of each next token at this rank's positions `part` (the last position
+        predicts nothing: its target is padding, and results keep only the first T - 1 columns)."""
         from megatron.core import parallel_state as ps
 
-        targets = mb.input_ids[:, 1:].to(self.device)
-        return vocab_parallel_logprobs(logits[:, :-1], targets, self.vocab_start, self.arch.vocab_size, temperature,
+        targets = part.take(mb.input_ids[:, 1:], self.device)
+        return vocab_parallel_logprobs(logits, targets, self.vocab_start, self.arch.vocab_size, temperature,
                                        with_entropy, ps.get_tensor_model_parallel_group(),
                                        self.cfg.megatron.logprob_chunk)
 
     def _run_schedule(self, batch: TokenBatch, loss_of_logits, forward_only: bool) -> list:
-        """This rank's microbatches through megatron's forward/backward schedule. `loss_of_logits(logits,
-        mb)` runs on the last pipeline stage and returns (loss, token count, per-token outputs). Returns
-        [(rows, outputs)] per microbatch on the last stage, [] on the others."""
+        """This rank's microbatches through megatron's forward/backward schedule, each over this rank's
+        positions of the sequence (all, or its share with context parallelism). `loss_of_logits(logits, mb,
+        part)` runs on the last pipeline stage and returns (loss, token count, per-token outputs at full
+        width, zero at the other context-parallel ranks' positions). Returns [(rows, outputs)] per
+        microbatch on the last stage, [] on the others."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         micro = self._micro_batches(batch)
@@ -172,10 +173,11 @@ class MegatronActor:
 
         def forward_step(data_iterator, model):  # called per model chunk, each with its own pass over `micro`
             _, mb = next(data_iterator)
-            ids = mb.input_ids.to(self.device)
-            positions = torch.arange(ids.shape[1], device=self.device)[None].expand_as(ids)
-            output = model(input_ids=ids, position_ids=positions, attention_mask=None)  # last stage: [N, T, V / tp]
-            return output, lambda logits: loss_of_logits(logits, mb)
+            part = parallel.SequenceSlice.of(mb.input_ids.shape[1], self.layout)
+            ids = part.take(mb.input_ids, self.device)
+            positions = part.index.to(self.device)[None].expand_as(ids)
+            output = model(input_ids=ids, position_ids=positions, attention_mask=None)  # last stage: [N, T_r, V / tp]
+            return output, lambda logits: loss_of_logits(logits, mb, part)
 
         with cpu_compat.cuda_on_cpu():
             outputs = get_forward_backward_func()(
@@ -186,11 +188,12 @@ class MegatronActor:
         return [(rows, out) for (rows, _), out in zip(micro, outputs)]
 
     def _sum_to_driver(self, *tensors: torch.Tensor) -> None:
-        """Per-token results are made on the last stage of each data-parallel replica: sum them over the
-        replicas, then over the stages, into global rank 0 (other ranks end with partial sums)."""
+        """Per-token results are made on the last stage of each context-parallel rank (its positions) of each
+        data-parallel replica: sum them over those ranks, the replicas, then the stages, into global rank 0
+        (other ranks end with partial sums)."""
         from megatron.core import parallel_state as ps
 
-        for size, group in ((self.layout.dp, ps.get_data_parallel_group),
+        for size, group in ((self.layout.cp, ps.get_context_parallel_group), (self.layout.dp, ps.get_data_parallel_group),
                             (self.layout.pp, ps.get_pipeline_model_parallel_group)):
             if size > 1:
                 for t in tensors:
@@ -207,9 +210,11 @@ class MegatronActor:
         logp = torch.zeros(shape)
         entropy = torch.zeros(shape)
 
-        def per_token(logits, mb):
-            lp, ent = self._token_logprobs(logits, mb, temperature, with_entropy)
-            return torch.zeros(()), torch.tensor(0, dtype=torch.int), {"logp": lp, "entropy": ent}
+        def per_token(logits, mb, part):
+            lp, ent = self._token_logprobs(logits, mb, part, temperature, with_entropy)
+            width = mb.input_ids.shape[1] - 1
+            return torch.zeros(()), torch.tensor(0, dtype=torch.int), {
+                "logp": part.put(lp, width), "entropy": part.put(ent, width) if with_entropy else None}
 
         for rows, out in self._run_schedule(batch, per_token, forward_only=True):
             width = out["logp"].shape[1]
@@ -228,17 +233,19 @@ class MegatronActor:
         for ddp in self.ddp:
             ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
-        on = self._on_device
 
-        def soup(logits, mb):
-            logp, ent = self._token_logprobs(logits, mb, temperature, True)  # entropy is logged per segment
+        def soup(logits, mb, part):
+            logp, ent = self._token_logprobs(logits, mb, part, temperature, True)  # entropy is logged per segment
             mask = loss_mask(mb.segment, loss_cfg.prefix_mode)
-            weights = aggregation_weights(mask, loss_cfg.loss_agg, len(batch), num_tokens).to(self.device)
-            loss, tok = soup_loss(logp, on(mb.old_logp), on(mb.behaviour_logp), on(mb.advantages), on(mb.segment),
-                                  weights, loss_cfg, entropy=ent, ref_logp=on(mb.ref_logp))
-            per_token = {"loss": loss.detach(), "ratio": tok["ratio"].detach(), "clipped": tok["clipped"].float(),
-                         "entropy": ent.detach()}
-            return loss, torch.tensor(int(mask.sum()), dtype=torch.int), per_token
+            # weights from whole rows (per-sequence means), then this rank's positions
+            weights = part.take(aggregation_weights(mask, loss_cfg.loss_agg, len(batch), num_tokens), self.device)
+            take = functools.partial(part.take, device=self.device)
+            loss, tok = soup_loss(logp, take(mb.old_logp), take(mb.behaviour_logp), mb.advantages.to(self.device),
+                                  take(mb.segment), weights, loss_cfg, entropy=ent, ref_logp=take(mb.ref_logp))
+            width = mb.segment.shape[1]
+            per_token = {"loss": loss.detach(), "ratio": part.put(tok["ratio"], width),
+                         "clipped": part.put(tok["clipped"].float(), width), "entropy": part.put(ent.detach(), width)}
+            return loss, torch.tensor(int(take(mask).sum()), dtype=torch.int), per_token
 
         shape = (len(batch), batch.input_ids.shape[1] - 1)
         ratio, clipped, entropy = torch.zeros(shape), torch.zeros(shape), torch.zeros(shape)

@@ -85,7 +85,7 @@ def iter_hf_tensors(models: list, params: list[list[ParamMap]], arch: Architectu
             own = {p.megatron: tensor for p, tensor in iter_local(models[chunk], params[chunk])}
             for p in exported:
                 tensors = _gather_hf(p, own[p.megatron], arch, layout)
-                if stage > 0 and layout.dp_rank == 0 and layout.tp_rank == 0:
+                if stage > 0 and layout.dp_rank == 0 and layout.cp_rank == 0 and layout.tp_rank == 0:
                     _send_to_driver(tensors)
                 bar.update(len(p.hf))
                 yield from zip(p.hf, tensors if layout.is_driver else [None] * len(p.hf))
@@ -97,11 +97,11 @@ def iter_hf_tensors(models: list, params: list[list[ParamMap]], arch: Architectu
 
 
 def _gather_hf(p: ParamMap, local: torch.Tensor, arch: Architecture, layout: Layout) -> list[Optional[torch.Tensor]]:
-    """The HF tensors of `p` on tensor-parallel rank 0 of replica 0 (copies: callers may keep them while
-    training goes on); None elsewhere."""
+    """The HF tensors of `p` on tensor-parallel rank 0 of replica 0, context-parallel rank 0 (copies: callers
+    may keep them while training goes on); None elsewhere."""
     from megatron.core import parallel_state as ps
 
-    if layout.dp_rank != 0:
+    if layout.dp_rank != 0 or layout.cp_rank != 0:
         return [None] * len(p.hf)
     local = local.detach()
     if layout.tp > 1 and p.kind != "replicated":
@@ -249,6 +249,7 @@ def load_distributed(path: Path, models: list, optimizer, layout: Layout) -> dic
     if optimizer is not None:
         if not metadata.get("has_optimizer"):
             raise CheckpointError(f"{path}: holds no optimizer state (a converted model, not a training checkpoint)")
+        _give_adam_states(optimizer)
         with cuda_on_cpu():
             state["optimizer"] = optimizer.sharded_state_dict(model_state(models), is_loading=True,
                                                               metadata=OPTIMIZER_LAYOUT)
@@ -275,6 +276,19 @@ def _torch_adam_states(optimizer):
     """Per-parameter states of the torch Adam optimizers inside megatron's (chained) optimizer."""
     for part in getattr(optimizer, "chained_optimizers", [optimizer]):
         yield from part.optimizer.state.values()
+
+
+def _give_adam_states(optimizer) -> None:
+    """Zero Adam state (step 0) for every parameter that has none, as in a fresh process before its first
+    step: megatron-core 0.16's distributed optimizer reads the step of the existing state while building
+    its view of the checkpoint to load, and fails on an empty one. The load then overwrites it."""
+    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+        adam = part.optimizer
+        for group in adam.param_groups:
+            for p in group["params"]:
+                if not adam.state[p]:
+                    adam.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
+                                     "exp_avg_sq": torch.zeros_like(p)}
 
 
 def _adam_step(optimizer) -> float:

@@ -3,8 +3,9 @@
 Without CUDA, `cuda_on_cpu()` is a context in which
 - `torch.cuda.current_device()` is the CPU, so tensors megatron makes "on the current device" (rotary
   frequencies, pipeline receive buffers, checkpoint consistency flags) are CPU tensors;
-- tensor factories asked for `device="cuda"` make CPU tensors and `Tensor.cuda()` returns the tensor
-  (the schedules' token counter, the tied-embedding copy of a last pipeline stage);
+- tensor factories asked for `device="cuda"` make CPU tensors, pinned memory is not asked for (there is
+  no device to pin for), and `Tensor.cuda()` returns the tensor (the schedules' token counter, the
+  tied-embedding copy of a last pipeline stage, the rotary positions of a context-parallel rank);
 - `torch.cuda.synchronize()` returns at once: there is no device (pipeline stages call it after
   exchanging tensor shapes; gloo's sends and receives have completed when their `wait()` returns);
 - `Tensor.type()` names the CUDA type of the tensor's dtype ("torch.cuda.FloatTensor"): megatron's
@@ -43,6 +44,8 @@ class _CudaFactoriesOnCpu(TorchFunctionMode):
         device = kwargs.get("device")
         if device is not None and torch.device(device).type == "cuda":
             kwargs["device"] = "cpu"
+        if kwargs.get("pin_memory"):
+            kwargs["pin_memory"] = False
         return func(*args, **kwargs)
 
 

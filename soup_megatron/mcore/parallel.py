@@ -28,12 +28,48 @@ class Layout:
     dp: int
     tp_rank: int
     pp_rank: int
-    dp_rank: int
+    dp_rank: int  # replica index: the context-parallel ranks of a replica share it (and its samples)
+    cp_rank: int
 
     @property
     def is_driver(self) -> bool:
         """Global rank 0 runs the trainer loop; the other ranks follow its commands."""
         return self.rank == 0
+
+
+def context_parallel_positions(length: int, rank: int, size: int) -> torch.Tensor:
+    """Global positions of the `length // size` tokens context-parallel rank `rank` of `size` holds in a
+    sequence of `length` (a multiple of 2 size): chunks `rank` and `2 size - 1 - rank` of 2 size equal
+    chunks, megatron's split (causal attention costs every rank the same)."""
+    chunk = length // (2 * size)
+    return torch.cat([torch.arange(c * chunk, (c + 1) * chunk) for c in (rank, 2 * size - 1 - rank)])
+
+
+@dataclass(frozen=True)
+class SequenceSlice:
+    """The positions of a microbatch one rank computes: all of them, or with context parallelism its
+    `context_parallel_positions` of the sequence right-padded to a multiple of 2 cp."""
+    padded: int
+    index: torch.Tensor
+
+    @classmethod
+    def of(cls, width: int, layout: "Layout") -> "SequenceSlice":
+        if layout.cp == 1:
+            return cls(width, torch.arange(width))
+        padded = -(-width // (2 * layout.cp)) * 2 * layout.cp
+        return cls(padded, context_parallel_positions(padded, layout.cp_rank, layout.cp))
+
+    def take(self, t: torch.Tensor | None, device) -> torch.Tensor | None:
+        """This rank's columns of per-position `t` [N, <= padded] (zeros past its end), on `device`."""
+        if t is None:
+            return None
+        return torch.nn.functional.pad(t, (0, self.padded - t.shape[1]))[:, self.index].to(device)
+
+    def put(self, local: torch.Tensor, width: int) -> torch.Tensor:
+        """[N, width] holding `local` in this rank's columns and zeros in the others' (summed over ranks later)."""
+        full = local.new_zeros(local.shape[0], self.padded)
+        full[:, self.index.to(local.device)] = local
+        return full[:, :width]
 
 
 def launcher_rank() -> int:
@@ -94,7 +130,7 @@ def initialize(cfg: MegatronConfig) -> Layout:
     return Layout(rank=dist.get_rank(), world=world, tp=cfg.tensor_parallel, pp=cfg.pipeline_parallel,
                   vp=cfg.virtual_pipeline, cp=cfg.context_parallel, dp=ps.get_data_parallel_world_size(),
                   tp_rank=ps.get_tensor_model_parallel_rank(), pp_rank=ps.get_pipeline_model_parallel_rank(),
-                  dp_rank=ps.get_data_parallel_rank())
+                  dp_rank=ps.get_data_parallel_rank(), cp_rank=ps.get_context_parallel_rank())
 
 
 def check_batch_split(samples: int, layout: Layout) -> None:
