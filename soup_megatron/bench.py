@@ -207,7 +207,8 @@ def bench_actor(config: str, steps: int, warmup: int, overrides: list[str]) -> l
             actor.close()
     mc = cfg.actor.megatron
     table = Table(title=f"actor passes on {cfg.model.path}: megatron at TP={mc.tensor_parallel} x PP={mc.pipeline_parallel}"
-                        f"{f' x VP={mc.virtual_pipeline}' if mc.virtual_pipeline > 1 else ''}, "
+                        f"{f' x VP={mc.virtual_pipeline}' if mc.virtual_pipeline > 1 else ''}"
+                        f"{f' x CP={mc.context_parallel}' if mc.context_parallel > 1 else ''}, "
                         f"{len(batch)} samples x "
                         f"{batch.input_ids.shape[1]} tokens, "
                         f"micro-batch {cfg.actor.micro_batch_size}, medians of repeats {warmup + 1}-{steps}")
