@@ -1,7 +1,7 @@
 """Checks that need several megatron ranks; run by tests/test_megatron.py under torchrun.
 
     torchrun --nproc-per-node N tests/mcore_ranks.py logits --tp T --out result.json MODEL_DIR...
-    torchrun --nproc-per-node N tests/mcore_ranks.py actor --tp T [--pp P] [--vp V] [--cp C] --out result.json --work DIR TINY_MODEL
+    torchrun --nproc-per-node N tests/mcore_ranks.py actor --tp T [--pp P] [--vp V] [--cp C] [--sp] --out result.json --work DIR TINY_MODEL
 
 Rank 0 writes the measured differences as JSON; the test asserts on them.
 """
@@ -94,11 +94,12 @@ def _max_rel(a: dict, b: dict) -> float:
     return max(float((a[k] - b[k]).abs().max() / b[k].abs().max().clamp(min=1e-12)) for k in a)
 
 
-def actor_parity(model_dir: str, tp: int, pp: int, vp: int, cp: int, work: Path) -> dict:
-    """One SOUP update on the megatron actor (TP=tp x PP=pp with vp model chunks per stage x CP=cp, the rest
-    data parallel) vs the local actor. Every rank calls the actor's per-rank methods directly (SPMD), so
+def actor_parity(model_dir: str, tp: int, pp: int, vp: int, cp: int, sp: bool, work: Path) -> dict:
+    """One SOUP update on the megatron actor (TP=tp, with sequence parallelism if sp, x PP=pp with vp model
+    chunks per stage x CP=cp, the rest data parallel) vs the local actor. Every rank calls the actor's per-rank methods directly (SPMD), so
     gradients can be compared too."""
-    megatron = MegatronConfig(tensor_parallel=tp, pipeline_parallel=pp, virtual_pipeline=vp, context_parallel=cp)
+    megatron = MegatronConfig(tensor_parallel=tp, pipeline_parallel=pp, virtual_pipeline=vp, context_parallel=cp,
+                              sequence_parallel=sp)
     acfg = ActorConfig(lr=1e-3, grad_clip=0.3, micro_batch_size=3, megatron=megatron)
     loss_cfg = LossConfig(prefix_mode="clip", loss_agg="token_mean", entropy_coef=0.01)
     mega = build_actor(ActorConfig(**{**acfg.__dict__, "backend": "megatron"}), model_dir, samples_per_update=8)
@@ -141,6 +142,7 @@ def actor_parity(model_dir: str, tp: int, pp: int, vp: int, cp: int, work: Path)
     clear = {k: grads_local[k].abs() > 1e-6 for k in update_mega}
     update_gap = max(float((update_local[k] - update_mega[k])[clear[k]].abs().max()) for k in update_mega)
     return {
+        "sequence_parallel": mega.chunks[0].config.sequence_parallel,
         "logp_diff": float((logp_local - logp_mega)[real].abs().max()),
         "entropy_diff": float((ent_local - ent_mega)[real].abs().max()),
         "loss_local": out_local["loss"], "loss_megatron": out_mega["loss"],
@@ -169,6 +171,7 @@ def main() -> None:
     parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--vp", type=int, default=1)
     parser.add_argument("--cp", type=int, default=1)
+    parser.add_argument("--sp", action="store_true", help="sequence parallelism (with tp > 1)")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--work", type=Path)
     args = parser.parse_args()
@@ -176,7 +179,7 @@ def main() -> None:
     if args.check == "logits":
         result = logits_differences(args.models, args.tp)
     else:
-        result = actor_parity(args.models[0], args.tp, args.pp, args.vp, args.cp, args.work)
+        result = actor_parity(args.models[0], args.tp, args.pp, args.vp, args.cp, args.sp, args.work)
     if dist.get_rank() == 0:
         args.out.write_text(json.dumps(result, indent=1))
 

@@ -116,22 +116,24 @@ def test_megatron_logits_equal_hf_logits(families, tmp_path, tp):
         assert r["padding_columns"] == padded_vocab_size(VOCAB, MegatronConfig(tensor_parallel=tp)) - VOCAB > 0
 
 
-@pytest.mark.parametrize("tp, pp, vp, cp, ranks", [
-    (2, 1, 1, 1, 2), (1, 2, 1, 1, 2), (1, 2, 2, 1, 2), (1, 1, 1, 2, 2),
-    pytest.param(1, 1, 1, 1, 2, marks=pytest.mark.slow), pytest.param(2, 2, 1, 1, 4, marks=pytest.mark.slow),
-    pytest.param(1, 2, 1, 1, 4, marks=pytest.mark.slow), pytest.param(1, 2, 2, 1, 4, marks=pytest.mark.slow),
-    pytest.param(2, 1, 1, 2, 4, marks=pytest.mark.slow)],
-    ids=["tp2", "pp2", "pp2-vp2", "cp2", "dp2", "tp2-pp2", "pp2-dp2", "pp2-vp2-dp2", "tp2-cp2"])
-def test_megatron_actor_matches_local_actor(tiny_model_kv2, tiny_model_4_layers, tmp_path, tp, pp, vp, cp, ranks):
-    """Ranks as tensor-parallel slices, pipeline stages (through megatron's 1F1B schedule, or its interleaved
-    one over two model chunks per stage; the tied embedding lives on both end stages), context-parallel
-    ranks (two chunks of each sequence apiece) and data-parallel replicas: log-probs, entropy, one SOUP
-    update (loss, gradients, clipped norm, Adam update) equal the local actor's; save/resume (in the same
-    actor and in a new one) repeats a step."""
+@pytest.mark.parametrize("tp, pp, vp, cp, sp, ranks", [
+    (2, 1, 1, 1, True, 2), (1, 2, 1, 1, False, 2), (1, 2, 2, 1, False, 2), (1, 1, 1, 2, False, 2),
+    pytest.param(2, 1, 1, 1, False, 2, marks=pytest.mark.slow), pytest.param(1, 1, 1, 1, False, 2, marks=pytest.mark.slow),
+    pytest.param(2, 2, 1, 1, False, 4, marks=pytest.mark.slow), pytest.param(1, 2, 1, 1, False, 4, marks=pytest.mark.slow),
+    pytest.param(1, 2, 2, 1, False, 4, marks=pytest.mark.slow), pytest.param(2, 1, 1, 2, True, 4, marks=pytest.mark.slow)],
+    ids=["tp2-sp", "pp2", "pp2-vp2", "cp2", "tp2", "dp2", "tp2-pp2", "pp2-dp2", "pp2-vp2-dp2", "tp2-sp-cp2"])
+def test_megatron_actor_matches_local_actor(tiny_model_kv2, tiny_model_4_layers, tmp_path, tp, pp, vp, cp, sp, ranks):
+    """Ranks as tensor-parallel slices (with sequence parallelism: each also holds 1/tp of the sequence
+    between layers), pipeline stages (through megatron's 1F1B schedule, or its interleaved one over two
+    model chunks per stage; the tied embedding lives on both end stages), context-parallel ranks (two
+    chunks of each sequence apiece) and data-parallel replicas: log-probs, entropy, one SOUP update
+    (loss, gradients, clipped norm, Adam update) equal the local actor's; save/resume (in the same actor
+    and in a new one) repeats a step."""
     model = tiny_model_4_layers if vp > 1 else tiny_model_kv2  # 2 stages x 2 chunks need 4 layers
     run("tests/mcore_ranks.py", "actor", model, "--tp", tp, "--pp", pp, "--vp", vp, "--cp", cp,
-        "--out", tmp_path / "r.json", "--work", tmp_path, ranks=ranks)
+        *(["--sp"] if sp else []), "--out", tmp_path / "r.json", "--work", tmp_path, ranks=ranks)
     r = json.loads((tmp_path / "r.json").read_text())
+    assert r["sequence_parallel"] == sp
     assert r["logp_diff"] < 1e-4 and r["entropy_diff"] < 1e-4
     assert abs(r["loss_local"] - r["loss_megatron"]) < 1e-5 * max(1.0, abs(r["loss_local"]))
     assert abs(r["grad_norm_local"] - r["grad_norm_megatron"]) < 1e-4 * r["grad_norm_local"]
@@ -215,8 +217,6 @@ def test_unsupported_architecture_and_sizes_are_refused():
         check_parallel_sizes(arch, MegatronConfig(pipeline_parallel=3))
     with pytest.raises(UnsupportedModel, match="fp8='e4m3' needs Transformer Engine on a GPU"):
         transformer_config(arch, MegatronConfig(fp8="e4m3"), use_te=False)
-    with pytest.raises(UnsupportedModel, match="sequence_parallel needs Transformer Engine"):
-        transformer_config(arch, MegatronConfig(tensor_parallel=2, sequence_parallel=True), use_te=False)
     yarn = family_configs()["qwen2"]
     yarn.rope_parameters = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}
     with pytest.raises(UnsupportedModel, match="rope_type 'yarn' is not supported"):

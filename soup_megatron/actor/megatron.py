@@ -173,7 +173,7 @@ class MegatronActor:
 
         def forward_step(data_iterator, model):  # called per model chunk, each with its own pass over `micro`
             _, mb = next(data_iterator)
-            part = parallel.SequenceSlice.of(mb.input_ids.shape[1], self.layout)
+            part = parallel.SequenceSlice.of(mb.input_ids.shape[1], self.layout, self.chunks[0].config.sequence_parallel)
             ids = part.take(mb.input_ids, self.device)
             positions = part.index.to(self.device)[None].expand_as(ids)
             output = model(input_ids=ids, position_ids=positions, attention_mask=None)  # last stage: [N, T_r, V / tp]

@@ -15,7 +15,9 @@ reduction, step, state dicts), the forward/backward schedules, RotaryEmbedding a
 `dist_checkpointing.save` / `load`; `enable()` installs the last two wrappers and has the torch_dist
 writer copy tensors to host memory blocking, as there is no device to synchronise with (its
 non-blocking path ends in `torch.cuda.synchronize()`), and posts pipeline stages' shape messages in an
-order gloo pairs correctly (`_exchange_shapes`). With CUDA present all of this does nothing.
+order gloo pairs correctly (`_exchange_shapes`), and makes megatron's RNG tracker the one whose fork is a
+plain context: layers fork a per-rank CUDA RNG stream around dropout in sequence-parallel regions, there
+is no CUDA RNG, and every dropout of this actor is 0. With CUDA present all of this does nothing.
 Core attention is our SDPA module rather than a patch (megatron's local one uses a CUDA buffer).
 """
 
@@ -103,9 +105,11 @@ def enable() -> None:
     from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
 
     from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
+    from megatron.core.tensor_parallel.random import initialize_rng_tracker
 
     RotaryEmbedding.get_emb = _on_cpu(RotaryEmbedding.get_emb)
     P2PCommunicator._communicate_shapes = _exchange_shapes
+    initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
     dist_checkpointing.save = _on_cpu(dist_checkpointing.save)
     dist_checkpointing.load = _on_cpu(dist_checkpointing.load)
     preload = FileSystemWriterAsync.preload_tensors

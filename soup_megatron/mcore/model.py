@@ -144,9 +144,6 @@ def transformer_config(arch: Architecture, cfg: MegatronConfig, use_te: bool):
         missing = "no GPU is present" if not torch.cuda.is_available() else "transformer_engine does not import"
         raise UnsupportedModel(f"actor.megatron.fp8={cfg.fp8!r} needs Transformer Engine on a GPU, and {missing}; "
                                f"set actor.megatron.fp8='' to train in {cfg.params_dtype}")
-    if cfg.sequence_parallel and cfg.tensor_parallel > 1 and not use_te:
-        raise UnsupportedModel("actor.megatron.sequence_parallel needs Transformer Engine's norms (a GPU); megatron-core's "
-                               "torch norms do not support it: set actor.megatron.sequence_parallel=false")
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.params_dtype]
     fp8 = {"fp8": cfg.fp8, "fp8_recipe": cfg.fp8_recipe} if cfg.fp8 else {}
     recompute = {}
@@ -197,16 +194,36 @@ def transformer_config(arch: Architecture, cfg: MegatronConfig, use_te: bool):
     )
 
 
-def layer_spec(arch: Architecture, use_te: bool):
+class TorchRMSNorm:
+    """torch's RMSNorm, as megatron's WrappedTorchNorm makes it for the local spec, but allowed under
+    sequence parallelism (the wrapper refuses it). There each tensor-parallel rank normalises its share
+    of the sequence, so the weight's gradient is partial: its `sequence_parallel` mark makes
+    finalize_model_grads sum it over the tensor-parallel group."""
+
+    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **_):
+        norm = torch.nn.RMSNorm(hidden_size, eps=eps)
+        norm.weight.sequence_parallel = config.sequence_parallel
+        return norm
+
+
+def layer_spec(arch: Architecture, cfg: MegatronConfig, use_te: bool):
+    """Transformer Engine's layer spec, or megatron's local one with SDPA core attention and torch norms
+    (the block spec of one model chunk's layers)."""
     from megatron.core.models.gpt import gpt_layer_specs
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
     if use_te:
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_norm)
     from .sdpa_attention import SDPACoreAttention
 
     spec = gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=arch.qk_norm, normalization="RMSNorm")
-    spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
-    return spec
+    attention = spec.submodules.self_attention.submodules
+    attention.core_attention = SDPACoreAttention
+    spec.submodules.input_layernorm = spec.submodules.pre_mlp_layernorm = TorchRMSNorm
+    if arch.qk_norm:
+        attention.q_layernorm = attention.k_layernorm = TorchRMSNorm
+    chunk_layers = arch.num_layers // (cfg.pipeline_parallel * cfg.virtual_pipeline)
+    return TransformerBlockSubmodules(layer_specs=[spec] * chunk_layers, layer_norm=TorchRMSNorm)
 
 
 def build_model(arch: Architecture, cfg: MegatronConfig, pre_process: bool = True, post_process: bool = True,
@@ -222,7 +239,7 @@ def build_model(arch: Architecture, cfg: MegatronConfig, pre_process: bool = Tru
     with cpu_compat.cuda_on_cpu():  # a tied last stage moves its embedding copy with `.cuda()`
         model = GPTModel(
             config=transformer_config(arch, cfg, use_te),
-            transformer_layer_spec=layer_spec(arch, use_te),
+            transformer_layer_spec=layer_spec(arch, cfg, use_te),
             vocab_size=padded_vocab_size(arch.vocab_size, cfg),
             max_sequence_length=arch.max_positions,
             pre_process=pre_process,

@@ -53,10 +53,13 @@ class SequenceSlice:
     index: torch.Tensor
 
     @classmethod
-    def of(cls, width: int, layout: "Layout") -> "SequenceSlice":
+    def of(cls, width: int, layout: "Layout", sequence_parallel: bool = False) -> "SequenceSlice":
+        """With sequence parallelism the tensor-parallel ranks also split the rank's positions between
+        layers, so those must be a multiple of tp."""
+        split = (2 * layout.cp if layout.cp > 1 else 1) * (layout.tp if sequence_parallel else 1)
+        padded = -(-width // split) * split
         if layout.cp == 1:
-            return cls(width, torch.arange(width))
-        padded = -(-width // (2 * layout.cp)) * 2 * layout.cp
+            return cls(padded, torch.arange(padded))
         return cls(padded, context_parallel_positions(padded, layout.cp_rank, layout.cp))
 
     def take(self, t: torch.Tensor | None, device) -> torch.Tensor | None:
@@ -127,6 +130,10 @@ def initialize(cfg: MegatronConfig) -> Layout:
             virtual_pipeline_model_parallel_size=cfg.virtual_pipeline if cfg.virtual_pipeline > 1 else None,
             context_parallel_size=cfg.context_parallel,
         )
+    if torch.cuda.is_available():  # megatron's layers (TE, sequence parallel) fork these streams; dropout is 0
+        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+        model_parallel_cuda_manual_seed(0)
     return Layout(rank=dist.get_rank(), world=world, tp=cfg.tensor_parallel, pp=cfg.pipeline_parallel,
                   vp=cfg.virtual_pipeline, cp=cfg.context_parallel, dp=ps.get_data_parallel_world_size(),
                   tp_rank=ps.get_tensor_model_parallel_rank(), pp_rank=ps.get_pipeline_model_parallel_rank(),
