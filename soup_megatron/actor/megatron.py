@@ -9,7 +9,7 @@ stages; interleaved 1F1B over several model chunks per stage with `virtual_pipel
 weights use the whole batch's token counts, so summing gradients over ranks and microbatches gives
 exactly the gradient of the batch loss: megatron's DDP sums (not averages) them into fp32 gradient
 buffers when the loss is per token, and megatron's optimizer (fp32 main weights, Adam, grad-norm
-clipping; sharded over data-parallel ranks with `distributed_optimizer`) takes the step.
+clipping; sharded over data x context-parallel ranks with `distributed_optimizer`) takes the step.
 """
 
 from __future__ import annotations
@@ -289,8 +289,8 @@ class MegatronActor:
         if meta.get("distributed_optimizer") != sharded:
             raise CheckpointError(f"{path} holds the state of a {'sharded' if meta.get('distributed_optimizer') else 'replicated'} "
                                   f"optimizer and this actor's is {'sharded' if sharded else 'replicated'} "
-                                  "(actor.megatron.distributed_optimizer with more than one data-parallel replica); "
-                                  "resume with the same setting and data-parallel size > 1 or = 1 as saved")
+                                  "(actor.megatron.distributed_optimizer with more than one data x context-parallel "
+                                  "rank); resume with the same setting and data x context parallel > 1 or = 1 as saved")
         here = {"tp": self.layout.tp, "pp": self.layout.pp}
         if sharded and meta.get("saved_with") != here:
             # megatron-core 0.16's layout-free format for it fails with torch's Adam (no TE / apex)
