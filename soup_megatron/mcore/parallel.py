@@ -48,7 +48,8 @@ def context_parallel_positions(length: int, rank: int, size: int) -> torch.Tenso
 @dataclass(frozen=True)
 class SequenceSlice:
     """The positions of a microbatch one rank computes: all of them, or with context parallelism its
-    `context_parallel_positions` of the sequence right-padded to a multiple of 2 cp."""
+    `context_parallel_positions`; the sequence is right-padded to a multiple of 2 cp (with context
+    parallelism) times tp (with sequence parallelism)."""
     padded: int
     index: torch.Tensor
 
