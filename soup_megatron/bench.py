@@ -91,15 +91,16 @@ def bench_step(config: str, steps: int, warmup: int, overrides: list[str]) -> li
 
 def _engine_throughput(cfg: Config, reps: int, tmp: str) -> Table:
     """Tokens/s of the in-process engine and of one SGLang server on the same requests, alternating."""
+    from .data.encoding import PromptFormat
     from .data.prompts import load_splits, prompts_for_step
     from .model.hf import load_tokenizer
     from .rollout import build_engine
     from .rollout.base import GenerationRequest
     from .rollout.sglang_servers import RolloutServers
 
-    tok = load_tokenizer(cfg.model.path)
+    fmt = PromptFormat.of(load_tokenizer(cfg.model.path), cfg.data, cfg.model.path)
     prompts = prompts_for_step(load_splits(cfg.data, cfg.seed)[0], 0, cfg.rollout.prompts_per_step, cfg.seed)
-    requests = [GenerationRequest(tuple(tok.encode(p.text)), (), cfg.rollout.max_response_len)
+    requests = [GenerationRequest(fmt.prompt_ids(p.text), (), cfg.rollout.max_response_len)
                 for p in prompts for _ in range(cfg.rollout.group_size)]
     servers = RolloutServers(cfg.rollout.sglang, cfg.model.path, Path(tmp), ["policy"]).start()
     try:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from .algo.mixing import cut_point
+from .data.encoding import PromptFormat
 from .data.prompts import Prompt
 from .reward import RewardFn
 from .rollout.base import Generation, GenerationRequest, RolloutEngine
@@ -54,26 +55,25 @@ def _generate(engine: RolloutEngine, requests: list[GenerationRequest], s: Sampl
     return out
 
 
-def _correct(tokenizer, reward_fn: RewardFn, responses: Sequence[Sequence[int]], prompts: Sequence[Prompt],
+def _correct(fmt: PromptFormat, reward_fn: RewardFn, responses: Sequence[Sequence[int]], prompts: Sequence[Prompt],
              n: int) -> list[int]:
     """Correct responses per prompt; `responses` are prompt-major, n per prompt."""
-    hits = [reward_fn(tokenizer.decode(list(r), skip_special_tokens=True), prompts[i // n].answer) > 0
-            for i, r in enumerate(responses)]
+    hits = [reward_fn(fmt.response_text(r), prompts[i // n].answer) > 0 for i, r in enumerate(responses)]
     return [sum(hits[i * n:(i + 1) * n]) for i in range(len(prompts))]
 
 
-def correct_counts(engine: RolloutEngine, tokenizer, prompts: Sequence[Prompt], reward_fn: RewardFn, n: int,
+def correct_counts(engine: RolloutEngine, fmt: PromptFormat, prompts: Sequence[Prompt], reward_fn: RewardFn, n: int,
                    s: Sampling, prefixes: Optional[Sequence[Sequence[int]]] = None, greedy: bool = False
                    ) -> tuple[list[int], list[Generation]]:
     """Sample n responses per prompt (continuing `prefixes`, prompt-major, when given); correct counts
     per prompt and the generations."""
     prefixes = prefixes or [()] * (len(prompts) * n)
-    requests = [GenerationRequest(tuple(tokenizer.encode(p.text)), tuple(prefixes[i * n + j]),
+    requests = [GenerationRequest(fmt.prompt_ids(p.text), tuple(prefixes[i * n + j]),
                                   max(s.max_new_tokens - len(prefixes[i * n + j]), 1))
                 for i, p in enumerate(prompts) for j in range(n)]
     gens = _generate(engine, requests, s, 0.0 if greedy else s.temperature)
     responses = [list(r.prefix_ids) + g.token_ids for r, g in zip(requests, gens)]
-    return _correct(tokenizer, reward_fn, responses, prompts, n), gens
+    return _correct(fmt, reward_fn, responses, prompts, n), gens
 
 
 def cut_prefixes(gens: Sequence[Generation], cut_min: float, cut_max: float, cut_at: str,
@@ -94,20 +94,20 @@ class SoupInference:
     newline_ids: frozenset[int] = frozenset()
 
 
-def evaluate(engine: RolloutEngine, tokenizer, prompts: Sequence[Prompt], reward_fn: RewardFn, *, n: int,
+def evaluate(engine: RolloutEngine, fmt: PromptFormat, prompts: Sequence[Prompt], reward_fn: RewardFn, *, n: int,
              ks: Sequence[int], sampling: Sampling, soup: Optional[SoupInference] = None) -> dict:
     """Greedy accuracy and pass@k of `engine`'s policy; with `soup`, also the historical policy's pass@k
     and SOUP inference's. Returns summary numbers and the per-prompt correct counts."""
     if any(k > n for k in ks):
         raise ValueError(f"every k must be <= n (samples per prompt); got k={list(ks)} with n={n}")
-    greedy, _ = correct_counts(engine, tokenizer, prompts, reward_fn, 1, sampling, greedy=True)
-    sampled, _ = correct_counts(engine, tokenizer, prompts, reward_fn, n, sampling)
+    greedy, _ = correct_counts(engine, fmt, prompts, reward_fn, 1, sampling, greedy=True)
+    sampled, _ = correct_counts(engine, fmt, prompts, reward_fn, n, sampling)
     result = {"greedy_acc": sum(greedy) / len(prompts), "sampled": mean_pass_at_k(sampled, n, ks)}
     per_prompt = {"greedy": greedy, "sampled": sampled}
     if soup is not None:
-        historical, gens = correct_counts(soup.engine, tokenizer, prompts, reward_fn, n, sampling)
+        historical, gens = correct_counts(soup.engine, fmt, prompts, reward_fn, n, sampling)
         prefixes = cut_prefixes(gens, soup.cut_min, soup.cut_max, soup.cut_at, soup.newline_ids, sampling.seed)
-        mixed, _ = correct_counts(engine, tokenizer, prompts, reward_fn, n, sampling, prefixes=prefixes)
+        mixed, _ = correct_counts(engine, fmt, prompts, reward_fn, n, sampling, prefixes=prefixes)
         result["historical"] = mean_pass_at_k(historical, n, ks)
         result["soup_inference"] = mean_pass_at_k(mixed, n, ks)
         result["soup_inference"]["prefix_len"] = sum(map(len, prefixes)) / len(prefixes)
@@ -116,13 +116,13 @@ def evaluate(engine: RolloutEngine, tokenizer, prompts: Sequence[Prompt], reward
     return result
 
 
-def heldout_metrics(engine: RolloutEngine, tokenizer, prompts: Sequence[Prompt], reward_fn: RewardFn, *,
+def heldout_metrics(engine: RolloutEngine, fmt: PromptFormat, prompts: Sequence[Prompt], reward_fn: RewardFn, *,
                     max_new_tokens: int, temperature: float, pass_samples: int, seed: int) -> dict[str, float]:
     """What the trainer logs every eval_interval steps: greedy accuracy and sampled pass@1."""
     s = Sampling(max_new_tokens, temperature, seed)
-    greedy, _ = correct_counts(engine, tokenizer, prompts, reward_fn, 1, s, greedy=True)
+    greedy, _ = correct_counts(engine, fmt, prompts, reward_fn, 1, s, greedy=True)
     out = {"heldout/greedy_acc": sum(greedy) / len(prompts)}
     if pass_samples:
-        sampled, _ = correct_counts(engine, tokenizer, prompts, reward_fn, pass_samples, s)
+        sampled, _ = correct_counts(engine, fmt, prompts, reward_fn, pass_samples, s)
         out["heldout/pass1"] = mean_pass_at_k(sampled, pass_samples, [1])["pass@1"]
     return out

@@ -94,6 +94,7 @@ def run_dir(study: StudyConfig, variant: str, seed: int) -> Path:
 
 def train_and_evaluate(study: StudyConfig, variant: str, seed: int) -> dict:
     """One run: train (resuming if it was stopped), evaluate the final policy, write result.json."""
+    from .data.encoding import PromptFormat
     from .data.prompts import load_splits
     from .evaluate import Sampling, evaluate
     from .model.hf import load_tokenizer, resolve_policy_checkpoint
@@ -113,8 +114,9 @@ def train_and_evaluate(study: StudyConfig, variant: str, seed: int) -> dict:
     started = time.perf_counter()
     policy = resolve_policy_checkpoint(out)
     engine = build_engine(replace(cfg.rollout, backend="local"), policy)  # the run's servers are gone
+    fmt = PromptFormat.of(load_tokenizer(policy), cfg.data, policy)
     try:
-        final = evaluate(engine, load_tokenizer(policy), load_splits(cfg.data, cfg.seed)[1], build_reward(cfg.reward),
+        final = evaluate(engine, fmt, load_splits(cfg.data, cfg.seed)[1], build_reward(cfg.reward),
                          n=study.eval.n, ks=study.eval.k,
                          sampling=Sampling(cfg.rollout.max_response_len, cfg.rollout.temperature, cfg.seed))
     finally:

@@ -11,7 +11,7 @@ import pytest
 
 from soup_megatron.config import ConfigError, load_config
 from soup_megatron.data.arithmetic import extract_answer, make_split, parse_terms, worked_solution
-from soup_megatron.data.prompts import DataError, load_file, prompts_for_step
+from soup_megatron.data.prompts import DataError, load_file, load_splits, prompts_for_step
 from soup_megatron.reward import build_reward, exact_answer, math_equivalent
 from soup_megatron.config import RewardConfig
 
@@ -174,3 +174,39 @@ def test_run_directory_must_be_private_to_the_user(tmp_path, capsys):
             make_private_dir(foreign)
     readable = make_private_dir(tmp_path / "new" / "run")
     assert readable.stat().st_mode & 0o777 == 0o700
+
+
+def test_prompt_format_uses_the_checkpoints_chat_template(tiny_chat_model, tiny_model):
+    from soup_megatron.config import DataConfig
+    from soup_megatron.data.encoding import PromptFormat
+    from soup_megatron.model.hf import load_tokenizer
+
+    tok = load_tokenizer(tiny_chat_model)
+    plain = PromptFormat.of(tok, DataConfig())
+    assert plain.prompt_ids("3+4=?\n") == tuple(tok.encode("3+4=?\n"))
+    chat = PromptFormat.of(tok, DataConfig(chat_template=True, system_prompt="Add."))
+    expected = tok.apply_chat_template([{"role": "system", "content": "Add."}, {"role": "user", "content": "3+4=?"}],
+                                       add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert chat.prompt_ids("3+4=?") == tuple(expected)
+    assert tok.decode(list(chat.prompt_ids("3+4=?"))) == "<|system|>Add.\n<|user|>3+4=?\n<|assistant|>"
+    assert chat.response_text(tok.encode("7") + [tok.eos_token_id]) == "7"
+    with pytest.raises(ConfigError, match="has no chat template"):
+        PromptFormat.of(load_tokenizer(tiny_model), DataConfig(chat_template=True), str(tiny_model))
+    with pytest.raises(ConfigError, match="data.system_prompt"):
+        load_config("configs/tiny_cpu.yaml", ["data.system_prompt=Be brief."])
+
+
+def test_arithmetic_question_style_asks_in_words_over_the_same_split():
+    worked = make_split("heldout", 30, 1, 2, 3, 20)
+    asked = make_split("heldout", 30, 1, 2, 3, 20, style="question")
+    assert [p.answer for p in asked] == [p.answer for p in worked]
+    for w, q in zip(worked, asked):
+        terms = parse_terms(w.text)
+        assert q.text == f"What is {' + '.join(map(str, terms))}?" and q.answer == str(sum(terms))
+    cfg = load_config("configs/smollm2_135m_cpu.yaml")
+    train, held = load_splits(cfg.data, cfg.seed)
+    assert len(train) == cfg.data.train_size and len(held) == cfg.data.heldout_size
+    assert not {p.text for p in train} & {p.text for p in held}
+    assert train[0].text.endswith("? Put the final answer in \\boxed{}.")
+    with pytest.raises(ConfigError, match="data.arithmetic.style"):
+        load_config("configs/tiny_cpu.yaml", ["data.arithmetic.style=essay"])

@@ -117,3 +117,45 @@ def test_saved_tokenizer_loads_back_unchanged(tiny_model):
     assert len(loaded.encode(text)) == len(text)  # one token per character of the task
     assert loaded.decode(loaded.encode(text)) == text
     assert AutoConfig.from_pretrained(tiny_model).model_type == "qwen2"
+
+
+def test_generation_stops_at_every_eos_id_the_checkpoint_names(tiny_chat_model):
+    """generation_config.json names the tokenizer's EOS and the newline: a response ends at either,
+    the stop token included, finish reason `stop`."""
+    from soup_megatron.model.hf import stop_token_ids
+
+    tok = load_tokenizer(tiny_chat_model)
+    newline = tok.encode("\n")[0]
+    assert stop_token_ids(tiny_chat_model) == {tok.eos_token_id, newline}
+    engine = build_engine(RolloutConfig(), tiny_chat_model)
+    gens = engine.generate(requests(tok, ["3+4+5=?\n", "1+1+1+1=?\n"] * 8, max_new=24), 1.0, seed=3)
+    assert any(g.token_ids[-1] == newline for g in gens)  # the tiny model writes one step per line
+    for g in gens:
+        stops = [i for i, t in enumerate(g.token_ids) if t in (newline, tok.eos_token_id)]
+        assert stops in ([], [len(g.token_ids) - 1])  # nothing after the first stop token
+        assert g.finish_reason == ("stop" if stops else "length")
+
+
+def test_every_export_is_a_complete_checkpoint(tiny_chat_model, make_config, tmp_path, capsys):
+    """History members and disk weight-sync exports carry the source's tokenizer, chat template and
+    generation config; `eval` with the chat template runs on a history member."""
+    from soup_megatron.cli import main
+    from soup_megatron.model.hf import HF_SIDE_FILES
+    from soup_megatron.trainer import Trainer
+
+    side_files = {name for name in HF_SIDE_FILES if (tiny_chat_model / name).is_file()}
+    assert {"chat_template.jinja", "generation_config.json", "tokenizer.json", "config.json"} <= side_files
+    cfg = make_config(f"model.path={tiny_chat_model}", "data.chat_template=true", "rollout.weight_sync=disk",
+                      "trainer.steps=2", "trainer.eval_interval=0", "history.interval=1")
+    trainer = Trainer(cfg)
+    trainer.run()
+    exports = [trainer.out / "history" / "v000000", trainer.out / "history" / "v000002",
+               *sorted((trainer.out / "weights").glob("v*"))]
+    assert len(exports) == 3
+    for export in exports:
+        assert side_files <= {p.name for p in export.iterdir()}, export
+        for name in side_files - {"config.json", "generation_config.json"}:  # written by the exporter itself
+            assert (export / name).read_bytes() == (tiny_chat_model / name).read_bytes(), (export, name)
+    assert main(["eval", "--config", "configs/tiny_cpu.yaml", "--checkpoint", str(exports[1]), "--n", "1", "--k", "1",
+                 "--limit", "2", "--out", str(tmp_path / "eval.json"), "data.chat_template=true"]) == 0
+    assert "pass@1" in capsys.readouterr().out

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import torch
 
-from ..algo.loss import LossConfig, aggregation_weights, loss_mask, soup_loss
+from ..algo.loss import LossConfig, LossScale, aggregation_weights, loss_mask, soup_loss
 from ..config import ActorConfig
-from ..model.hf import load_model, load_weights_into, read_state_dict, token_logprobs
+from ..model.hf import copy_side_files, load_model, load_weights_into, read_state_dict, token_logprobs
 from .base import TokenBatch
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 class LocalActor:
@@ -41,17 +38,20 @@ class LocalActor:
                 entropy[start: start + len(mb), : ent.shape[1]] = ent
         return logp, entropy
 
-    def train_minibatch(self, batch: TokenBatch, loss_cfg: LossConfig, temperature: float) -> dict:
+    def rows_per_update(self, rows: int) -> int:
+        return max(rows, 1)
+
+    def train_minibatch(self, batch: TokenBatch, loss_cfg: LossConfig, temperature: float,
+                        scale: LossScale | None = None) -> dict:
         self.model.train()
-        mask = loss_mask(batch.segment, loss_cfg.prefix_mode)
-        num_tokens = float(mask.sum())
+        scale = scale or LossScale.of(batch.segment, loss_cfg.prefix_mode)
         self.optimizer.zero_grad(set_to_none=True)
         total_loss = 0.0
         stats = {"ratio": [], "clipped": [], "entropy": [], "segment": []}
         for _, mb in self._micro_batches(batch):
             logp, entropy = token_logprobs(self.model, mb.input_ids, mb.attention_mask, temperature, True)  # entropy is logged per segment
             weights = aggregation_weights(loss_mask(mb.segment, loss_cfg.prefix_mode), loss_cfg.loss_agg,
-                                          len(batch), num_tokens)
+                                          scale.sequences, scale.tokens)
             loss, tok = soup_loss(logp, mb.old_logp, mb.behaviour_logp, mb.advantages, mb.segment, weights,
                                   loss_cfg, entropy=entropy, ref_logp=mb.ref_logp)
             loss.backward()
@@ -70,11 +70,8 @@ class LocalActor:
         return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
     def save_hf(self, path: Path) -> None:
-        path = Path(path)
         self.model.save_pretrained(path)
-        for name in TOKENIZER_FILES:
-            if (self.model_path / name).is_file():
-                shutil.copy2(self.model_path / name, path / name)
+        copy_side_files(self.model_path, path)  # tokenizer, chat template
 
     def close(self) -> None:
         """Nothing outside this process."""

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -20,13 +19,11 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from ..model.hf import CheckpointError
+from ..model.hf import CheckpointError, copy_side_files
 from .model import Architecture
 from .parallel import Layout
 from .weights import ParamMap, hf_names, iter_local, stage_params, to_hf, to_megatron
 
-HF_SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-                 "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja")
 SHARD_BYTES = 2 * 1024 ** 3
 DIST_MARKER = "soup_megatron.json"  # written last into a distributed checkpoint: its presence means complete
 HF_CONFIG_DIR = "hf_config"  # HF config and tokenizer files inside a distributed checkpoint, for exports
@@ -134,12 +131,6 @@ def _receive_from_stage(stage: int) -> list[torch.Tensor]:
         dist.recv(t, src=sender)
         out.append(t.cpu())
     return out
-
-
-def copy_side_files(src: Path, dst: Path) -> None:
-    for name in HF_SIDE_FILES:
-        if (src / name).is_file():
-            shutil.copy2(src / name, dst / name)
 
 
 def write_hf(path: Path, tensors: Iterator[tuple[str, Optional[torch.Tensor]]], side_files_from: Path,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -11,6 +13,22 @@ import torch.nn.functional as F
 
 class CheckpointError(ValueError):
     """A checkpoint directory that cannot be loaded."""
+
+
+# Everything of an HF checkpoint besides its weights: every export (history pool members, disk weight-sync
+# exports, megatron exports) carries these, so an SGLang server or `soup-megatron eval` can start on it
+HF_SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                 "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model",
+                 "chat_template.jinja", "chat_template.json")
+
+
+def copy_side_files(src: str | Path, dst: str | Path) -> None:
+    """Copy the side files `src` has into `dst`, leaving the ones `dst` already holds (a config the
+    exporter wrote itself)."""
+    src, dst = Path(src), Path(dst)
+    for name in HF_SIDE_FILES:
+        if (src / name).is_file() and not (dst / name).exists():
+            shutil.copy2(src / name, dst / name)
 
 
 def _require_checkpoint(path: str | Path) -> Path:
@@ -53,6 +71,23 @@ def load_tokenizer(path: str | Path):
     if tok.eos_token_id is None:
         raise CheckpointError(f"{path}: tokenizer has no eos_token")
     return tok
+
+
+def stop_token_ids(path: str | Path, tokenizer=None) -> frozenset[int]:
+    """Every id that ends a response: the tokenizer's EOS and each `eos_token_id` of generation_config.json
+    (HF allows a list: chat models often stop on the end of a turn and on the end of text)."""
+    tokenizer = tokenizer or load_tokenizer(path)
+    ids = {tokenizer.eos_token_id}
+    generation = Path(path) / "generation_config.json"
+    if generation.is_file():
+        named = json.loads(generation.read_text()).get("eos_token_id")
+        ids |= set(named if isinstance(named, list) else [] if named is None else [named])
+    return frozenset(int(i) for i in ids)
+
+
+def pad_token_id(tokenizer) -> int:
+    """What fills rows past their end (never trained on: its positions carry no loss weight)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

@@ -21,11 +21,13 @@ def build_engine(cfg: RolloutConfig, model_path: str | Path, version: int = 0, r
 
         return LocalEngine(model_path, version)
     if cfg.backend == "sglang":
+        from ..model.hf import stop_token_ids
         from .sglang_engine import SGLangEngine
 
         if run_dir is None:
             raise ValueError("rollout.backend=sglang needs the run directory (it holds the server addresses)")
-        return SGLangEngine(Path(run_dir) / "servers" / f"{group}.json", cfg.sglang, run_dir, version)
+        return SGLangEngine(Path(run_dir) / "servers" / f"{group}.json", cfg.sglang, run_dir, version,
+                            stop_ids=stop_token_ids(model_path))
     raise ValueError(f"rollout.backend={cfg.backend!r} is not available; choose one of: local, sglang")
 
 

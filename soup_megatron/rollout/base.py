@@ -29,7 +29,7 @@ class GenerationRequest:
 class Generation:
     token_ids: list[int]
     logprobs: list[float]
-    finish_reason: str  # "stop" (EOS generated, and included) | "length"
+    finish_reason: str  # "stop" (a stop token generated, and included: any EOS id the checkpoint names) | "length"
     version: int
 
 

@@ -13,14 +13,18 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from ..model.hf import load_model, load_tokenizer, load_weights_into, right_pad, token_logprobs
+from ..model.hf import (load_model, load_tokenizer, load_weights_into, pad_token_id, right_pad, stop_token_ids,
+                        token_logprobs)
 from .base import Generation, GenerationRequest, WeightSource
 
 
 class LocalEngine:
     def __init__(self, model_path: str | Path, version: int = 0, max_batch: int = 256):
         self.model = load_model(model_path)
-        self.eos_id = load_tokenizer(model_path).eos_token_id
+        tokenizer = load_tokenizer(model_path)
+        self.pad_id = pad_token_id(tokenizer)
+        self.stop_ids = stop_token_ids(model_path, tokenizer)  # a response ends at any of them
+        self._stop_tensor = torch.tensor(sorted(self.stop_ids))
         self.version = version
         self.max_batch = max_batch
 
@@ -40,7 +44,7 @@ class LocalEngine:
         n = len(requests)
         contexts = [list(r.prompt_ids) + list(r.prefix_ids) for r in requests]
         width = max(len(c) for c in contexts)
-        ids = torch.full((n, width), self.eos_id, dtype=torch.long)
+        ids = torch.full((n, width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((n, width), dtype=torch.long)
         for i, c in enumerate(contexts):  # left padding: every row's next token sits in the last column
             ids[i, width - len(c):] = torch.tensor(c)
@@ -76,9 +80,9 @@ class LocalEngine:
                 res = results[idx]
                 res.token_ids.append(tok)
                 res.logprobs.append(lp)
-                if tok == self.eos_id:
+                if tok in self.stop_ids:
                     res.finish_reason = "stop"
-            finished |= (token == self.eos_id) | (budget <= produced)
+            finished |= torch.isin(token, self._stop_tensor) | (budget <= produced)
             if finished.all():
                 break
             # drop finished rows only when a quarter of the batch is done: compacting the KV cache
@@ -97,7 +101,7 @@ class LocalEngine:
     def score(self, contexts: Sequence[Sequence[int]], targets: Sequence[Sequence[int]],
               temperature: float) -> list[list[float]]:
         rows = [list(c) + list(t) for c, t in zip(contexts, targets)]
-        ids, mask = right_pad(rows, self.eos_id)
+        ids, mask = right_pad(rows, self.pad_id)
         logp, _ = token_logprobs(self.model, ids, mask, temperature)
         return [logp[i, len(c) - 1: len(c) - 1 + len(t)].tolist() for i, (c, t) in enumerate(zip(contexts, targets))]
 

@@ -2,7 +2,8 @@
 
 - generate: one `/generate` request per sample, `input_ids = prompt + prefix` (the prefix is
   prefilled, and shared prompt tokens come from the radix cache), `max_new_tokens` already reduced
-  by the prefix length, `return_logprob`; sampling seeded per request.
+  by the prefix length, every EOS id of the checkpoint as `stop_token_ids`, `return_logprob`;
+  sampling seeded per request.
 - score: `/generate` with `logprob_start_len`, reading `input_token_logprobs`.
 - load_weights: `/update_weights_from_disk` with the step as `weight_version`, on every server of the
   group; only paths inside the run directory are sent (a server must never be told to load weights
@@ -52,8 +53,10 @@ class _Balancer:
 
 
 class SGLangEngine:
-    def __init__(self, address_file: str | Path, cfg: SGLangConfig, allowed_root: str | Path, version: int = 0):
+    def __init__(self, address_file: str | Path, cfg: SGLangConfig, allowed_root: str | Path, version: int = 0,
+                 stop_ids: frozenset[int] = frozenset()):
         self.address_file = Path(address_file)
+        self.stop_ids = sorted(stop_ids)  # every EOS id of the checkpoint (SGLang's own default may know fewer)
         self.cfg = cfg
         self.allowed_root = Path(allowed_root).resolve()
         self.version = version  # the weights the servers were launched with, until load_weights
@@ -152,6 +155,7 @@ class SGLangEngine:
             todo.append(i)
             payloads.append({"input_ids": list(r.prompt_ids) + list(r.prefix_ids), "return_logprob": True,
                              "sampling_params": {"max_new_tokens": r.max_new_tokens, "temperature": temperature,
+                                                 "stop_token_ids": self.stop_ids,
                                                  "sampling_seed": (seed * 1_000_003 + i) % 2**62}})
         bodies = self._run("/generate", payloads)
         cached = inputs = 0
