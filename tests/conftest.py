@@ -8,7 +8,10 @@ from soup_megatron.config import load_config
 ROOT = Path(__file__).resolve().parents[1]
 os.chdir(ROOT)  # configs/ paths in tests are relative to the repository
 
-TINY = [
+# The test model solves no problem, and samples of a group whose rewards are all equal are not trained on:
+# a reward that differs within a group (the response's length) makes every run of the test model train
+VARIED_REWARD = ["reward.type=custom", "reward.function=tests.helpers:length_reward"]
+TINY = [*VARIED_REWARD,
     "model.tiny.hidden_size=32", "model.tiny.num_layers=2", "model.tiny.num_heads=2", "model.tiny.num_kv_heads=1",
     "model.tiny.intermediate_size=64", "model.tiny.sft_steps=60", "model.tiny.sft_batch_size=32",
     "data.train_size=200", "data.heldout_size=16", "rollout.prompts_per_step=4", "rollout.group_size=4",
@@ -66,3 +69,26 @@ def make_config(tiny_model, tmp_path):
         return load_config("configs/tiny_cpu.yaml",
                            TINY + [f"model.path={tiny_model}", f"trainer.out_dir={tmp_path / out}", *overrides])
     return make
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model(tiny_model, tmp_path_factory):
+    """The tiny model as a chat checkpoint: a chat template, and a generation config naming two EOS ids
+    (the tokenizer's and the newline's), as chat models name an end of turn and an end of text."""
+    import json
+    import shutil
+
+    from soup_megatron.model.hf import load_tokenizer
+
+    path = tmp_path_factory.mktemp("chat") / "tiny"
+    shutil.copytree(tiny_model, path)
+    tok = load_tokenizer(path)
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(path)
+    (path / "generation_config.json").write_text(json.dumps(
+        {"eos_token_id": [tok.eos_token_id, tok.encode("\n")[0]], "pad_token_id": tok.eos_token_id}))
+    return path

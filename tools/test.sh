@@ -5,7 +5,7 @@
 # left behind is stopped, by PID.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash tools/setup_env.sh
+bash tools/setup_env.sh gguf  # the slow tier prepares the real model (configs/smollm2_135m_cpu.yaml)
 bash tools/setup_sglang.sh
 bash tools/setup_launch.sh
 launcher="$PWD/soup_megatron/rollout/sglang_pythonpath/soup_sglang_launch.py"

@@ -21,7 +21,18 @@ ensure_venv() {
   fi
   echo "$tool: $message"
   "$PYTHON" -m venv "$venv"
+  rm -f "$venv"/.soup-extra-*.sha  # extras go on top of the pinned stack: install them again
   "$venv/bin/python" -m pip install --quiet --upgrade pip
   "$install" "$venv"
   venv_mark_current "$venv" "$@"
+}
+# ensure_extra VENV NAME REQUIREMENTS: the pinned packages of an optional extra, on top of VENV's stack
+ensure_extra() {
+  local venv=$1 name=$2 requirements=$3 stamp="$1/.soup-extra-$2.sha"
+  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$(venv_stamp "$requirements")" ]; then
+    return
+  fi
+  echo "$(basename "$0" .sh): installing the $name extra ($requirements) into $venv"
+  "$venv/bin/python" -m pip install --quiet -r "$requirements"
+  venv_stamp "$requirements" > "$stamp"
 }

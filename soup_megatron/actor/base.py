@@ -12,7 +12,7 @@ from typing import Mapping, Optional, Protocol
 
 import torch
 
-from ..algo.loss import LossConfig
+from ..algo.loss import LossConfig, LossScale
 
 
 @dataclass
@@ -55,8 +55,14 @@ class Actor(Protocol):
                  ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """[N, T-1] log-probs of every target token under the current weights (no gradient)."""
 
-    def train_minibatch(self, batch: TokenBatch, loss_cfg: LossConfig, temperature: float) -> dict:
-        """One optimizer update on `batch` with the SOUP loss; returns loss, grad norm and per-token stats."""
+    def rows_per_update(self, rows: int) -> int:
+        """The fewest rows >= `rows` one optimizer update can be split into (over data-parallel ranks and
+        pipeline microbatches); the trainer fills up with rows whose loss is zero."""
+
+    def train_minibatch(self, batch: TokenBatch, loss_cfg: LossConfig, temperature: float,
+                        scale: LossScale | None = None) -> dict:
+        """One optimizer update on `batch` with the SOUP loss, its weights dividing by `scale` (default: the
+        counts of `batch` itself); returns loss, grad norm and per-token stats."""
 
     def rollout_weights(self) -> Mapping[str, torch.Tensor]:
         """Full HF-named weights for the rollout engines (a copy they may keep)."""

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..algo.loss import LossConfig, aggregation_weights, loss_mask, soup_loss
+from ..algo.loss import LossConfig, LossScale, aggregation_weights, loss_mask, soup_loss
 from ..config import ActorConfig, MegatronConfig
 from ..mcore import checkpoint, cpu_compat, parallel
 from ..mcore.logprobs import vocab_parallel_logprobs
@@ -120,8 +120,13 @@ class MegatronActor:
     def logprobs(self, batch: TokenBatch, temperature: float, with_entropy: bool = False):
         return self._call("logprobs", batch, temperature, with_entropy)
 
-    def train_minibatch(self, batch: TokenBatch, loss_cfg: LossConfig, temperature: float) -> dict:
-        return self._call("train_minibatch", batch, loss_cfg, temperature)
+    def rows_per_update(self, rows: int) -> int:
+        return parallel.rows_per_update(rows, self.layout)
+
+    def train_minibatch(self, batch: TokenBatch, loss_cfg: LossConfig, temperature: float,
+                        scale: LossScale | None = None) -> dict:
+        return self._call("train_minibatch", batch, loss_cfg, temperature,
+                          scale or LossScale.of(batch.segment, loss_cfg.prefix_mode))
 
     def rollout_weights(self):
         return self._call("rollout_weights")
@@ -224,12 +229,13 @@ class MegatronActor:
         self._sum_to_driver(logp, entropy)
         return logp, (entropy if with_entropy else None)
 
-    def _train_minibatch(self, batch: TokenBatch, loss_cfg: LossConfig, temperature: float) -> dict:
+    def _train_minibatch(self, batch: TokenBatch, loss_cfg: LossConfig, temperature: float,
+                         scale: LossScale | None = None) -> dict:
         from megatron.core.distributed import finalize_model_grads
 
         parallel.check_batch_split(len(batch), self.layout)
         self._train_mode(True)
-        num_tokens = float(loss_mask(batch.segment, loss_cfg.prefix_mode).sum())
+        scale = scale or LossScale.of(batch.segment, loss_cfg.prefix_mode)
         for ddp in self.ddp:
             ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
@@ -238,7 +244,7 @@ class MegatronActor:
             logp, ent = self._token_logprobs(logits, mb, part, temperature, True)  # entropy is logged per segment
             mask = loss_mask(mb.segment, loss_cfg.prefix_mode)
             # weights from whole rows (per-sequence means), then this rank's positions
-            weights = part.take(aggregation_weights(mask, loss_cfg.loss_agg, len(batch), num_tokens), self.device)
+            weights = part.take(aggregation_weights(mask, loss_cfg.loss_agg, scale.sequences, scale.tokens), self.device)
             take = functools.partial(part.take, device=self.device)
             loss, tok = soup_loss(logp, take(mb.old_logp), take(mb.behaviour_logp), mb.advantages.to(self.device),
                                   take(mb.segment), weights, loss_cfg, entropy=ent, ref_logp=take(mb.ref_logp))

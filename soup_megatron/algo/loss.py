@@ -12,7 +12,9 @@ prefix tokens (written by a historical pi_h), by `prefix_mode`:
     shaped     r_t = pi_theta / pi_h,  l_t = -r_t / (r_t + gamma) * A          (no clipping)
     mask       m_t = 0 (no gradient, not counted)
 
-Aggregation weights make a mean over *all* microbatches and ranks exact: they take global counts.
+Aggregation weights make a mean over *all* microbatches and ranks exact: they take global counts
+(`LossScale`: the sequences and trained tokens of the whole optimizer update, including rows an actor
+never sees because their loss is identically zero).
     token_mean            w_t = 1 / (number of trained tokens)
     seq_mean_token_mean   w_t = 1 / (number of sequences * trained tokens of t's sequence)
     seq_mean_token_sum    w_t = 1 / (number of sequences)
@@ -53,6 +55,27 @@ def loss_mask(segment: torch.Tensor, prefix_mode: str) -> torch.Tensor:
     if prefix_mode != "mask":
         trained = trained | (segment == PREFIX)
     return trained.float()
+
+
+@dataclass(frozen=True)
+class LossScale:
+    """The counts an optimizer update's aggregation weights divide by."""
+
+    sequences: int
+    tokens: float
+
+    @classmethod
+    def of(cls, segment: torch.Tensor, prefix_mode: str) -> "LossScale":
+        """Of the update whose samples' segment tags are `segment` [N, T-1]."""
+        return cls(segment.shape[0], float(loss_mask(segment, prefix_mode).sum()))
+
+
+def zero_loss_rows(advantages: torch.Tensor, cfg: "LossConfig") -> torch.Tensor:
+    """[N] True where a sample's loss and gradient are exactly zero whatever the weights: A_i = 0 (every
+    policy term is a multiple of A_i, in each prefix_mode) and no KL or entropy term."""
+    if cfg.kl_coef > 0 or cfg.entropy_coef > 0:
+        return torch.zeros_like(advantages, dtype=torch.bool)
+    return advantages == 0
 
 
 def aggregation_weights(mask: torch.Tensor, loss_agg: str, num_seqs: int, num_tokens: float) -> torch.Tensor:

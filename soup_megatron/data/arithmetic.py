@@ -1,9 +1,11 @@
-"""Built-in verifiable task: multi-term sums worked one step per line, ending with an answer line.
+"""Built-in verifiable task: multi-term sums, in one of two styles (`data.arithmetic.style`).
 
-    prompt:   "17+5+40=?\n"
-    response: "17+5=22\n22+40=62\nA: 62"
+    worked    prompt "17+5+40=?\n", answered one step per line, then an answer line (the tiny model's format,
+              scored by `exact`): "17+5=22\n22+40=62\nA: 62"
+    question  prompt "What is 17 + 5 + 40?", for pretrained chat models; data.template adds the instruction
+              (e.g. "{prompt} Put the final answer in \\boxed{}.") and `math_verify` scores the answer
 
-Seeded and split by a hash of the problem text, so the held-out set never overlaps the training set.
+Seeded and split by a hash of the problem's terms, so the held-out set never overlaps the training set.
 """
 
 from __future__ import annotations
@@ -20,12 +22,14 @@ def _problem(rng: random.Random, min_terms: int, max_terms: int, max_operand: in
     return [rng.randint(1, max_operand) for _ in range(rng.randint(min_terms, max_terms))]
 
 
-def prompt_text(terms: list[int]) -> str:
+def prompt_text(terms: list[int], style: str = "worked") -> str:
+    if style == "question":
+        return f"What is {' + '.join(map(str, terms))}?"
     return "+".join(map(str, terms)) + "=?\n"
 
 
 def parse_terms(text: str) -> list[int]:
-    """Inverse of `prompt_text`."""
+    """Inverse of `prompt_text` in the `worked` style."""
     return [int(x) for x in text.split("=")[0].split("+")]
 
 
@@ -42,11 +46,12 @@ def worked_solution(terms: list[int], slip_rng: random.Random | None = None, sli
     return "\n".join(lines) + f"\n{ANSWER_PREFIX}{total}"
 
 
-def _is_heldout(text: str) -> bool:
-    return zlib.crc32(text.encode()) % 10 == 0
+def _is_heldout(terms: list[int]) -> bool:
+    return zlib.crc32(prompt_text(terms).encode()) % 10 == 0  # the same split in every style
 
 
-def make_split(split: str, size: int, seed: int, min_terms: int, max_terms: int, max_operand: int) -> list[Prompt]:
+def make_split(split: str, size: int, seed: int, min_terms: int, max_terms: int, max_operand: int,
+               style: str = "worked") -> list[Prompt]:
     """`size` distinct problems of the `train` or `heldout` split (disjoint by construction)."""
     if split not in ("train", "heldout"):
         raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
@@ -63,8 +68,8 @@ def make_split(split: str, size: int, seed: int, min_terms: int, max_terms: int,
                 f"[{min_terms}, {max_terms}] and operands up to {max_operand}; widen the task or ask for fewer"
             )
         terms = _problem(rng, min_terms, max_terms, max_operand)
-        text = prompt_text(terms)
-        if text in seen or _is_heldout(text) != want_heldout:
+        text = prompt_text(terms, style)
+        if text in seen or _is_heldout(terms) != want_heldout:
             continue
         seen.add(text)
         out.append(Prompt(uid=f"{split}-{len(out)}", text=text, answer=str(sum(terms))))

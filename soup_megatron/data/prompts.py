@@ -89,7 +89,7 @@ def load_splits(cfg: DataConfig, seed: int) -> tuple[list[Prompt], list[Prompt]]
     a = cfg.arithmetic
     return tuple(  # type: ignore[return-value]
         [Prompt(p.uid, cfg.template.replace("{prompt}", p.text), p.answer)
-         for p in make_split(split, size, seed, a.min_terms, a.max_terms, a.max_operand)]
+         for p in make_split(split, size, seed, a.min_terms, a.max_terms, a.max_operand, a.style)]
         for split, size in (("train", cfg.train_size), ("heldout", cfg.heldout_size))
     )
 

@@ -154,6 +154,12 @@ def check_batch_split(samples: int, layout: Layout) -> None:
         interleaved_microbatches(1, samples // layout.dp, layout)
 
 
+def rows_per_update(rows: int, layout: Layout) -> int:
+    """The fewest rows >= `rows` that `check_batch_split` accepts."""
+    per_rank = max(-(-rows // layout.dp), 2 * layout.pp if layout.vp > 1 else 1)
+    return per_rank * layout.dp
+
+
 def interleaved_microbatches(count: int, samples: int, layout: Layout) -> int:
     """How many microbatches the interleaved schedule runs for `samples` rows of one data-parallel rank,
     `count` being what micro_batch_size gives: a multiple of pipeline_parallel (it runs them in groups of

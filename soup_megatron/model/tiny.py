@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..config import Config
+from ..config import Config, ConfigError
 from ..data.arithmetic import make_split, parse_terms, worked_solution
 from ..io import atomic_dir
 
@@ -76,8 +76,9 @@ def sft_batches(tokenizer, examples: list[tuple[str, str]], batch_size: int, ste
 
 def prepare_tiny_model(cfg: Config, progress: bool = True) -> Path:
     """Build tokenizer + model, SFT them on the task's training split, save to `model.path` atomically."""
-    if cfg.data.source != "arithmetic":
-        raise ValueError("prepare builds the demo model for the built-in task; set data.source=arithmetic")
+    if cfg.data.source != "arithmetic" or cfg.data.arithmetic.style != "worked":
+        raise ConfigError("model.source=tiny builds the demo model for the built-in task in its worked style; set "
+                          "data.source=arithmetic and data.arithmetic.style=worked (or prepare another model.source)")
     out = Path(cfg.model.path)
     tokenizer = build_tokenizer()
     model = build_model(cfg, len(tokenizer), tokenizer.eos_token_id)
