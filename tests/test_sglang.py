@@ -77,6 +77,21 @@ def test_continuation_logprobs_match_the_in_process_engine(servers, tiny_model):
     assert [g.token_ids for g in engine.generate(greedy, 0.0, 0)] == [g.token_ids for g in local.generate(greedy, 0.0, 0)]
 
 
+def test_sglang_stops_at_every_eos_id_it_is_given(servers, tiny_model):
+    """The checkpoint's EOS ids go to SGLang as stop_token_ids: with the newline among them a response
+    ends at its first line, the stop token included, as the in-process engine ends it."""
+    run_dir, _ = servers
+    tok = load_tokenizer(tiny_model)
+    newline = tok.encode("\n")[0]
+    engine = SGLangEngine(run_dir / "servers" / "policy.json", sglang_config(), run_dir,
+                          stop_ids=frozenset({tok.eos_token_id, newline}))
+    gens = engine.generate([GenerationRequest(p, (), 20) for p in prompts(tok, 8)], 1.0, seed=5)
+    assert any(g.token_ids[-1] == newline for g in gens)
+    for g in gens:
+        stops = [i for i, t in enumerate(g.token_ids) if t in (newline, tok.eos_token_id)]
+        assert stops in ([], [len(g.token_ids) - 1]) and g.finish_reason == ("stop" if stops else "length")
+
+
 def _perturbed_checkpoint(tiny_model, path: Path, scale: float) -> Path:
     model = load_model(tiny_model)
     with torch.no_grad():
