@@ -6,6 +6,11 @@ setup(
     description="SOUP (token-level single-sample mix-policy RL) post-training on megatron-core and SGLang",
     python_requires=">=3.10",
     packages=find_packages(include=["soup_megatron", "soup_megatron.*"]),
+    # not Python packages of ours, but files the installed package needs: the sbatch templates, and the
+    # modules every SGLang server this project starts gets on its PYTHONPATH (rollout/sglang_pythonpath/)
+    package_data={"soup_megatron.cluster": ["templates/*.j2"],
+                  "soup_megatron.rollout": ["sglang_pythonpath/*.py", "sglang_pythonpath/*.md",
+                                            "sglang_pythonpath/sgl_kernel/*.py"]},
     install_requires=[
         "torch>=2.4",
         "transformers>=4.57",
@@ -25,7 +30,7 @@ setup(
         "sglang": ["sglang>=0.5", "requests"],
         "launch": ["nemo-run>=0.5", "leptonai<0.47"],
         "gguf": ["gguf>=0.10", "accelerate>=1.0"],  # prepare: model.source=gguf_wheel (requirements-gguf.txt pins)
-        "dev": ["pytest>=8", "pytest-timeout"],
+        "dev": ["pytest>=8", "pytest-timeout", "ruff"],
     },
     entry_points={"console_scripts": ["soup-megatron=soup_megatron.cli:main"]},
 )

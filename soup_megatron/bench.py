@@ -70,7 +70,8 @@ def _step_table(title: str, records: dict[str, list[dict]], warmup: int, columns
     base = medians["GRPO"]
     for name, m in medians.items():
         table.add_row(name, *[f"{m[c]:.3f}" if c.startswith("time") else f"{m[c]:.0f}" for c in columns],
-                      f"{m['time/step'] / base['time/step']:.3f}", f"{m['tokens/decoded'] / base['tokens/decoded']:.3f}")
+                      f"{m['time/step'] / base['time/step']:.3f}",
+                      f"{m['tokens/decoded'] / base['tokens/decoded']:.3f}")
     return table
 
 
@@ -84,7 +85,8 @@ def bench_step(config: str, steps: int, warmup: int, overrides: list[str]) -> li
     with tempfile.TemporaryDirectory(prefix="bench-step-") as tmp:
         records = _interleaved_steps(config, STEP_VARIANTS, steps, overrides, tmp)
     cfg = load_config(config, overrides)
-    return [_step_table(f"SOUP vs GRPO step time ({cfg.rollout.prompts_per_step}x{cfg.rollout.group_size} samples/step, "
+    samples = f"{cfg.rollout.prompts_per_step}x{cfg.rollout.group_size}"
+    return [_step_table(f"SOUP vs GRPO step time ({samples} samples/step, "
                         f"mix_fraction={cfg.soup.mix_fraction}, lookahead={cfg.soup.lookahead}, "
                         f"rollout {cfg.rollout.backend})", records, warmup, STEP_COLUMNS)]
 
@@ -177,9 +179,8 @@ def bench_actor(config: str, steps: int, warmup: int, overrides: list[str]) -> l
     """Megatron actor against the local actor: log-prob pass and training pass, alternating."""
     from .actor import build_actor
     from .algo.loss import LossConfig
-    from .model.hf import load_tokenizer
-
     from .mcore.parallel import launcher_rank
+    from .model.hf import load_tokenizer
 
     _check_steps(steps, warmup)
     cfg = load_config(config, overrides)
@@ -207,7 +208,8 @@ def bench_actor(config: str, steps: int, warmup: int, overrides: list[str]) -> l
         for actor in actors.values():
             actor.close()
     mc = cfg.actor.megatron
-    table = Table(title=f"actor passes on {cfg.model.path}: megatron at TP={mc.tensor_parallel} x PP={mc.pipeline_parallel}"
+    table = Table(title=f"actor passes on {cfg.model.path}: megatron at TP={mc.tensor_parallel} x "
+                        f"PP={mc.pipeline_parallel}"
                         f"{f' x VP={mc.virtual_pipeline}' if mc.virtual_pipeline > 1 else ''}"
                         f"{f' x CP={mc.context_parallel}' if mc.context_parallel > 1 else ''}, "
                         f"{len(batch)} samples x "

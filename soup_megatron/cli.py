@@ -40,7 +40,8 @@ def cmd_prepare(args) -> int:
         return 0
     path = prepare_model(cfg)
     prompt, answer = smoke_generation(cfg)
-    print(f"model ready at {path} (model.source={cfg.model.source})\nsmoke generation, greedy: {prompt!r} -> {answer!r}")
+    print(f"model ready at {path} (model.source={cfg.model.source})")
+    print(f"smoke generation, greedy: {prompt!r} -> {answer!r}")
     return 0
 
 
@@ -113,9 +114,12 @@ def cmd_eval(args) -> int:
         if soup is not None:
             soup.engine.close()
     header = ("policy", "greedy", *(f"pass@{k}" for k in ks))
-    rows = [(f"{path} (sampled)", f"{result['greedy_acc']:.3f}", *(f"{result['sampled'][f'pass@{k}']:.3f}" for k in ks))]
+    def row(name, greedy, key):
+        return (name, greedy, *(f"{result[key][f'pass@{k}']:.3f}" for k in ks))
+
+    rows = [row(f"{path} (sampled)", f"{result['greedy_acc']:.3f}", "sampled")]
     if soup is not None:
-        rows.append((f"{prefix_path} (historical, sampled)", "", *(f"{result['historical'][f'pass@{k}']:.3f}" for k in ks)))
+        rows.append(row(f"{prefix_path} (historical, sampled)", "", "historical"))
         rows.append((f"SOUP inference: historical prefix ({result['soup_inference']['prefix_len']:.1f} tokens), "
                      "evaluated policy continues", "", *(f"{result['soup_inference'][f'pass@{k}']:.3f}" for k in ks)))
     _table(f"{data_name}: {len(prompts)} problems, n={args.n}, T={sampling.temperature}, reward {reward_type}",
@@ -220,7 +224,8 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, default=16, help="samples per problem")
     p.add_argument("--k", default="1,4,16", help="comma-separated k of pass@k (each <= n)")
     p.add_argument("--prefix-checkpoint", help="SOUP inference: this (historical) checkpoint writes the prefix")
-    p.add_argument("--reward", choices=("exact", "math_verify"), help="default: math_verify with --data, else reward.type")
+    p.add_argument("--reward", choices=("exact", "math_verify"),
+                   help="default: math_verify with --data, else reward.type")
     p.add_argument("--max-new-tokens", type=int, default=0, help="default: rollout.max_response_len")
     p.add_argument("--limit", type=int, default=0, help="evaluate only the first N problems")
     p.add_argument("--batch", type=int, default=512, help="sequences per engine call")

@@ -192,7 +192,8 @@ class MegatronConfig:
     recompute: str = "none"  # none | selective | full
     make_vocab_size_divisible_by: int = 128  # the embedding is padded to a multiple of this times tensor_parallel
     logprob_chunk: int = 1024  # sequence positions per chunk of the vocab-parallel log-softmax
-    checkpoint: str = ""  # a megatron distributed checkpoint (tools/convert_hf_to_megatron.py) to start from; "" = model.path
+    # a megatron distributed checkpoint (tools/convert_hf_to_megatron.py) to start from; "" = model.path
+    checkpoint: str = ""
 
 
 @dataclass
@@ -353,19 +354,24 @@ RULES = [
     ("trainer.save_interval", lambda c: c.trainer.save_interval >= 1, ">= 1"),
     ("trainer.keep_checkpoints", lambda c: c.trainer.keep_checkpoints >= 1, ">= 1"),
     ("data.train_path", lambda c: c.data.source != "file" or bool(c.data.train_path), "a path when data.source=file"),
-    ("data.heldout_path", lambda c: c.data.source != "file" or bool(c.data.heldout_path), "a path when data.source=file"),
+    ("data.heldout_path", lambda c: c.data.source != "file" or bool(c.data.heldout_path),
+     "a path when data.source=file"),
     ("data.template", lambda c: "{prompt}" in c.data.template, "a string containing {prompt}"),
-    ("reward.function", lambda c: c.reward.type != "custom" or ":" in c.reward.function, "'module:function' when reward.type=custom"),
-    ("data.arithmetic.min_terms", lambda c: 2 <= c.data.arithmetic.min_terms <= c.data.arithmetic.max_terms, ">= 2 and <= data.arithmetic.max_terms"),
+    ("reward.function", lambda c: c.reward.type != "custom" or ":" in c.reward.function,
+     "'module:function' when reward.type=custom"),
+    ("data.arithmetic.min_terms", lambda c: 2 <= c.data.arithmetic.min_terms <= c.data.arithmetic.max_terms,
+     ">= 2 and <= data.arithmetic.max_terms"),
     ("model.tiny.sft_slip_prob", lambda c: 0.0 <= c.model.tiny.sft_slip_prob <= 1.0, "a number in [0, 1]"),
     ("launch.ranks_per_node", lambda c: c.launch.ranks_per_node >= 1, ">= 1"),
     ("launch.slurm.nodes", lambda c: c.launch.slurm.nodes >= 1, ">= 1"),
     ("launch.slurm.rollout_nodes", lambda c: 0 <= c.launch.slurm.rollout_nodes < c.launch.slurm.nodes,
      ">= 0 and < launch.slurm.nodes (at least one node trains)"),
-    ("launch.slurm.rollout_nodes", lambda c: c.launch.slurm.rollout_nodes == 0 or c.rollout.sglang.servers_from == "serve",
+    ("launch.slurm.rollout_nodes",
+     lambda c: c.launch.slurm.rollout_nodes == 0 or c.rollout.sglang.servers_from == "serve",
      "0 unless rollout.sglang.servers_from=serve (rollout nodes run `soup-megatron serve`)"),
     ("rollout.sglang.servers_from", lambda c: c.rollout.sglang.servers_from == "run" or not (
-        c.rollout.sglang.policy_urls or c.rollout.sglang.history_urls), "run when policy_urls / history_urls name servers"),
+        c.rollout.sglang.policy_urls or c.rollout.sglang.history_urls),
+     "run when policy_urls / history_urls name servers"),
     ("launch.slurm.signal_seconds", lambda c: c.launch.slurm.signal_seconds >= 0, ">= 0"),
     ("launch.slurm.time", lambda c: bool(re.fullmatch(r"(\d+-)?\d{1,2}:\d{2}:\d{2}", c.launch.slurm.time)),
      "a Slurm time limit like 04:00:00 or 1-12:00:00"),

@@ -48,7 +48,8 @@ class Sampling:
     batch: int = 512
 
 
-def _generate(engine: RolloutEngine, requests: list[GenerationRequest], s: Sampling, temperature: float) -> list[Generation]:
+def _generate(engine: RolloutEngine, requests: list[GenerationRequest], s: Sampling,
+              temperature: float) -> list[Generation]:
     out: list[Generation] = []
     for start in range(0, len(requests), s.batch):  # bounded memory; each chunk has its own seed
         out += engine.generate(requests[start:start + s.batch], temperature, s.seed * 100_003 + start)

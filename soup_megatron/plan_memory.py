@@ -206,8 +206,8 @@ class Plan:
         tp, pp = mc.tensor_parallel, mc.pipeline_parallel
         seq = self.seq_len / mc.context_parallel
         params = self.counts.on_stage(stage, tp, pp)
-        terms = {name: params * size
-                 for name, size in bytes_per_parameter(mc.distributed_optimizer, mc.params_dtype, self.optimizer_shards).items()}
+        per_parameter = bytes_per_parameter(mc.distributed_optimizer, mc.params_dtype, self.optimizer_shards)
+        terms = {name: params * size for name, size in per_parameter.items()}
         layer = (seq, self.micro_batch, self.arch.hidden_size, self.arch.num_heads, tp,
                  mc.sequence_parallel and tp > 1)
         stacks = self.arch.num_layers // pp * microbatches_in_flight(stage, pp, mc.virtual_pipeline)

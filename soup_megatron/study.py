@@ -67,7 +67,8 @@ def load_study(path: str, overrides: list[str] = ()) -> StudyConfig:
         raise ConfigError(f"{path}: 'seeds' must be a non-empty list of distinct integers, got {study.seeds}")
     for name in study.variants:
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
-            raise ConfigError(f"{path}: variant name {name!r} must be letters, digits, '_', '.' or '-' (it names a folder)")
+            raise ConfigError(f"{path}: variant name {name!r} must be letters, digits, '_', '.' or '-' "
+                              "(it names a folder)")
     if study.eval.n < 1 or not study.eval.k or max(study.eval.k) > study.eval.n or min(study.eval.k) < 1:
         raise ConfigError(f"{path}: eval.k={study.eval.k} must be positive and at most eval.n={study.eval.n}")
     budgets = {}

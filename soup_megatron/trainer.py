@@ -34,11 +34,11 @@ from .algo.stats import mean_over_updates, segment_stats
 from .config import Config, changed_keys, samples_per_update, to_yaml
 from .data.encoding import PromptFormat
 from .data.prompts import Prompt, load_splits, prompts_for_step
+from .evaluate import heldout_metrics
 from .history.base import NoPrefixes
 from .history.prefix_cache import PrefixCache
 from .history.replay import ReplayBuffer
 from .history.store import CheckpointStore
-from .evaluate import heldout_metrics
 from .io import atomic_dir, atomic_write_json, atomic_write_text, make_private_dir, read_json, remove_tmp_leftovers
 from .metrics import MetricsLog, plot_curves
 from .model.hf import CheckpointError, load_tokenizer, newline_token_ids, pad_token_id
@@ -266,9 +266,11 @@ class Trainer:
         cont = torch.zeros_like(batch.segment, dtype=torch.bool)
         if scored:
             cont[scored] = batch.segment[scored] == CONTINUATION
-        if cont.any():  # train/rollout mismatch of pi_old on the tokens the engine wrote (of the scored samples)
+        if cont.any():  # train/rollout mismatch: the actor's pi_old against the engine's own log-probs of the
+            # tokens it wrote (of the scored samples); `tokens` says how many were compared
             gap = (batch.old_logp - batch.behaviour_logp)[cont].abs()
-            stats.update({"logp_gap/mean": float(gap.mean()), "logp_gap/max": float(gap.max())})
+            stats.update({"logp_gap/mean": float(gap.mean()), "logp_gap/max": float(gap.max()),
+                          "logp_gap/tokens": float(cont.sum())})
         return stats
 
     def _rows_to_train(self, rows: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:

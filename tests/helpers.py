@@ -16,7 +16,8 @@ def _stat_fields(pid) -> list[str]:
 
 
 def child_pids(parent: int) -> list[int]:
-    return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _stat_fields(p.name)[1:2] == [str(parent)]]
+    return [int(p.name) for p in Path("/proc").iterdir()
+            if p.name.isdigit() and _stat_fields(p.name)[1:2] == [str(parent)]]
 
 
 def alive(pid: int) -> bool:

@@ -1,7 +1,8 @@
 """Checks that need several megatron ranks; run by tests/test_megatron.py under torchrun.
 
     torchrun --nproc-per-node N tests/mcore_ranks.py logits --tp T --out result.json MODEL_DIR...
-    torchrun --nproc-per-node N tests/mcore_ranks.py actor --tp T [--pp P] [--vp V] [--cp C] [--sp] --out result.json --work DIR TINY_MODEL
+    torchrun --nproc-per-node N tests/mcore_ranks.py actor --tp T [--pp P] [--vp V] [--cp C] [--sp] \\
+        --out result.json --work DIR TINY_MODEL
 
 Rank 0 writes the measured differences as JSON; the test asserts on them.
 """
@@ -29,9 +30,8 @@ def logits_differences(model_dirs: list[str], tp: int) -> dict:
     from megatron.core import parallel_state as ps
     from transformers import AutoModelForCausalLM
 
-    from soup_megatron.mcore.model import read_architecture
     from soup_megatron.mcore import checkpoint, parallel
-    from soup_megatron.mcore.model import build_model, padded_vocab_size
+    from soup_megatron.mcore.model import build_model, padded_vocab_size, read_architecture
     from soup_megatron.mcore.weights import chunk_params
 
     mc = MegatronConfig(tensor_parallel=tp)
@@ -96,7 +96,8 @@ def _max_rel(a: dict, b: dict) -> float:
 
 def actor_parity(model_dir: str, tp: int, pp: int, vp: int, cp: int, sp: bool, work: Path) -> dict:
     """One SOUP update on the megatron actor (TP=tp, with sequence parallelism if sp, x PP=pp with vp model
-    chunks per stage x CP=cp, the rest data parallel) vs the local actor. Every rank calls the actor's per-rank methods directly (SPMD), so
+    chunks per stage x CP=cp, the rest data parallel) vs the local actor. Every rank calls the actor's per-rank
+    methods directly (SPMD), so
     gradients can be compared too."""
     megatron = MegatronConfig(tensor_parallel=tp, pipeline_parallel=pp, virtual_pipeline=vp, context_parallel=cp,
                               sequence_parallel=sp)
@@ -151,7 +152,8 @@ def actor_parity(model_dir: str, tp: int, pp: int, vp: int, cp: int, sp: bool, w
         "grad_max_rel_diff": _max_rel(grads_mega, grads_local) if grads_mega is not None else None,
         "update_max_diff_where_grad_above_1e-6": update_gap,
         "update_max": max(float(u.abs().max()) for u in update_local.values()),
-        "share_of_entries_compared": float(sum(c.sum() for c in clear.values()) / sum(c.numel() for c in clear.values())),
+        "share_of_entries_compared": float(sum(c.sum() for c in clear.values())
+                                           / sum(c.numel() for c in clear.values())),
         "segment_stats_diff": max(abs(stats_local[k] - stats_mega[k]) for k in stats_local),
         "segment_stats_keys_match": sorted(stats_local) == sorted(stats_mega),
         "resume_loss": [second["loss"], again["loss"], from_fresh["loss"]],

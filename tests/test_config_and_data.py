@@ -9,11 +9,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from soup_megatron.config import ConfigError, load_config
+from soup_megatron.config import ConfigError, RewardConfig, load_config
 from soup_megatron.data.arithmetic import extract_answer, make_split, parse_terms, worked_solution
 from soup_megatron.data.prompts import DataError, load_file, load_splits, prompts_for_step
 from soup_megatron.reward import build_reward, exact_answer, math_equivalent
-from soup_megatron.config import RewardConfig
 
 
 @pytest.mark.parametrize("override,message", [
@@ -31,7 +30,8 @@ from soup_megatron.config import RewardConfig
     ("algo.adv_eps=0", "algo.adv_eps=0.0 is not allowed; expected > 0"),
     ("actor.grad_clip=-1", "actor.grad_clip=-1.0 is not allowed; expected > 0"),
     ("data.heldout_size=0", "data.heldout_size=0 is not allowed"),
-    ("model.tiny.num_kv_heads=3", "model.tiny.num_kv_heads=3 is not allowed; expected a divisor of model.tiny.num_heads"),
+    ("model.tiny.num_kv_heads=3",
+     "model.tiny.num_kv_heads=3 is not allowed; expected a divisor of model.tiny.num_heads"),
     ("rollout.weight_sync=distributed", "need CUDA servers and NCCL and are not built in this tree"),
     ("rollout.backend=vllm", "rollout.backend='vllm' is not allowed; choose one of: local, sglang"),
     ("rollout.sglang.tp=2", "unknown key 'rollout.sglang.tp'. Allowed here: python, servers_from, policy_servers"),

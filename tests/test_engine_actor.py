@@ -4,12 +4,12 @@ import pytest
 import torch
 
 from soup_megatron.actor import build_actor
+from soup_megatron.actor.base import TokenBatch
 from soup_megatron.algo.loss import LossConfig
 from soup_megatron.config import RolloutConfig
 from soup_megatron.model.hf import CheckpointError, load_tokenizer
 from soup_megatron.rollout import GenerationRequest, build_engine
 from soup_megatron.sample import CONTINUATION, PREFIX, PROMPT
-from soup_megatron.actor.base import TokenBatch
 
 
 @pytest.fixture
@@ -18,7 +18,8 @@ def engine(tiny_model):
 
 
 def requests(tok, texts, prefix="", max_new=20):
-    return [GenerationRequest(tuple(tok.encode(t)), tuple(tok.encode(prefix)) if prefix else (), max_new) for t in texts]
+    prefix_ids = tuple(tok.encode(prefix)) if prefix else ()
+    return [GenerationRequest(tuple(tok.encode(t)), prefix_ids, max_new) for t in texts]
 
 
 def test_generation_is_seeded_and_respects_budgets(engine, tiny_model):
@@ -100,7 +101,9 @@ def test_actor_update_moves_logprobs_in_advantage_direction(tiny_model, make_con
     out = actor.train_minibatch(batch, LossConfig(), 1.0)
     after, _ = actor.logprobs(batch, 1.0)
     trained = (seg > 0).float()
-    margin = lambda logp: float((logp[0] * trained[0]).sum() - (logp[1] * trained[1]).sum())
+    def margin(logp):
+        return float((logp[0] * trained[0]).sum() - (logp[1] * trained[1]).sum())
+
     assert margin(after) > margin(batch.old_logp)  # the rewarded answer gained on the punished one
     assert out["ratio"].numel() == out["segment"].numel()
 

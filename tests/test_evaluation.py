@@ -68,7 +68,8 @@ def test_benchmark_layouts_load_as_published(tmp_path):
     math500 = _jsonl(tmp_path / "math500.jsonl", [
         {"problem": "Compute $1+1$.", "solution": "It is $\\boxed{2}$.", "answer": "2", "subject": "Algebra",
          "level": 1, "unique_id": "test/algebra/1.json"}])
-    aime = _jsonl(tmp_path / "aime24.jsonl", [{"ID": "2024-I-1", "Problem": "Find n.", "Solution": "...", "Answer": 204}])
+    aime = _jsonl(tmp_path / "aime24.jsonl",
+                  [{"ID": "2024-I-1", "Problem": "Find n.", "Solution": "...", "Answer": 204}])
     amc = tmp_path / "amc.parquet"
     pq.write_table(pa.table({"id": [0, 1], "problem": ["What is 7*10?", "Half of 3?"], "answer": [70.0, 1.5],
                              "url": ["u0", "u1"]}), amc)

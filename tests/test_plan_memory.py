@@ -7,9 +7,15 @@ from pathlib import Path
 import pytest
 
 from soup_megatron.config import MegatronConfig
-from soup_megatron.plan_memory import (bytes_per_parameter, layer_activation_bytes, main, microbatches_in_flight,
-                                       parameter_counts, read_architecture)
 from soup_megatron.mcore.model import padded_vocab_size
+from soup_megatron.plan_memory import (
+    bytes_per_parameter,
+    layer_activation_bytes,
+    main,
+    microbatches_in_flight,
+    parameter_counts,
+    read_architecture,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 QWEN = "configs/architectures/qwen2.5-math-7b.json"

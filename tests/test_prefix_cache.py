@@ -97,7 +97,9 @@ def test_replay_returns_past_rollouts_of_the_same_prompt():
     from soup_megatron.data.prompts import Prompt
     from soup_megatron.sample import CONTINUATION, Sample
 
-    plan = lambda step: [("a", (1,)), ("b", (2,))]
+    def plan(step):
+        return [("a", (1,)), ("b", (2,))]
+
     replay = ReplayBuffer(plan, per_prompt=2, seed=0)
     assert replay.take(0) == [None, None]  # nothing seen yet: those samples stay on-policy
     for n in range(3):

@@ -162,7 +162,8 @@ def test_soup_run_with_sglang_on_the_real_model(smollm2, tmp_path):
     math-verify): prefixes from the history server, disk weight sync, the train/rollout gap small."""
     out = tmp_path / "run"
     done = subprocess.run([sys.executable, "-m", "soup_megatron.cli", "train", "--config", CONFIG,
-                           f"model.path={smollm2}", f"trainer.out_dir={out}", "trainer.steps=2", "trainer.eval_interval=0",
+                           f"model.path={smollm2}", f"trainer.out_dir={out}", "trainer.steps=2",
+                           "trainer.eval_interval=0",
                            "trainer.progress=false", "data.heldout_size=8", "trainer.eval_pass_samples=1",
                            "rollout.backend=sglang", f"rollout.sglang.python={SGLANG_PYTHON}",
                            "rollout.sglang.max_total_tokens=4096", "history.interval=1"],

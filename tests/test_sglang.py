@@ -74,7 +74,8 @@ def test_continuation_logprobs_match_the_in_process_engine(servers, tiny_model):
     assert engine.last_stats["cached_tokens"] > 0
     # greedy equals the in-process engine's greedy
     greedy = [GenerationRequest(p, (), 12) for p in prompts(tok, 4)]
-    assert [g.token_ids for g in engine.generate(greedy, 0.0, 0)] == [g.token_ids for g in local.generate(greedy, 0.0, 0)]
+    served, in_process = engine.generate(greedy, 0.0, 0), local.generate(greedy, 0.0, 0)
+    assert [g.token_ids for g in served] == [g.token_ids for g in in_process]
 
 
 def test_sglang_stops_at_every_eos_id_it_is_given(servers, tiny_model):
@@ -290,8 +291,9 @@ def test_servers_end_when_the_run_is_killed(tiny_model, tmp_path):
     """SIGKILL leaves no `finally` to run: the servers notice their owner is gone and end themselves."""
     script = (f"import sys, time; from pathlib import Path; from soup_megatron.config import SGLangConfig; "
               f"from soup_megatron.rollout.sglang_servers import RolloutServers; "
-              f"RolloutServers(SGLangConfig(python={str(SGLANG_PYTHON)!r}, max_total_tokens=4096), {str(tiny_model)!r}, "
-              f"Path({str(tmp_path)!r}), ['policy']).start(); print('up', flush=True); time.sleep(600)")
+              f"RolloutServers(SGLangConfig(python={str(SGLANG_PYTHON)!r}, max_total_tokens=4096), "
+              f"{str(tiny_model)!r}, Path({str(tmp_path)!r}), ['policy']).start(); "
+              "print('up', flush=True); time.sleep(600)")
     owner = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     assert owner.stdout.readline().strip() == "up"
     pids = _started_pids(tmp_path)

@@ -172,7 +172,8 @@ def test_preempted_run_resumes_to_the_same_final_state(tiny_model_kv2, tmp_path)
     a = read_state_dict(tmp_path / "straight" / "history" / "v000008")  # the final policy, exported to HF
     b = read_state_dict(out / "history" / "v000008")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert (tmp_path / "straight" / "history" / "manifest.json").read_text() == (out / "history" / "manifest.json").read_text()
+    manifest = "history/manifest.json"
+    assert (tmp_path / "straight" / manifest).read_text() == (out / manifest).read_text()
 
 
 @pytest.mark.slow

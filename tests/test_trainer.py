@@ -86,7 +86,8 @@ def test_chat_template_prompt_ids_in_training_prefixes_and_evaluation(tiny_chat_
                       "trainer.steps=1", "trainer.eval_interval=0")
     tok = load_tokenizer(tiny_chat_model)
     trainer = Trainer(cfg)
-    expected = {tuple(tok.apply_chat_template([{"role": "system", "content": "Add."}, {"role": "user", "content": p.text}],
+    expected = {tuple(tok.apply_chat_template([{"role": "system", "content": "Add."},
+                                               {"role": "user", "content": p.text}],
                                               add_generation_prompt=True, tokenize=True, return_dict=False))
                 for p in trainer.train_prompts + trainer.heldout}
     seen = []
@@ -124,7 +125,8 @@ def test_samples_with_zero_advantage_get_no_pass_and_change_nothing(make_config)
     order = torch.randperm(len(full), generator=torch.Generator().manual_seed(step_seed(cfg.seed, 0, "minibatch")))
     size = len(full) // 2
     for m in range(2):
-        reference.train_minibatch(full.select(order[m * size: (m + 1) * size]), trainer.loss_cfg, cfg.rollout.temperature)
+        reference.train_minibatch(full.select(order[m * size: (m + 1) * size]), trainer.loss_cfg,
+                                  cfg.rollout.temperature)
     assert sum(ran) == len(full) - 2 * g and stats["train/zero_advantage_samples"] == 2 * g
     assert stats["train/samples_trained"] == len(full) - 2 * g and stats["train/updates_skipped"] == 0
     for (name, p), q in zip(trainer.actor.model.named_parameters(), reference.model.parameters()):
@@ -136,6 +138,25 @@ def test_samples_with_zero_advantage_get_no_pass_and_change_nothing(make_config)
     assert ran == [] and stats["train/updates_skipped"] == 2 and "logp_gap/mean" not in stats
     assert all(torch.equal(v, trainer.actor.model.state_dict()[k]) for k, v in before.items())
     trainer.close()
+
+
+def test_logp_gap_compares_the_engines_logprobs_with_the_actors(make_config):
+    """The train/rollout monitor reads the rollout engine's log-probs of the continuation tokens and the
+    actor's recomputation: an engine that reports every log-prob 0.01 too high shows as a 0.01 gap."""
+    trainer = Trainer(make_config("trainer.steps=1", "trainer.eval_interval=0", "soup.mix_fraction=0"))
+    generate = trainer.engine.generate
+
+    def biased(*args):
+        gens = generate(*args)
+        for g in gens:
+            g.logprobs = [lp + 0.01 for lp in g.logprobs]
+        return gens
+
+    trainer.engine.generate = biased
+    record = trainer.train_step(0)
+    trainer.close()
+    assert abs(record["logp_gap/mean"] - 0.01) < 1e-4 and record["logp_gap/max"] < 0.0101
+    assert 0 < record["logp_gap/tokens"] <= record["tokens/decoded"]  # GRPO: every response token was decoded
 
 
 def test_history_rotation_in_a_run(make_config):

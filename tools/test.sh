@@ -25,4 +25,5 @@ trap cleanup EXIT
 eval "$(bash tools/slurm_cluster.sh start "$slurm_dir")"
 export SOUP_REQUIRE_SLURM=1
 . .venv/bin/activate
+ruff check soup_megatron tests tools launch  # the linter settings are in pyproject.toml
 python -m pytest -q "$@"

@@ -49,7 +49,8 @@ class LocalActor:
         total_loss = 0.0
         stats = {"ratio": [], "clipped": [], "entropy": [], "segment": []}
         for _, mb in self._micro_batches(batch):
-            logp, entropy = token_logprobs(self.model, mb.input_ids, mb.attention_mask, temperature, True)  # entropy is logged per segment
+            # entropy too: it is logged per segment
+            logp, entropy = token_logprobs(self.model, mb.input_ids, mb.attention_mask, temperature, True)
             weights = aggregation_weights(loss_mask(mb.segment, loss_cfg.prefix_mode), loss_cfg.loss_agg,
                                           scale.sequences, scale.tokens)
             loss, tok = soup_loss(logp, mb.old_logp, mb.behaviour_logp, mb.advantages, mb.segment, weights,

@@ -146,7 +146,8 @@ class MegatronActor:
 
     def _micro_batches(self, batch: TokenBatch) -> list:
         """[(rows of `batch`, micro-batch)] for this data-parallel rank's samples, at most micro_batch_size
-        rows each and as even as possible. The interleaved schedule needs more: see `parallel.interleaved_microbatches`."""
+        rows each and as even as possible. The interleaved schedule needs more: see
+        `parallel.interleaved_microbatches`."""
         rows = self._my_rows(len(batch))
         count = -(-len(rows) // self.cfg.micro_batch_size)
         if self.layout.vp > 1 and count:
@@ -178,7 +179,8 @@ class MegatronActor:
 
         def forward_step(data_iterator, model):  # called per model chunk, each with its own pass over `micro`
             _, mb = next(data_iterator)
-            part = parallel.SequenceSlice.of(mb.input_ids.shape[1], self.layout, self.chunks[0].config.sequence_parallel)
+            part = parallel.SequenceSlice.of(mb.input_ids.shape[1], self.layout,
+                                             self.chunks[0].config.sequence_parallel)
             ids = part.take(mb.input_ids, self.device)
             positions = part.index.to(self.device)[None].expand_as(ids)
             output = model(input_ids=ids, position_ids=positions, attention_mask=None)  # last stage: [N, T_r, V / tp]
@@ -198,7 +200,8 @@ class MegatronActor:
         (other ranks end with partial sums)."""
         from megatron.core import parallel_state as ps
 
-        for size, group in ((self.layout.cp, ps.get_context_parallel_group), (self.layout.dp, ps.get_data_parallel_group),
+        for size, group in ((self.layout.cp, ps.get_context_parallel_group),
+                            (self.layout.dp, ps.get_data_parallel_group),
                             (self.layout.pp, ps.get_pipeline_model_parallel_group)):
             if size > 1:
                 for t in tensors:
@@ -244,7 +247,8 @@ class MegatronActor:
             logp, ent = self._token_logprobs(logits, mb, part, temperature, True)  # entropy is logged per segment
             mask = loss_mask(mb.segment, loss_cfg.prefix_mode)
             # weights from whole rows (per-sequence means), then this rank's positions
-            weights = part.take(aggregation_weights(mask, loss_cfg.loss_agg, scale.sequences, scale.tokens), self.device)
+            weights = part.take(aggregation_weights(mask, loss_cfg.loss_agg, scale.sequences, scale.tokens),
+                                self.device)
             take = functools.partial(part.take, device=self.device)
             loss, tok = soup_loss(logp, take(mb.old_logp), take(mb.behaviour_logp), mb.advantages.to(self.device),
                                   take(mb.segment), weights, loss_cfg, entropy=ent, ref_logp=take(mb.ref_logp))
@@ -293,7 +297,8 @@ class MegatronActor:
         meta = checkpoint.read_metadata(path)
         sharded = self.sharded_optimizer
         if meta.get("distributed_optimizer") != sharded:
-            raise CheckpointError(f"{path} holds the state of a {'sharded' if meta.get('distributed_optimizer') else 'replicated'} "
+            saved = "sharded" if meta.get("distributed_optimizer") else "replicated"
+            raise CheckpointError(f"{path} holds the state of a {saved} "
                                   f"optimizer and this actor's is {'sharded' if sharded else 'replicated'} "
                                   "(actor.megatron.distributed_optimizer with more than one data x context-parallel "
                                   "rank); resume with the same setting and data x context parallel > 1 or = 1 as saved")

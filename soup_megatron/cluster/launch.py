@@ -102,9 +102,9 @@ def slurm_jobs(cfg: Config, config_note: str) -> list[Job]:
         jobs.append(Job("convert", _render("convert.sbatch.j2", **common, hf_checkpoint=cfg.model.path,
                                             megatron_checkpoint=run_dir / CONVERTED, tp=mc.tensor_parallel, pp=1,
                                             convert_ranks=mc.tensor_parallel)))
-    jobs.append(Job("train", _render("train.sbatch.j2", **common, run_dir=run_dir, ranks_per_node=cfg.launch.ranks_per_node,
-                                     port=cfg.launch.rendezvous_port, serve_steps=serve_steps(cfg),
-                                     train_nodes=s.nodes - s.rollout_nodes,
+    jobs.append(Job("train", _render("train.sbatch.j2", **common, run_dir=run_dir,
+                                     ranks_per_node=cfg.launch.ranks_per_node, port=cfg.launch.rendezvous_port,
+                                     serve_steps=serve_steps(cfg), train_nodes=s.nodes - s.rollout_nodes,
                                      config_file=run_dir / "launch" / "config.yaml"),
                     depends_on="convert" if cfg.launch.convert_from_hf else None))
     return jobs

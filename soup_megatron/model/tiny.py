@@ -88,7 +88,8 @@ def prepare_tiny_model(cfg: Config, progress: bool = True) -> Path:
     # demonstrations with occasional arithmetic slips: the warm-started policy knows the format and
     # mostly how to add, but often samples a wrong step, a weak start that RL with a verifier improves
     slips = random.Random(f"sft-slips-{cfg.seed}")
-    examples = [(cfg.data.template.replace("{prompt}", p.text), worked_solution(parse_terms(p.text), slips, t.sft_slip_prob))
+    examples = [(cfg.data.template.replace("{prompt}", p.text),
+                 worked_solution(parse_terms(p.text), slips, t.sft_slip_prob))
                 for p in train[: t.sft_examples]]
     opt = torch.optim.AdamW(model.parameters(), lr=t.sft_lr, weight_decay=0.0)
     warmup = max(1, t.sft_steps // 10)

@@ -13,8 +13,15 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from ..model.hf import (load_model, load_tokenizer, load_weights_into, pad_token_id, right_pad, stop_token_ids,
-                        token_logprobs)
+from ..model.hf import (
+    load_model,
+    load_tokenizer,
+    load_weights_into,
+    pad_token_id,
+    right_pad,
+    stop_token_ids,
+    token_logprobs,
+)
 from .base import Generation, GenerationRequest, WeightSource
 
 
