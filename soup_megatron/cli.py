@@ -106,7 +106,8 @@ def cmd_eval(args) -> int:
         prefix_path = resolve_policy_checkpoint(args.prefix_checkpoint)
         soup = SoupInference(build_engine(_local(cfg.rollout), prefix_path), cfg.soup.cut_min, cfg.soup.cut_max,
                              cfg.soup.cut_at,
-                             newline_token_ids(tokenizer) if cfg.soup.cut_at == "line" else frozenset())
+                             newline_token_ids(tokenizer) if cfg.soup.cut_at == "line" else frozenset(),
+                             sampling.max_new_tokens if cfg.soup.cut_of == "max_length" else None)
     try:
         result = evaluate(engine, fmt, prompts, reward_fn, n=args.n, ks=ks, sampling=sampling, soup=soup)
     finally:

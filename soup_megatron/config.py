@@ -14,6 +14,8 @@ from typing import Any, Optional
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .algo.mixing import mixed_count
+
 
 class ConfigError(ValueError):
     """A configuration value the run cannot start with."""
@@ -121,9 +123,10 @@ class SGLangConfig:
     # history servers (SGLang's --base-gpu-id): keeps them off the trainer's GPUs; empty = SGLang's default, GPU 0
     extra_args: list[str] = field(default_factory=list)  # passed to sglang.launch_server as they are
     startup_timeout: float = 300.0  # seconds to wait for /health
-    request_timeout: float = 120.0  # seconds per request
+    request_timeout: float = 120.0  # seconds per request, its wait in SGLang's queue included
     retries: int = 3  # per request, after a timeout, a refused connection or a server error
-    concurrency: int = 64  # requests in flight per server
+    concurrency: int = 0  # cap on requests in flight per server; 0 = a call's requests all at once (SGLang's own
+    # admission limits them: a cap below what a step needs leaves the servers' batch slots empty)
 
 
 @dataclass
@@ -143,8 +146,14 @@ class SoupConfig:
     mode: str = "token"  # token (SOUP) | trajectory (whole historical trajectories join the group)
     mix_fraction: float = 0.5  # share of each group that is mixed; 0.0 is GRPO
     prefix_source: str = "checkpoint"  # checkpoint | replay
+    history_per_prompt: int = 1  # historical trajectories per prompt its mixed samples are cut from, each sample at
+    # its own cut (nested prefixes of one trajectory share the radix cache); 0 = one per mixed sample. trajectory
+    # mode joins whole trajectories: there every mixed sample has its own
     cut_min: float = 0.2
     cut_max: float = 0.8
+    cut_of: str = "history"  # k = floor(lambda * L) with L the historical trajectory's length (history) or
+    # rollout.max_response_len (max_length: never past the historical EOS, and history is generated only up to
+    # cut_max * max_response_len tokens)
     cut_at: str = "token"  # token | line
     prefix_mode: str = "clip"  # clip | decoupled | shaped | mask
     prefix_clip: Optional[float] = None  # clip range of prefix tokens in `clip` mode; None = algo's
@@ -278,6 +287,7 @@ CHOICES = {
     "soup.mode": ("token", "trajectory"),
     "soup.prefix_source": ("checkpoint", "replay"),
     "soup.cut_at": ("token", "line"),
+    "soup.cut_of": ("history", "max_length"),
     "soup.prefix_mode": ("clip", "decoupled", "shaped", "mask"),
     "history.pick": ("uniform", "newest", "oldest"),
     "algo.adv_norm": ("std", "none"),
@@ -300,6 +310,11 @@ RULES = [
     ("soup.is_cap", lambda c: c.soup.is_cap > 0, "> 0"),
     ("soup.shaping_gamma", lambda c: c.soup.shaping_gamma > 0, "> 0"),
     ("soup.lookahead", lambda c: c.soup.lookahead >= 0, ">= 0"),
+    ("soup.history_per_prompt", lambda c: 0 <= c.soup.history_per_prompt <= max(
+        1, mixed_count(c.rollout.group_size, c.soup.mix_fraction)),
+     ">= 0 and at most the mixed samples of a group (rollout.group_size x soup.mix_fraction); 0 = one each"),
+    ("soup.cut_of", lambda c: c.soup.cut_of == "history" or c.soup.mode == "token",
+     "history with soup.mode=trajectory (whole trajectories join the group, nothing is cut)"),
     ("soup.replay_per_prompt", lambda c: c.soup.replay_per_prompt >= 1, ">= 1"),
     ("history.keep", lambda c: c.history.keep >= 1, ">= 1"),
     ("history.interval", lambda c: c.history.interval >= 1, ">= 1"),
@@ -340,7 +355,7 @@ RULES = [
     ("rollout.sglang.base_gpu_ids", lambda c: not c.rollout.sglang.base_gpu_ids or len(c.rollout.sglang.base_gpu_ids)
      == c.rollout.sglang.policy_servers + c.rollout.sglang.history_servers,
      "empty, or one GPU index per managed server (rollout.sglang.policy_servers + history_servers of them)"),
-    ("rollout.sglang.concurrency", lambda c: c.rollout.sglang.concurrency >= 1, ">= 1"),
+    ("rollout.sglang.concurrency", lambda c: c.rollout.sglang.concurrency >= 0, ">= 0 (0 = no client-side cap)"),
     ("rollout.sglang.policy_servers", lambda c: c.rollout.sglang.policy_servers >= 1 or c.rollout.sglang.policy_urls,
      ">= 1 unless rollout.sglang.policy_urls names servers"),
     ("rollout.sglang.history_servers", lambda c: c.rollout.sglang.history_servers >= 1 or c.rollout.sglang.history_urls,

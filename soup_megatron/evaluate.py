@@ -1,8 +1,8 @@
 """Evaluation: greedy accuracy, unbiased pass@k, and SOUP inference, on any rollout engine.
 
 SOUP inference (spec, "Analysis and evaluation"): a historical checkpoint samples a response, it is
-cut at k = floor(lambda * L), lambda ~ U[cut_min, cut_max] (the training cut rule), and the evaluated
-policy completes the prefix. Its pass@k is reported beside plain sampling of both checkpoints.
+cut at k = floor(lambda * L), lambda ~ U[cut_min, cut_max] (the training cut rule, L per `soup.cut_of`),
+and the evaluated policy completes the prefix. Its pass@k is reported beside plain sampling of both checkpoints.
 """
 
 from __future__ import annotations
@@ -77,13 +77,6 @@ def correct_counts(engine: RolloutEngine, fmt: PromptFormat, prompts: Sequence[P
     return _correct(fmt, reward_fn, responses, prompts, n), gens
 
 
-def cut_prefixes(gens: Sequence[Generation], cut_min: float, cut_max: float, cut_at: str,
-                 newline_ids: frozenset[int], seed: int) -> list[list[int]]:
-    rng = random.Random(f"soup-inference-{seed}")
-    return [g.token_ids[:cut_point(g.token_ids, g.finish_reason == "stop", rng, cut_min, cut_max, cut_at, newline_ids)]
-            for g in gens]
-
-
 @dataclass(frozen=True)
 class SoupInference:
     """A historical checkpoint's engine and the cut rule for SOUP-inference prefixes."""
@@ -93,6 +86,12 @@ class SoupInference:
     cut_max: float
     cut_at: str = "token"
     newline_ids: frozenset[int] = frozenset()
+    cut_length: Optional[int] = None  # L of the cut with soup.cut_of=max_length (None: each response's length)
+
+    def cut_prefixes(self, gens: Sequence[Generation], seed: int) -> list[list[int]]:
+        rng = random.Random(f"soup-inference-{seed}")
+        return [g.token_ids[:cut_point(g.token_ids, g.finish_reason == "stop", rng, self.cut_min, self.cut_max,
+                                       self.cut_at, self.newline_ids, self.cut_length)] for g in gens]
 
 
 def evaluate(engine: RolloutEngine, fmt: PromptFormat, prompts: Sequence[Prompt], reward_fn: RewardFn, *, n: int,
@@ -107,7 +106,7 @@ def evaluate(engine: RolloutEngine, fmt: PromptFormat, prompts: Sequence[Prompt]
     per_prompt = {"greedy": greedy, "sampled": sampled}
     if soup is not None:
         historical, gens = correct_counts(soup.engine, fmt, prompts, reward_fn, n, sampling)
-        prefixes = cut_prefixes(gens, soup.cut_min, soup.cut_max, soup.cut_at, soup.newline_ids, sampling.seed)
+        prefixes = soup.cut_prefixes(gens, sampling.seed)
         mixed, _ = correct_counts(engine, fmt, prompts, reward_fn, n, sampling, prefixes=prefixes)
         result["historical"] = mean_pass_at_k(historical, n, ks)
         result["soup_inference"] = mean_pass_at_k(mixed, n, ks)

@@ -29,7 +29,7 @@ from .actor import build_actor
 from .actor.base import TokenBatch
 from .algo.advantage import group_advantages
 from .algo.loss import LossConfig, LossScale, zero_loss_rows
-from .algo.mixing import cut_point, mixed_count
+from .algo.mixing import cut_point, history_length, mixed_count
 from .algo.stats import mean_over_updates, segment_stats
 from .config import Config, changed_keys, samples_per_update, to_yaml
 from .data.encoding import PromptFormat
@@ -93,6 +93,9 @@ class Trainer:
         self.newline_ids = newline_token_ids(tokenizer) if cfg.soup.cut_at == "line" else frozenset()
         self.loss_cfg = LossConfig.from_config(cfg)
         self.n_mix = mixed_count(cfg.rollout.group_size, cfg.soup.mix_fraction)
+        # historical trajectories per prompt: mixed sample j is cut from trajectory j mod n_hist
+        shared = cfg.soup.mode == "token" and cfg.soup.history_per_prompt > 0
+        self.n_hist = min(cfg.soup.history_per_prompt, self.n_mix) if shared else self.n_mix
 
         self.actor = build_actor(cfg.actor, cfg.model.path, samples_per_update(cfg))
         self.servers = None
@@ -141,8 +144,8 @@ class Trainer:
         return prompts_for_step(self.train_prompts, step, self.cfg.rollout.prompts_per_step, self.cfg.seed)
 
     def plan(self, step: int) -> list[tuple[str, tuple[int, ...]]]:
-        """Historical trajectories step `step` needs: `n_mix` per prompt, prompt-major."""
-        return [(p.uid, self.prompt_ids(p)) for p in self.step_prompts(step) for _ in range(self.n_mix)]
+        """Historical trajectories step `step` needs: `n_hist` per prompt, prompt-major."""
+        return [(p.uid, self.prompt_ids(p)) for p in self.step_prompts(step) for _ in range(self.n_hist)]
 
     def _build_prefix_source(self):
         c = self.cfg
@@ -151,8 +154,8 @@ class Trainer:
         if c.soup.prefix_source == "replay":
             return ReplayBuffer(self.plan, c.soup.replay_per_prompt, c.seed)
         return PrefixCache(self.store, self.plan, lookahead=c.soup.lookahead, pick=c.history.pick, seed=c.seed,
-                           max_new_tokens=c.rollout.max_response_len, temperature=c.rollout.temperature,
-                           rollout=c.rollout, run_dir=str(self.out))
+                           max_new_tokens=history_length(c.rollout.max_response_len, c.soup.cut_max, c.soup.cut_of),
+                           temperature=c.rollout.temperature, rollout=c.rollout, run_dir=str(self.out))
 
     # ---- one step ------------------------------------------------------------------------------
     def rollout(self, step: int, timer: Timer) -> tuple[list[Sample], dict]:
@@ -164,21 +167,24 @@ class Trainer:
         cut_rng = random.Random(step_seed(c.seed, step, "cut"))
         samples, requests = [], []
         misses = 0
+        cut_length = c.rollout.max_response_len if c.soup.cut_of == "max_length" else None
         for i, prompt in enumerate(prompts):
             for j in range(c.rollout.group_size):
                 s = Sample(prompt=prompt, prompt_ids=list(self.prompt_ids(prompt)))
-                traj: Optional[Trajectory] = history[i * self.n_mix + j] if j < self.n_mix else None
+                traj: Optional[Trajectory] = history[i * self.n_hist + j % self.n_hist] if j < self.n_mix else None
                 misses += j < self.n_mix and traj is None
                 if traj is not None:
                     s.mixed = True
                     s.cut = len(traj.token_ids) if c.soup.mode == "trajectory" else cut_point(
                         traj.token_ids, traj.finished, cut_rng, c.soup.cut_min, c.soup.cut_max, c.soup.cut_at,
-                        self.newline_ids)
+                        self.newline_ids, cut_length)
                     s.response_ids = traj.token_ids[: s.cut]
                     s.behaviour_logp = traj.logprobs[: s.cut]
                     s.versions = traj.versions[: s.cut]
                     s.segments = [PREFIX] * s.cut
-                    if s.cut == len(traj.token_ids):
+                    # done at the cut only when the history ended (EOS) or the response budget is spent: with
+                    # cut_of=max_length a trajectory stops at cut_max * max_response_len, short of the budget
+                    if s.cut == len(traj.token_ids) and (traj.finished or s.cut >= c.rollout.max_response_len):
                         s.finish_reason = "stop" if traj.finished else "length"
                 samples.append(s)
                 requests.append(GenerationRequest(tuple(s.prompt_ids), tuple(s.response_ids),
@@ -196,9 +202,27 @@ class Trainer:
             s.finish_reason = g.finish_reason
         info = {"mix/replay_misses": float(misses),
                 "tokens/decoded": float(sum(len(g.token_ids) for g in generations)),
-                "tokens/prefix": float(sum(s.cut for s in samples))}
+                "tokens/prefix": float(sum(s.cut for s in samples)),
+                "tokens/prefilled": float(sum(len(r.prompt_ids) + len(r.prefix_ids) for r in requests
+                                              if r.max_new_tokens > 0))}
+        info["tokens/decode_steps"] = float(max((len(g.token_ids) for g in generations), default=0))
+        if isinstance(self.prefixes, PrefixCache):
+            info.update(self._history_work(prompts, history))
         info.update({f"tokens/{k}": v for k, v in getattr(self.engine, "last_stats", {}).items()})  # SGLang cache
         return samples, info
+
+    def _history_work(self, prompts: list[Prompt], history: list[Optional[Trajectory]]) -> dict:
+        """What the history engines did for this step: prompt tokens prefilled, tokens decoded, and decode
+        steps (the worker generates one version at a time, each as long as its longest trajectory)."""
+        longest: dict[int, int] = {}
+        for t in history:
+            if t is not None and t.token_ids:
+                longest[t.versions[0]] = max(longest.get(t.versions[0], 0), len(t.token_ids))
+        return {"tokens/history_prefilled": float(sum(len(self.prompt_ids(prompts[i // self.n_hist]))
+                                                      for i in range(len(history)))),
+                "tokens/history_decoded": float(sum(len(t.token_ids) for t in history if t is not None)),
+                "tokens/history_decode_steps": float(sum(longest.values())),
+                "history/versions_generated": float(len(longest))}
 
     def score(self, samples: list[Sample]) -> None:
         """Reward on the whole response (prefix + continuation), then group advantages."""

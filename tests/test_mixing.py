@@ -1,9 +1,9 @@
-"""Cut-point sampler: bounds, never past the historical EOS, `line` snapping."""
+"""Cut-point sampler: bounds, never past the historical EOS, `line` snapping, `cut_of`."""
 
 import math
 import random
 
-from soup_megatron.algo.mixing import cut_point, mixed_count
+from soup_megatron.algo.mixing import cut_point, history_length, mixed_count
 
 NL = 10
 EOS = 0
@@ -47,3 +47,24 @@ def test_line_snapping_ends_prefix_after_a_newline():
     assert cut_point(tokens, True, random.Random(0), 0.6, 0.6, "line", frozenset({NL})) == 3
     assert cut_point(tokens, True, random.Random(0), 0.6, 0.6, "token", frozenset({NL})) == 6
     assert cut_point([1, 2, 3, EOS], True, random.Random(0), 0.5, 0.5, "line", frozenset({NL})) == 0
+
+
+def test_cut_of_max_length_cuts_within_the_generated_history_and_before_eos():
+    """k = floor(lambda * L) with L the response budget: history generated up to history_length() tokens
+    holds every cut, and a trajectory that ended early is never cut past its EOS."""
+    rng = random.Random(3)
+    budget = 40
+    assert history_length(budget, 0.8, "history") == budget
+    assert history_length(budget, 0.8, "max_length") == 32
+    assert history_length(3, 0.1, "max_length") == 1  # never an empty history
+    for _ in range(2000):
+        lo = rng.uniform(0, 1)
+        hi = rng.uniform(lo, 1)
+        limit = history_length(budget, hi, "max_length")
+        n = rng.randint(1, limit)
+        finished = rng.random() < 0.5
+        tokens = [rng.randint(1, 9) for _ in range(n - finished)] + [EOS] * finished
+        k = cut_point(tokens, finished, rng, lo, hi, "token", frozenset({NL}), budget)
+        assert k <= min(math.floor(hi * budget), n - finished)
+        assert k >= min(math.floor(lo * budget), n - finished)
+        assert EOS not in tokens[:k]

@@ -13,7 +13,7 @@ import torch
 from soup_megatron.metrics import read_metrics
 from soup_megatron.model.hf import read_state_dict
 from soup_megatron.sample import CONTINUATION, PREFIX
-from soup_megatron.trainer import Trainer
+from soup_megatron.trainer import Timer, Trainer
 
 from .helpers import alive, child_pids
 
@@ -25,6 +25,8 @@ MODES = {
     "decoupled-kl": ["soup.prefix_mode=decoupled", "algo.kl_coef=0.05",
                           "algo.entropy_coef=0.01"],
     "shaped": ["soup.prefix_mode=shaped", "algo.loss_agg=seq_mean_token_mean", "algo.epochs=2"],
+    "history-per-sample": ["soup.history_per_prompt=0"],
+    "cut-of-max-length": ["soup.cut_of=max_length", "soup.cut_max=0.5"],
     "mask-line-nolookahead": ["soup.prefix_mode=mask", "soup.cut_at=line", "algo.loss_agg=seq_mean_token_sum",
                               "soup.lookahead=0",
                          "history.pick=oldest", "algo.adv_norm=none"],
@@ -65,7 +67,7 @@ def test_modes_train_with_provenance(make_config, mode):
     if mode == "grpo":
         assert all(s.cut == 0 and not s.mixed for samples in captured for s in samples)
         assert "prefix/ratio_mean" not in rows[-1]
-    if mode in ("soup-default", "decoupled-kl", "shaped"):
+    if mode in ("soup-default", "decoupled-kl", "shaped", "history-per-sample", "cut-of-max-length"):
         assert any("prefix/ratio_mean" in r for r in rows[1:])
         prefix_versions = {v for samples in captured for s in samples for v, seg in zip(s.versions, s.segments)
                            if seg == PREFIX}
@@ -75,6 +77,66 @@ def test_modes_train_with_provenance(make_config, mode):
         assert rows[3]["mix/replay_misses"] < rows[1]["mix/replay_misses"]
     hist = sorted(p.name for p in (trainer.out / "history").iterdir() if p.name.startswith("v"))
     assert hist[-1] == "v000002"
+
+
+@pytest.mark.parametrize("per_prompt", [1, 2, 0])
+def test_mixed_samples_share_history_trajectories_with_independent_cuts(make_config, per_prompt):
+    """soup.history_per_prompt = H: a group's mixed samples are cut from H historical trajectories of the
+    prompt (0: one each), mixed sample j from trajectory j mod H, each at its own cut, with that trajectory's
+    tokens and behaviour log-probs; the history engines decode H trajectories per prompt, no more."""
+    cfg = make_config("trainer.steps=0", "soup.lookahead=0", "rollout.group_size=6", "soup.mix_fraction=0.67",
+                      "soup.cut_min=0.1", "soup.cut_max=0.9", f"soup.history_per_prompt={per_prompt}")
+    trainer = Trainer(cfg)
+    n_mix, n_hist = 4, per_prompt or 4
+    taken = []
+    take = trainer.prefixes.take
+    trainer.prefixes.take = lambda step: taken.append(take(step)) or taken[-1]
+    cuts = []
+    for step in range(2):
+        samples, info = trainer.rollout(step, Timer())
+        history = taken[-1]
+        assert len(history) == cfg.rollout.prompts_per_step * n_hist
+        assert info["tokens/history_decoded"] == sum(len(t.token_ids) for t in history)
+        for i in range(cfg.rollout.prompts_per_step):
+            group = samples[i * 6: (i + 1) * 6]
+            assert [s.mixed for s in group] == [True] * n_mix + [False] * 2
+            for j, s in enumerate(group[:n_mix]):
+                traj = history[i * n_hist + j % n_hist]
+                assert s.response_ids[: s.cut] == traj.token_ids[: s.cut]
+                assert s.behaviour_logp[: s.cut] == traj.logprobs[: s.cut]
+                assert s.versions[: s.cut] == traj.versions[: s.cut]
+                cuts.append((step, i, j % n_hist, s.cut))
+    # independent cuts: samples sharing a trajectory do not all get the same k
+    by_traj = {}
+    for step, i, t, k in cuts:
+        by_traj.setdefault((step, i, t), []).append(k)
+    shared = [ks for ks in by_traj.values() if len(ks) > 1]
+    assert (not shared) == (n_hist == n_mix)
+    assert not shared or any(len(set(ks)) > 1 for ks in shared)
+    trainer.close()
+
+
+def test_cut_of_max_length_stops_history_at_the_furthest_cut(make_config):
+    """soup.cut_of=max_length: history is generated up to floor(cut_max * max_response_len) tokens, every cut
+    lies within it and before the historical EOS, and a sample cut at the end of a shortened trajectory still
+    gets its continuation (its response budget is not spent)."""
+    cfg = make_config("trainer.steps=0", "soup.lookahead=0", "soup.cut_of=max_length", "soup.cut_min=0.5",
+                      "soup.cut_max=0.5", "rollout.max_response_len=24")
+    trainer = Trainer(cfg)
+    taken = []
+    take = trainer.prefixes.take
+    trainer.prefixes.take = lambda step: taken.append(take(step)) or taken[-1]
+    samples, _ = trainer.rollout(0, Timer())
+    history = taken[0]
+    assert all(len(t.token_ids) <= 12 for t in history)
+    assert any(not t.finished for t in history), "every trajectory ended early: the cap was never exercised"
+    n_mix = trainer.n_mix
+    for i, s in enumerate(s for s in samples if s.mixed):
+        traj = history[i // n_mix]
+        assert s.cut == min(12, len(traj.token_ids) - traj.finished)
+        if not traj.finished:  # cut at its very end: the continuation picks up from there
+            assert len(s.response_ids) > s.cut or s.finish_reason == "stop"
+    trainer.close()
 
 
 def test_chat_template_prompt_ids_in_training_prefixes_and_evaluation(tiny_chat_model, make_config):
@@ -105,7 +167,7 @@ def test_samples_with_zero_advantage_get_no_pass_and_change_nothing(make_config)
     """Groups whose rewards were all equal have advantage 0, so their loss is zero: the trainer does not run
     them, and the update (whose loss weights still count them) equals training every sample."""
     from soup_megatron.actor import build_actor
-    from soup_megatron.trainer import Timer, step_seed
+    from soup_megatron.trainer import step_seed
 
     cfg = make_config("trainer.steps=0", "algo.minibatches=2", "soup.lookahead=0")
     trainer = Trainer(cfg)
@@ -216,7 +278,7 @@ def test_kill_and_resume_matches_uninterrupted_run(tiny_model, tmp_path):
     from tests.conftest import TINY
 
     args = TINY + [f"model.path={tiny_model}", "trainer.steps=8", "trainer.save_interval=2", "trainer.eval_interval=4",
-                   "history.interval=2", "history.keep=2", "soup.lookahead=2"]
+                   "history.interval=2", "history.keep=2", "soup.lookahead=2", "soup.cut_of=max_length"]
     straight = run_cli(args, tmp_path / "straight")
     assert straight.wait(timeout=600) == 0, straight.stderr.read()
 
