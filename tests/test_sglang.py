@@ -196,6 +196,39 @@ def test_external_server_that_stops_answering_is_dropped(servers, tiny_model, tm
     assert f"SGLang server {dead} stopped answering; dropped from rotation" in capsys.readouterr().err
 
 
+def test_a_groups_requests_stay_on_one_server_and_hit_its_radix_cache(tiny_model, tmp_path):
+    """Two policy servers: each prompt has a home server, so when a step's continuations follow its prompts,
+    the prompt tokens come from that server's radix cache (spread over the two, half would miss)."""
+    group = RolloutServers(sglang_config(policy_servers=2), str(tiny_model), tmp_path, ["policy"]).start()
+    try:
+        engine = engine_for(tmp_path)
+        tok = load_tokenizer(tiny_model)
+        group_prompts = [tuple(tok.encode(f"{a}+{a}+{a}+{a}+{a}=? routed\n")) for a in range(11, 17)]
+        engine.generate([GenerationRequest(p, (), 1) for p in group_prompts], 1.0, 0)
+        prefix = tuple(tok.encode("12"))
+        requests = [GenerationRequest(p, prefix[: j % 3], 4) for p in group_prompts for j in range(4)]
+        gens = engine.generate(requests, 1.0, 1)
+        assert len(gens) == 24 and all(g.token_ids for g in gens)
+        prompt_tokens = sum(len(p) for p in group_prompts) * 4
+    finally:
+        group.close()
+    assert engine.last_stats["cached_tokens"] >= prompt_tokens - 24  # a last token may be recomputed
+
+
+def test_routing_gives_each_prompt_a_home_and_caps_in_flight_requests():
+    from soup_megatron.rollout.sglang_engine import _Balancer
+
+    keys = [(1,), (1,), (2,), (3,), (2,), None]
+    balancer = _Balancer(["a", "b"], set(), 0, keys)
+    assert balancer.home == {(1,): "a", (2,): "b", (3,): "a"}
+    assert [balancer.pick(k) for k in keys[:5]] == ["a", "a", "b", "a", "b"]
+    assert balancer.pick(None) == "b"  # fewest in flight (a: 3, b: 2)
+    balancer.drop("a")
+    assert balancer.pick((1,)) == "b"  # its home left rotation
+    assert balancer.slots["b"]._value == len(keys)  # 0: no client-side cap
+    assert _Balancer(["a", "b"], set(), 3, keys).slots["a"]._value == 3
+
+
 def test_stand_in_kernels_were_never_called(servers):
     run_dir, _ = servers
     assert not (run_dir / "servers" / "sgl_kernel_calls.log").exists(), \

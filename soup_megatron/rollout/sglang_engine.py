@@ -8,7 +8,10 @@
 - load_weights: `/update_weights_from_disk` with the step as `weight_version`, on every server of the
   group; only paths inside the run directory are sent (a server must never be told to load weights
   from elsewhere). A bad path is refused by SGLang, which keeps its old weights.
-- Requests go to the server with the fewest in flight, at most `concurrency` per server. A timeout,
+- Routing: a group's requests (one prompt; its mixed samples' prefixes nest) go to one server, so its radix
+  cache holds the prompt and the shared prefixes; groups are spread over the servers in turn. At most
+  `concurrency` requests are in flight per server; 0 (the default) sends all of a call's requests at
+  once and leaves the limiting to SGLang's own admission (its KV pool and running-request cap). A timeout,
   refused connection or 5xx is retried (`retries`); a supervised server that died is restarted (by the
   run's watchdog or its serve process) and the request re-sent when it is healthy again; an external server that stops
   answering is dropped from rotation with a warning. Each result is stored by the request's index,
@@ -31,15 +34,25 @@ from .sglang_servers import ServerError, read_address_file
 
 
 class _Balancer:
-    def __init__(self, urls: list[str], supervised: set[str], per_server: int):
+    """Each routing key (a prompt) has a home server, keys taken in turn; a key whose home left rotation,
+    and a request without a key, go to the server with the fewest in flight."""
+
+    def __init__(self, urls: list[str], supervised: set[str], per_server: int, keys: Sequence[Optional[tuple]]):
         self.in_flight = {u: 0 for u in urls}
         self.supervised = supervised
-        self.slots = asyncio.Semaphore(per_server * len(urls))
+        self.home: dict[tuple, str] = {}
+        for key in keys:
+            if key is not None and key not in self.home:
+                self.home[key] = urls[len(self.home) % len(urls)]
+        cap = per_server or max(1, len(keys))  # 0: no client-side cap
+        self.slots = {u: asyncio.Semaphore(cap) for u in urls}
 
-    def pick(self) -> str:
+    def pick(self, key: Optional[tuple]) -> str:
         if not self.in_flight:
             raise ServerError("no SGLang server left in rotation (every external server stopped answering)")
-        url = min(self.in_flight, key=self.in_flight.get)
+        url = self.home.get(key)
+        if url not in self.in_flight:
+            url = min(self.in_flight, key=self.in_flight.get)
         self.in_flight[url] += 1
         return url
 
@@ -69,32 +82,29 @@ class SGLangEngine:
         headers = {"Authorization": f"Bearer {info['api_key']}"} if info.get("api_key") else {}
         return info["urls"], set(info.get("supervised", [])), headers
 
-    def _run(self, path: str, payloads: list[dict]) -> list[dict]:
-        return asyncio.run(self._post_all(path, payloads))
+    def _run(self, path: str, payloads: list[dict], keys: Sequence[Optional[tuple]]) -> list[dict]:
+        return asyncio.run(self._post_all(path, payloads, keys))
 
-    async def _post_all(self, path: str, payloads: list[dict]) -> list[dict]:
+    async def _post_all(self, path: str, payloads: list[dict], keys: Sequence[Optional[tuple]]) -> list[dict]:
         import httpx
 
         urls, supervised, headers = self._servers()
-        balancer = _Balancer(urls, supervised, self.cfg.concurrency)
-        results: list[Optional[dict]] = [None] * len(payloads)
-        limits = httpx.Limits(max_connections=self.cfg.concurrency * len(urls))
+        balancer = _Balancer(urls, supervised, self.cfg.concurrency, keys)
+        limits = httpx.Limits(max_connections=(self.cfg.concurrency * len(urls)) or max(1, len(payloads)))
         async with httpx.AsyncClient(headers=headers, timeout=self.cfg.request_timeout, limits=limits) as client:
-            async def one(i: int) -> None:
-                async with balancer.slots:
-                    results[i] = await self._post(client, balancer, path, payloads[i])
+            # gather keeps the order: each result lands at its request's index, whatever retries happened
+            return list(await asyncio.gather(*(self._post(client, balancer, path, payload, key)
+                                               for payload, key in zip(payloads, keys))))
 
-            await asyncio.gather(*(one(i) for i in range(len(payloads))))
-        return results  # type: ignore[return-value]
-
-    async def _post(self, client, balancer: _Balancer, path: str, payload: dict) -> dict:
+    async def _post(self, client, balancer: _Balancer, path: str, payload: dict, key: Optional[tuple]) -> dict:
         import httpx
 
         last_error = ""
         for attempt in range(self.cfg.retries + 1):
-            url = balancer.pick()
+            url = balancer.pick(key)
             try:
-                response = await client.post(url + path, json=payload)
+                async with balancer.slots[url]:
+                    response = await client.post(url + path, json=payload)
                 if response.status_code in (401, 403):
                     raise ServerError(f"{url}{path} refused the request (HTTP {response.status_code}): "
                                       "the API key in the run's servers/ folder does not match the server's")
@@ -147,17 +157,18 @@ class SGLangEngine:
 
     # ---- the protocol ------------------------------------------------------------------------------
     def generate(self, requests: Sequence[GenerationRequest], temperature: float, seed: int) -> list[Generation]:
-        payloads, todo = [], []
+        payloads, keys, todo = [], [], []
         results: list[Generation] = [Generation([], [], "length", self.version) for _ in requests]
         for i, r in enumerate(requests):
             if r.max_new_tokens <= 0:
                 continue
             todo.append(i)
+            keys.append(tuple(r.prompt_ids))
             payloads.append({"input_ids": list(r.prompt_ids) + list(r.prefix_ids), "return_logprob": True,
                              "sampling_params": {"max_new_tokens": r.max_new_tokens, "temperature": temperature,
                                                  "stop_token_ids": self.stop_ids,
                                                  "sampling_seed": (seed * 1_000_003 + i) % 2**62}})
-        bodies = self._run("/generate", payloads)
+        bodies = self._run("/generate", payloads, keys)
         cached = inputs = 0
         for i, body in zip(todo, bodies):
             meta = body["meta_info"]
@@ -175,7 +186,7 @@ class SGLangEngine:
         payloads = [{"input_ids": list(c) + list(t), "return_logprob": True, "logprob_start_len": len(c) - 1,
                      "sampling_params": {"max_new_tokens": 1, "temperature": temperature}}
                     for c, t in zip(contexts, targets)]
-        bodies = self._run("/generate", payloads)
+        bodies = self._run("/generate", payloads, [None] * len(payloads))
         # entries start at the last context token (no log-prob of its own), then one per target token
         return [[float(lp) for lp, _, _ in body["meta_info"]["input_token_logprobs"][1:]][: len(t)]
                 for body, t in zip(bodies, targets)]
