@@ -1,12 +1,13 @@
 """Benchmarks behind `soup-megatron bench` and `tools/bench_*.py`: ratios measured side by side in one run.
 
-`step`: step time of SOUP (defaults) against GRPO on the tiny model. Same prompts and samples per step
-for every variant. Steps are interleaved (GRPO step s, SOUP step s, SOUP-without-lookahead step s, ...)
+`step`: step time of SOUP (defaults) and each SOUP cost option against GRPO. Same prompts and samples per
+step for every variant. Steps are interleaved (GRPO step s, SOUP step s, SOUP-without-lookahead step s, ...)
 so machine noise hits all variants alike; the table reports medians over the measured steps and ratios
 to GRPO.
 `rollout`: the SGLang server against the in-process engine on the same requests (tokens/s), then SOUP
 against GRPO with SGLang serving rollouts and prefixes: step time, decoded tokens, radix-cache hits,
-and weight sync as a fraction of the step.
+and weight sync as a fraction of the step; SOUP once more with each request sent to the least-loaded
+server instead of its prompt's (with rollout.sglang.policy_servers >= 2 that shows what routing buys).
 `actor`: tokens/s of the log-prob pass and the training pass (one SOUP update) of the megatron actor
 against the local actor, on the same model and batch, passes alternating. One process (TP=1); run it
 under torchrun with actor.megatron.tensor_parallel=N for a parallel megatron actor.
@@ -14,27 +15,34 @@ under torchrun with actor.megatron.tensor_parallel=N for a parallel megatron act
 
 from __future__ import annotations
 
+import json
 import statistics
 import sys
 import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Optional
 
 from rich.console import Console
 from rich.table import Table
 
 from .config import Config, ConfigError, load_config
+from .io import atomic_write_text
 from .shutdown import exit_on_signals
 from .trainer import Trainer
 
 STEP_VARIANTS = {
     "GRPO": ["soup.mix_fraction=0"],
+    "SOUP history per sample": ["soup.history_per_prompt=0"],  # the design before shared trajectories
     "SOUP": [],
+    "SOUP cut_of=max_length": ["soup.cut_of=max_length"],
+    "SOUP history_steps_per_call=2": ["soup.history_steps_per_call=2"],
     "SOUP lookahead=0": ["soup.lookahead=0"],
 }
 STEP_COLUMNS = ["time/step", "time/rollout", "time/prefix_wait", "time/train", "time/weight_sync", "time/history",
-                "time/prefix_generate", "tokens/decoded", "tokens/prefix"]
+                "time/prefix_generate", "tokens/decoded", "tokens/prefilled", "tokens/prefix", "tokens/history_decoded",
+                "train/samples_trained"]
 
 
 def _interleaved_steps(config: str, variants: dict[str, list[str]], steps: int, overrides: list[str],
@@ -80,10 +88,16 @@ def _check_steps(steps: int, warmup: int) -> None:
         raise ConfigError(f"--steps {steps} must be larger than --warmup {warmup}")
 
 
-def bench_step(config: str, steps: int, warmup: int, overrides: list[str]) -> list[Table]:
+def bench_step(config: str, steps: int, warmup: int, overrides: list[str],
+               records_path: Optional[str] = None) -> list[Table]:
+    """With `records_path`, every step record of every variant is written there as JSON (what
+    `tools/plan_step_time.py --validate` reads)."""
     _check_steps(steps, warmup)
     with tempfile.TemporaryDirectory(prefix="bench-step-") as tmp:
         records = _interleaved_steps(config, STEP_VARIANTS, steps, overrides, tmp)
+    if records_path:
+        atomic_write_text(Path(records_path), json.dumps({"config": config, "overrides": overrides, "warmup": warmup,
+                                                          "records": records}, indent=1))
     cfg = load_config(config, overrides)
     samples = f"{cfg.rollout.prompts_per_step}x{cfg.rollout.group_size}"
     return [_step_table(f"SOUP vs GRPO step time ({samples} samples/step, "
@@ -140,7 +154,9 @@ def bench_rollout(config: str, steps: int, warmup: int, overrides: list[str]) ->
                           "run `bash tools/setup_sglang.sh` first")
     with tempfile.TemporaryDirectory(prefix="bench-rollout-") as tmp:
         throughput = _engine_throughput(cfg, steps, str(Path(tmp) / "engines"))
-        records = _interleaved_steps(config, {"GRPO": STEP_VARIANTS["GRPO"], "SOUP": []}, steps, sglang, tmp)
+        variants = {"GRPO": STEP_VARIANTS["GRPO"], "SOUP": [],
+                    "SOUP least-loaded routing": ["rollout.sglang.routing=least_loaded"]}
+        records = _interleaved_steps(config, variants, steps, sglang, tmp)
     columns = ["time/step", "time/rollout", "time/prefix_wait", "time/train", "time/weight_sync", "tokens/decoded",
                "tokens/prefix", "tokens/input_tokens", "tokens/cached_tokens"]
     steps_table = _step_table("SOUP vs GRPO with SGLang (disk weight sync)", records, warmup, columns)
@@ -230,7 +246,7 @@ BENCHMARKS = {"step": bench_step, "rollout": bench_rollout, "actor": bench_actor
 
 
 def print_table(table: Table) -> None:
-    Console(width=200).print(table)
+    Console(width=260).print(table)
 
 
 def tool_main(name: str, doc: str, argv=None) -> int:
@@ -241,11 +257,14 @@ def tool_main(name: str, doc: str, argv=None) -> int:
     parser.add_argument("--config", default="configs/tiny_cpu.yaml")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=2, help="first steps left out of the medians")
+    if name == "step":
+        parser.add_argument("--records", metavar="FILE.json", help="also write every step record there")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     exit_on_signals()
+    extra = {"records_path": args.records} if getattr(args, "records", None) else {}
     try:
-        for table in BENCHMARKS[name](args.config, args.steps, args.warmup, args.overrides):
+        for table in BENCHMARKS[name](args.config, args.steps, args.warmup, args.overrides, **extra):
             print_table(table)
     except ConfigError as exc:
         parser.error(str(exc))

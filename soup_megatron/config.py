@@ -118,6 +118,8 @@ class SGLangConfig:
     attention_backend: str = "torch_native"
     max_total_tokens: int = 8192  # KV-cache token cap (without it the KV pool takes most of the memory)
     mem_fraction_static: Optional[float] = None
+    history_mem_fraction_static: Optional[float] = None  # the history servers' own; None = mem_fraction_static.
+    # With soup.history_placement=colocated two servers share each GPU: give each its part (say 0.5 and 0.35)
     sleep_on_idle: bool = True  # an idle scheduler sleeps instead of polling (servers may share cores)
     base_gpu_ids: list[int] = field(default_factory=list)  # first GPU of each managed server, policy servers then
     # history servers (SGLang's --base-gpu-id): keeps them off the trainer's GPUs; empty = SGLang's default, GPU 0
@@ -125,6 +127,8 @@ class SGLangConfig:
     startup_timeout: float = 300.0  # seconds to wait for /health
     request_timeout: float = 120.0  # seconds per request, its wait in SGLang's queue included
     retries: int = 3  # per request, after a timeout, a refused connection or a server error
+    routing: str = "prompt"  # prompt: a group's requests go to one server (its radix cache holds the prompt and
+    # the shared prefixes) | least_loaded: each request to the server with the fewest in flight
     concurrency: int = 0  # cap on requests in flight per server; 0 = a call's requests all at once (SGLang's own
     # admission limits them: a cap below what a step needs leaves the servers' batch slots empty)
 
@@ -160,6 +164,12 @@ class SoupConfig:
     is_cap: float = 2.0  # decoupled: cap of the behaviour weight pi_old / pi_h
     shaping_gamma: float = 0.1  # shaped: r / (r + gamma)
     lookahead: int = 2  # batches of prefixes generated ahead of the trainer; 0 = on the critical path
+    history_placement: str = "dedicated"  # dedicated: history servers on GPUs of their own | colocated: history
+    # server i shares policy server i's GPUs and is paused while the on-policy rollout runs, so it generates in
+    # the training window (rollout.backend=sglang)
+    history_steps_per_call: int = 1  # steps whose history one generation call per version covers: a call pays
+    # its longest trajectory and its weight load once; > 1 generates further ahead (up to lookahead +
+    # history_steps_per_call - 1 steps, with the pool as it was then)
     replay_per_prompt: int = 4  # replay: past rollouts kept per prompt
 
 
@@ -288,6 +298,8 @@ CHOICES = {
     "soup.prefix_source": ("checkpoint", "replay"),
     "soup.cut_at": ("token", "line"),
     "soup.cut_of": ("history", "max_length"),
+    "soup.history_placement": ("dedicated", "colocated"),
+    "rollout.sglang.routing": ("prompt", "least_loaded"),
     "soup.prefix_mode": ("clip", "decoupled", "shaped", "mask"),
     "history.pick": ("uniform", "newest", "oldest"),
     "algo.adv_norm": ("std", "none"),
@@ -310,6 +322,19 @@ RULES = [
     ("soup.is_cap", lambda c: c.soup.is_cap > 0, "> 0"),
     ("soup.shaping_gamma", lambda c: c.soup.shaping_gamma > 0, "> 0"),
     ("soup.lookahead", lambda c: c.soup.lookahead >= 0, ">= 0"),
+    ("soup.history_steps_per_call", lambda c: c.soup.history_steps_per_call >= 1, ">= 1"),
+    ("soup.history_placement", lambda c: c.soup.history_placement == "dedicated" or (
+        c.rollout.backend == "sglang" and c.soup.prefix_source == "checkpoint"),
+     "dedicated unless rollout.backend=sglang and soup.prefix_source=checkpoint (colocated pauses history servers "
+     "during the on-policy rollout)"),
+    ("soup.history_placement", lambda c: c.soup.history_placement == "dedicated" or bool(c.rollout.sglang.history_urls)
+     or c.rollout.sglang.history_servers == c.rollout.sglang.policy_servers,
+     "colocated with rollout.sglang.history_servers equal to policy_servers (one history server beside each)"),
+    ("soup.history_placement", lambda c: c.soup.history_placement == "dedicated" or c.rollout.sglang.device != "cuda"
+     or (c.rollout.sglang.mem_fraction_static is not None and c.rollout.sglang.history_mem_fraction_static is not None
+         and c.rollout.sglang.mem_fraction_static + c.rollout.sglang.history_mem_fraction_static <= 0.95),
+     "colocated on GPUs with rollout.sglang.mem_fraction_static and history_mem_fraction_static set, summing to "
+     "<= 0.95 (two servers share each GPU's memory)"),
     ("soup.history_per_prompt", lambda c: 0 <= c.soup.history_per_prompt <= max(
         1, mixed_count(c.rollout.group_size, c.soup.mix_fraction)),
      ">= 0 and at most the mixed samples of a group (rollout.group_size x soup.mix_fraction); 0 = one each"),
@@ -353,8 +378,10 @@ RULES = [
      "0 with rollout.backend=sglang (reference-model scoring runs on the in-process engine only)"),
     ("rollout.sglang.retries", lambda c: c.rollout.sglang.retries >= 0, ">= 0"),
     ("rollout.sglang.base_gpu_ids", lambda c: not c.rollout.sglang.base_gpu_ids or len(c.rollout.sglang.base_gpu_ids)
-     == c.rollout.sglang.policy_servers + c.rollout.sglang.history_servers,
-     "empty, or one GPU index per managed server (rollout.sglang.policy_servers + history_servers of them)"),
+     == c.rollout.sglang.policy_servers + (0 if c.soup.history_placement == "colocated" else
+                                           c.rollout.sglang.history_servers),
+     "empty, or one GPU index per managed server (rollout.sglang.policy_servers + history_servers of them; "
+     "policy_servers with soup.history_placement=colocated, whose history servers share them)"),
     ("rollout.sglang.concurrency", lambda c: c.rollout.sglang.concurrency >= 0, ">= 0 (0 = no client-side cap)"),
     ("rollout.sglang.policy_servers", lambda c: c.rollout.sglang.policy_servers >= 1 or c.rollout.sglang.policy_urls,
      ">= 1 unless rollout.sglang.policy_urls names servers"),

@@ -284,9 +284,9 @@ def trainer_table(plan: Plan, stages: dict[str, int], gpu_bytes: float) -> Table
     return table
 
 
-def sglang_table(budget: SGLangBudget, cfg: Config, mem_fraction: float, seq_len: int) -> Table:
+def sglang_table(budget: SGLangBudget, cfg: Config, mem_fraction: float, seq_len: int, servers: str = "") -> Table:
     sg = cfg.rollout.sglang
-    table = Table(title=f"SGLang, per rollout GPU: tp={sg.tp_size}, dtype={sg.dtype}, "
+    table = Table(title=f"SGLang{servers}, per rollout GPU: tp={sg.tp_size}, dtype={sg.dtype}, "
                         f"mem_fraction_static={mem_fraction:g}", title_justify="left")
     table.add_column("term")
     table.add_column("value", justify="right")
@@ -359,7 +359,7 @@ def notes(args, cfg: Config, plan: Plan) -> list[str]:
     return out
 
 
-def refusals(args, cfg: Config, plan: Plan, stages: dict[str, int], budget: SGLangBudget) -> list[str]:
+def refusals(args, cfg: Config, plan: Plan, stages: dict[str, int], budgets: dict[str, SGLangBudget]) -> list[str]:
     """Why the plan does not fit: the trainer's fullest GPU, then SGLang's (with rollout.backend=sglang)."""
     out = []
     name, terms = max(((name, plan.stage_bytes(stage)) for name, stage in stages.items()),
@@ -372,15 +372,16 @@ def refusals(args, cfg: Config, plan: Plan, stages: dict[str, int], budget: SGLa
                    f"{args.gpu_memory_gib:g}; the biggest term is {biggest} ({gib(terms[biggest])}): "
                    f"{ADVICE[biggest]}")
     sg = cfg.rollout.sglang
-    if cfg.rollout.backend == "sglang":
+    for servers, budget in budgets.items() if cfg.rollout.backend == "sglang" else ():
+        fraction = "history_mem_fraction_static" if servers.startswith(" history") else "mem_fraction_static"
         if budget.kv_pool <= 0:
-            out.append(f"SGLang's weights ({gib(budget.weights)} per GPU at rollout.sglang.tp_size={sg.tp_size}, "
-                       f"dtype={sg.dtype}) exceed mem_fraction_static x GPU memory = {gib(budget.static)}: "
-                       "raise rollout.sglang.tp_size"
+            out.append(f"SGLang{servers}: weights ({gib(budget.weights)} per GPU at rollout.sglang.tp_size="
+                       f"{sg.tp_size}, dtype={sg.dtype}) exceed {fraction} x GPU memory = {gib(budget.static)}: "
+                       f"raise rollout.sglang.tp_size or rollout.sglang.{fraction}"
                        + (" or serve in bfloat16" if budget.bytes_per_value == 4 else ""))
         elif budget.tokens < plan.seq_len:
-            out.append(f"SGLang's KV pool holds {budget.tokens} tokens, less than one sequence of {plan.seq_len}: "
-                       "raise rollout.sglang.tp_size or rollout.sglang.mem_fraction_static")
+            out.append(f"SGLang{servers}: the KV pool holds {budget.tokens} tokens, less than one sequence of "
+                       f"{plan.seq_len}: raise rollout.sglang.tp_size or rollout.sglang.{fraction}")
     return out
 
 
@@ -397,7 +398,12 @@ def main(argv=None) -> int:
     last = mc.pipeline_parallel - 1
     stages = {"GPU": 0} if last == 0 else {"first stage": 0, "last stage": last}
     mem_fraction = sg.mem_fraction_static if sg.mem_fraction_static is not None else ASSUMED_MEM_FRACTION
-    budget = sglang_budget(plan.arch, plan.model_parameters, sg.tp_size, sg.dtype, mem_fraction, gpu_bytes)
+    fractions = {"": mem_fraction}
+    if sg.history_mem_fraction_static is not None:  # its own share: colocated beside a policy server
+        where = ", beside the policy servers" if cfg.soup.history_placement == "colocated" else ""
+        fractions = {" policy servers": mem_fraction, f" history servers{where}": sg.history_mem_fraction_static}
+    budgets = {servers: sglang_budget(plan.arch, plan.model_parameters, sg.tp_size, sg.dtype, fraction, gpu_bytes)
+               for servers, fraction in fractions.items()}
 
     console = Console(width=160)
     console.print(f"{plan.arch.family}, {plan.model_parameters / 1e9:.2f} B parameters; tp={mc.tensor_parallel} "
@@ -405,10 +411,11 @@ def main(argv=None) -> int:
                   f"d={plan.data_parallel} (world {plan.world_size}); s={plan.seq_len} b={plan.micro_batch}; "
                   f"{mc.params_dtype}; {'distributed' if mc.distributed_optimizer else 'replicated'} optimizer")
     console.print(trainer_table(plan, stages, gpu_bytes))
-    console.print(sglang_table(budget, cfg, mem_fraction, plan.seq_len))
+    for servers, fraction in fractions.items():
+        console.print(sglang_table(budgets[servers], cfg, fraction, plan.seq_len, servers))
     for note in notes(args, cfg, plan):
         console.print(f"note: {note}")
-    errors = refusals(args, cfg, plan, stages, budget)
+    errors = refusals(args, cfg, plan, stages, budgets)
     for error in errors:
         print(f"error: {error}", file=sys.stderr)
     return 2 if errors else 0

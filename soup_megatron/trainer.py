@@ -11,6 +11,7 @@ resumed reaches the same state as an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
@@ -103,7 +104,8 @@ class Trainer:
             from .rollout.sglang_servers import RolloutServers
 
             groups = ["policy"] + (["history"] if self.n_mix and cfg.soup.prefix_source == "checkpoint" else [])
-            self.servers = RolloutServers(cfg.rollout.sglang, cfg.model.path, self.out, groups).start()
+            self.servers = RolloutServers(cfg.rollout.sglang, cfg.model.path, self.out, groups,
+                                          colocated=cfg.soup.history_placement == "colocated").start()
         try:
             self._build_pipeline(cfg)
         except BaseException:
@@ -116,6 +118,10 @@ class Trainer:
         self.weight_sync = WeightSync(sync_mode(cfg.rollout.backend, cfg.rollout.weight_sync), self.actor, self.engine,
                                       self.out)
         self.ref_engine = build_engine(cfg.rollout, cfg.model.path) if cfg.algo.kl_coef > 0 else None
+        self.colocated_history = None  # a client of the history servers that share the policy servers' GPUs
+        if cfg.soup.history_placement == "colocated" and self.n_mix:
+            self.colocated_history = build_engine(cfg.rollout, cfg.model.path, 0, self.out, group="history")
+            self.colocated_history.continue_generation()  # a run that died mid-rollout may have left them paused
         self.prefixes, self.metrics = NoPrefixes(), None  # until built below (close() may run before)
         self.start_step = 0
         latest = self.ckpt_root / "latest"
@@ -155,7 +161,8 @@ class Trainer:
             return ReplayBuffer(self.plan, c.soup.replay_per_prompt, c.seed)
         return PrefixCache(self.store, self.plan, lookahead=c.soup.lookahead, pick=c.history.pick, seed=c.seed,
                            max_new_tokens=history_length(c.rollout.max_response_len, c.soup.cut_max, c.soup.cut_of),
-                           temperature=c.rollout.temperature, rollout=c.rollout, run_dir=str(self.out))
+                           temperature=c.rollout.temperature, rollout=c.rollout, run_dir=str(self.out),
+                           steps_per_call=c.soup.history_steps_per_call)
 
     # ---- one step ------------------------------------------------------------------------------
     def rollout(self, step: int, timer: Timer) -> tuple[list[Sample], dict]:
@@ -189,7 +196,7 @@ class Trainer:
                 samples.append(s)
                 requests.append(GenerationRequest(tuple(s.prompt_ids), tuple(s.response_ids),
                                                   0 if s.finish_reason else c.rollout.max_response_len - s.cut))
-        with timer("rollout"):
+        with timer("rollout"), self._history_yields():
             generations = self.engine.generate(requests, c.rollout.temperature, step_seed(c.seed, step, "rollout"))
         self.prefixes.schedule(step)  # upcoming prefixes are generated while this step trains
         for s, g in zip(samples, generations):
@@ -210,6 +217,18 @@ class Trainer:
             info.update(self._history_work(prompts, history))
         info.update({f"tokens/{k}": v for k, v in getattr(self.engine, "last_stats", {}).items()})  # SGLang cache
         return samples, info
+
+    @contextlib.contextmanager
+    def _history_yields(self):
+        """Colocated history servers pause while the on-policy rollout runs on their GPUs."""
+        if self.colocated_history is None:
+            yield
+            return
+        self.colocated_history.pause_generation()
+        try:
+            yield
+        finally:
+            self.colocated_history.continue_generation()
 
     def _history_work(self, prompts: list[Prompt], history: list[Optional[Trajectory]]) -> dict:
         """What the history engines did for this step: prompt tokens prefilled, tokens decoded, and decode
@@ -381,6 +400,7 @@ class Trainer:
                   **{f"time/{k}": v for k, v in timer.seconds.items()}}
         if isinstance(self.prefixes, PrefixCache):
             record["time/prefix_generate"] = self.prefixes.generation_seconds.pop(step, 0.0)
+            record["history/weight_loads"] = self.prefixes.weight_loads.pop(step, 0.0)
         record["time/step"] = time.perf_counter() - started
         return record
 

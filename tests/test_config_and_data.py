@@ -42,6 +42,27 @@ def test_bad_overrides_are_refused(override, message):
     assert message in str(err.value)
 
 
+@pytest.mark.parametrize("overrides,message", [
+    (["soup.history_per_prompt=5"], "soup.history_per_prompt=5 is not allowed; expected >= 0 and at most the mixed"),
+    (["soup.mode=trajectory", "soup.cut_of=max_length"],
+     "soup.cut_of='max_length' is not allowed; expected history with soup.mode=trajectory"),
+    (["soup.history_steps_per_call=0"], "soup.history_steps_per_call=0 is not allowed; expected >= 1"),
+    (["soup.history_placement=colocated"], "expected dedicated unless rollout.backend=sglang"),
+    (["soup.history_placement=colocated", "rollout.backend=sglang", "rollout.sglang.history_servers=2"],
+     "colocated with rollout.sglang.history_servers equal to policy_servers"),
+    (["soup.history_placement=colocated", "rollout.backend=sglang", "rollout.sglang.device=cuda"],
+     "history_mem_fraction_static set, summing to <= 0.95"),
+    (["rollout.sglang.concurrency=-1"], "expected >= 0 (0 = no client-side cap)"),
+])
+def test_soup_cost_options_are_validated(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config("configs/tiny_cpu.yaml", overrides)
+    assert message in str(err.value)
+    colocated = ["soup.history_placement=colocated", "rollout.backend=sglang", "rollout.sglang.device=cuda",
+                 "rollout.sglang.mem_fraction_static=0.5", "rollout.sglang.history_mem_fraction_static=0.35"]
+    assert load_config("configs/tiny_cpu.yaml", colocated).soup.history_placement == "colocated"
+
+
 def test_cut_min_above_cut_max_is_refused():
     with pytest.raises(ConfigError, match=r"soup.cut_min=0.9 is not allowed; expected at most soup.cut_max"):
         load_config(None, ["soup.cut_min=0.9", "soup.cut_max=0.5"])

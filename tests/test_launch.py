@@ -39,8 +39,9 @@ def test_recipes_exist_for_the_demo_the_7b_node_and_70b_on_16_nodes():
 def test_70b_recipe_trains_on_8_nodes_and_serves_from_the_other_8():
     script = (ROOT / "slurm" / "llama3_70b_16x8xh100.sbatch").read_text()
     assert "#SBATCH --nodes=16" in script and "--nnodes=8 --nproc-per-node=8" in script
-    assert "srun --nodes=6 --relative=8 --ntasks=6 --ntasks-per-node=1" in script and "--group policy" in script
-    assert "srun --nodes=2 --relative=14 --ntasks=2 --ntasks-per-node=1" in script and "--group history" in script
+    # eight policy servers on nodes 8-15, a colocated history server beside each (same nodes, same GPUs)
+    assert script.count("srun --nodes=8 --relative=8 --ntasks=8 --ntasks-per-node=1 --cpus-per-task=48") == 2
+    assert "--group policy" in script and "--group history" in script
     assert 'kill -USR1 "${servers[@]}"' in script  # servers stop once training has ended
     cfg = load_config("configs/llama3_70b_16x8xh100.yaml")
     mc = cfg.actor.megatron
@@ -57,6 +58,10 @@ def test_serve_tasks_are_split_over_the_rollout_nodes_or_refused(tmp_path):
                                                                       "rollout.sglang.history_servers=2"]))
     assert [(s.group, s.nodes, s.relative, s.tasks, s.per_node, s.cpus) for s in steps] == [
         ("policy", 1, 2, 2, 2, 4), ("history", 1, 3, 2, 2, 4)]
+    colocated = serve_steps(load_config("configs/tiny_cpu.yaml", base + [
+        "rollout.sglang.policy_servers=2", "rollout.sglang.history_servers=2", "soup.history_placement=colocated"]))
+    assert [(s.group, s.nodes, s.relative, s.tasks, s.per_node, s.cpus) for s in colocated] == [
+        ("policy", 2, 2, 2, 1, 4), ("history", 2, 2, 2, 1, 4)]  # history server i beside policy server i
     with pytest.raises(ConfigError, match=r"same number of servers \(4 / 3 = 1.33\)"):
         serve_steps(load_config("configs/tiny_cpu.yaml", [*base, "launch.slurm.rollout_nodes=3",
                                                           "rollout.sglang.policy_servers=3"]))

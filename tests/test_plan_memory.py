@@ -138,7 +138,16 @@ def test_refusals(capsys):
     sglang = ["--architecture", LLAMA, *FITS_70B, "--world-size", "64",
               "rollout.backend=sglang", "rollout.sglang.dtype=bfloat16"]
     code, _, err = plan(capsys, *sglang, "rollout.sglang.tp_size=1")  # 70.55e9 x 2 bytes = 131.42 GiB > 0.85 x 80 GiB
-    assert code == 2 and "SGLang's weights (131.42 GiB per GPU" in err and "raise rollout.sglang.tp_size" in err
+    assert code == 2 and "SGLang: weights (131.42 GiB per GPU" in err and "raise rollout.sglang.tp_size" in err
     code, out, err = plan(capsys, *sglang, "rollout.sglang.tp_size=8")
     assert code == 0, err
     assert "KV cache per token" in out and "40 KiB" in out  # 2 x 80 layers x 1 kv head x 128 x 2 bytes
+    # colocated history servers have their own share of each GPU: 17.6 GiB of weights do not fit 0.2 x 80 GiB
+    colocated = [*sglang, "rollout.sglang.tp_size=8", "soup.history_placement=colocated",
+                 "rollout.sglang.device=cuda", "rollout.sglang.mem_fraction_static=0.5"]
+    code, out, err = plan(capsys, *colocated, "rollout.sglang.history_mem_fraction_static=0.2")
+    assert code == 2 and "SGLang history servers, beside the policy servers: weights (16.43 GiB" in err
+    assert "rollout.sglang.history_mem_fraction_static" in err
+    code, out, err = plan(capsys, *colocated, "rollout.sglang.history_mem_fraction_static=0.35")
+    assert code == 0, err
+    assert "SGLang policy servers" in out and "mem_fraction_static=0.35" in out

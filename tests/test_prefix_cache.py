@@ -77,9 +77,55 @@ def test_pending_jobs_pin_their_checkpoints(tmp_path, tiny_model):
         assert store.path(0).is_dir()
         cache.take(1)
         assert not store.path(0).exists(), "released once no job references it"
-        assert cache.state() == {"pending": {}}
+        assert cache.state() == {"jobs": []}
     finally:
         cache.close()
+
+
+def test_jobs_of_several_steps_resume_exactly_and_pin_until_their_last_step(tmp_path, tiny_model):
+    """soup.history_steps_per_call=2: one job (one generation call per version) covers two steps; a job
+    saved half-taken is regenerated on resume, and its remaining step matches the uninterrupted one."""
+    tok = load_tokenizer(tiny_model)
+    store, engine = make_store(tmp_path, tiny_model, keep=1)
+    cache = make_cache(store, tok, lookahead=2, steps_per_call=2, pick="newest")
+    try:
+        cache.take(0)  # on demand: a job of steps 0 and 1
+        assert sorted(cache._wanted) == [1]
+        cache.schedule(0)  # step 1 is covered, step 2 starts a job of steps 2 and 3
+        assert sorted(cache._pending) == [0, 2] and sorted(cache._wanted) == [1, 2, 3]
+        cache.take(1)
+        store.add(5, lambda tmp: engine.model.save_pretrained(tmp))  # the pool moves on: v0 leaves it
+        assert store.path(0).is_dir() and cache.pinned_versions() == {0}
+        two = cache.take(2)
+        state = cache.state()
+        assert state == {"jobs": [{"steps": [2, 3], "snapshot": [0], "wanted": [3]}]}
+        assert cache.generation_seconds[2] == cache.generation_seconds[3] > 0
+        resumed = make_cache(store, tok, lookahead=2, steps_per_call=2, pick="newest")
+        try:
+            resumed.restore(state)  # as a trainer resumed from a checkpoint after step 2 does
+            assert resumed.state() == state
+            three_resumed = resumed.take(3)
+            assert resumed.ready_steps() == set(), "step 2 was regenerated but is not handed out again"
+        finally:
+            resumed.close()
+        three = cache.take(3)
+        assert [t.token_ids for t in three] == [t.token_ids for t in three_resumed]
+        assert [t.logprobs for t in three] == [t.logprobs for t in three_resumed]
+        assert not store.path(0).exists(), "released once the job's last step was taken"
+        assert all(t.versions == [0] * len(t.token_ids) for t in two + three)
+    finally:
+        cache.close()
+
+
+def test_versions_are_placed_where_they_are_held_and_loaded_once():
+    from soup_megatron.history.prefix_cache import place_versions
+
+    assert place_versions([None], [3, 1, 3]) == [[1, 3]]
+    assert place_versions([3], [1, 3, 2]) == [[3, 1, 2]]  # one engine: the held version first, no reload
+    # two servers: each keeps what it holds; a new version goes to the one whose weights this job does not need
+    assert place_versions([1, 2], [2, 5]) == [[5], [2]]
+    assert place_versions([1, 2], [1, 2, 5, 6]) == [[1, 5], [2, 6]]
+    assert place_versions([0, 0], [0, 4]) == [[0], [4]]
 
 
 def test_dead_worker_is_reported_not_waited_on(tmp_path, tiny_model):

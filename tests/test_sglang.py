@@ -210,9 +210,48 @@ def test_a_groups_requests_stay_on_one_server_and_hit_its_radix_cache(tiny_model
         gens = engine.generate(requests, 1.0, 1)
         assert len(gens) == 24 and all(g.token_ids for g in gens)
         prompt_tokens = sum(len(p) for p in group_prompts) * 4
+        routed = engine.last_stats["cached_tokens"]
+        spread = SGLangEngine(tmp_path / "servers" / "policy.json", sglang_config(routing="least_loaded"), tmp_path)
+        spread.generate(requests, 1.0, 2)
     finally:
         group.close()
-    assert engine.last_stats["cached_tokens"] >= prompt_tokens - 24  # a last token may be recomputed
+    assert routed >= prompt_tokens - 24  # a last token may be recomputed
+    assert spread.last_stats["cached_tokens"] < 0.8 * prompt_tokens  # requests spread over both: many miss
+
+
+def test_a_paused_history_server_holds_its_requests_and_loses_none(servers, tiny_model):
+    """soup.history_placement=colocated pauses the history servers (in place) while the on-policy rollout
+    runs: requests in flight and requests sent during the pause wait, then finish; the server saw each
+    request once (no retry, nothing lost or sent twice)."""
+    run_dir, _ = servers
+    tok = load_tokenizer(tiny_model)
+    engine = engine_for(run_dir, "history")
+    log = run_dir / "servers" / "history-0.log"
+    reqs = [GenerationRequest(p, (), 64) for p in prompts(tok, 24)]
+    results = {}
+    sent_before = log.read_text().count("POST /generate")
+    first = threading.Thread(target=lambda: results.setdefault("first", engine.generate(reqs, 1.0, 7)))
+    first.start()
+    time.sleep(0.5)
+    assert first.is_alive(), "the generation finished before it could be paused"
+    engine.pause_generation()
+    try:
+        second = threading.Thread(target=lambda: results.setdefault("second", engine.generate(reqs[:4], 1.0, 8)))
+        second.start()
+        time.sleep(4.0)
+        assert first.is_alive() and second.is_alive(), "a paused server went on generating"
+    finally:
+        engine.continue_generation()
+    first.join(120)
+    second.join(120)
+    for gens in (results["first"], results["second"]):
+        assert all(g.token_ids and len(g.token_ids) == len(g.logprobs) for g in gens)
+        assert all(g.finish_reason == "stop" or len(g.token_ids) == 64 for g in gens)  # finished, not cut short
+    assert len(results["first"]) == 24 and len(results["second"]) == 4
+    deadline = time.time() + 10  # the access log line may lag the response a little
+    while log.read_text().count("POST /generate") - sent_before < 28 and time.time() < deadline:
+        time.sleep(0.2)
+    assert log.read_text().count("POST /generate") - sent_before == 28
 
 
 def test_routing_gives_each_prompt_a_home_and_caps_in_flight_requests():
@@ -275,21 +314,39 @@ def _started_pids(out: Path) -> list[int]:
             for pid in json.loads((out / "servers" / f"{group}.json").read_text())["pids"]]
 
 
-def test_soup_run_on_sglang_trains_syncs_and_cleans_up(tiny_model, tmp_path):
+PLACEMENTS = {
+    "dedicated": ["trainer.steps=3"],
+    # two history servers beside two policy servers, paused during each rollout; a job covers two steps, and
+    # the one for steps 2-3 (pool {v0, v1}) spreads its versions over both history servers
+    "colocated": ["trainer.steps=4", "soup.history_placement=colocated", "rollout.sglang.policy_servers=2",
+                  "rollout.sglang.history_servers=2", "soup.history_steps_per_call=2", "soup.lookahead=1"],
+}
+
+
+@pytest.mark.parametrize("placement", [pytest.param("dedicated"), pytest.param("colocated", marks=pytest.mark.slow)])
+def test_soup_run_on_sglang_trains_syncs_and_cleans_up(tiny_model, tmp_path, placement):
     """`train` with rollout.backend=sglang: SOUP steps with prefixes from the history servers, disk weight
     sync, trainer/SGLang log-prob agreement; afterwards no server process or port is left."""
     out = tmp_path / "run"
     proc = subprocess.run([sys.executable, "-m", "soup_megatron.cli", "train", *_sglang_overrides(tiny_model, out),
-                           "trainer.steps=3", "trainer.eval_interval=0", "history.interval=1"],
+                           "trainer.eval_interval=0", "history.interval=1", *PLACEMENTS[placement]],
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = read_metrics(out / "metrics.jsonl")
-    assert [r["step"] for r in rows] == [0, 1, 2, 3]
+    steps = 4 if placement == "colocated" else 3
+    assert [r["step"] for r in rows] == list(range(steps + 1))
+    if placement == "colocated":
+        logs = [(out / "servers" / f"history-{i}.log").read_text() for i in range(2)]
+        for log in logs:  # each history server paused and continued around every rollout, and generated
+            assert log.count("POST /pause_generation") == steps and log.count("POST /continue_generation") > steps
+            assert "POST /generate" in log
+        loads = sum(r["history/weight_loads"] for r in rows[1:])
+        assert 1 <= loads <= sum(log.count("POST /update_weights_from_disk") for log in logs)
     for r in rows[1:]:
         assert r["mix/mixed_samples"] > 0 and r["tokens/prefix"] > 0
         assert r["logp_gap/max"] < 1e-3, r  # SGLang's sampling log-probs = the trainer's recomputation
         assert r["tokens/input_tokens"] > 0 and "tokens/cached_tokens" in r
-    assert sorted(p.name for p in (out / "weights").iterdir()) == ["v000003"]  # only the served export is kept
+    assert sorted(p.name for p in (out / "weights").iterdir()) == [f"v{steps:06d}"]  # only the served export is kept
     assert out.stat().st_mode & 0o777 == 0o700
     pids = _started_pids(out)
     assert pids and not any(live_processes_in_group(pid) for pid in pids)
@@ -351,6 +408,20 @@ def test_managed_servers_are_placed_on_their_own_gpus(tmp_path):
     placed = [s.args()[s.args().index("--base-gpu-id") + 1] for s in policy.managed + history.managed]
     assert placed == ["4", "6", "7"]
     assert "--base-gpu-id" not in ServerGroup("policy", SGLangConfig(), "model", tmp_path).managed[0].args()
+    # colocated: history server i on policy server i's GPUs, each server with its own memory fraction
+    cfg = SGLangConfig(policy_servers=2, history_servers=2, base_gpu_ids=[4, 6], device="cuda",
+                       mem_fraction_static=0.5, history_mem_fraction_static=0.35)
+    servers = [*ServerGroup("policy", cfg, "model", tmp_path, colocated=True).managed,
+               *ServerGroup("history", cfg, "model", tmp_path, colocated=True).managed]
+    assert [(s.args()[s.args().index("--base-gpu-id") + 1], s.args()[s.args().index("--mem-fraction-static") + 1])
+            for s in servers] == [("4", "0.5"), ("6", "0.5"), ("4", "0.35"), ("6", "0.35")]
+    from soup_megatron.rollout.serve import base_gpu
+
+    run = load_config("configs/tiny_cpu.yaml", [
+        "rollout.backend=sglang", "soup.history_placement=colocated", "rollout.sglang.device=cuda",
+        "rollout.sglang.policy_servers=2", "rollout.sglang.history_servers=2", "rollout.sglang.base_gpu_ids=[4,6]",
+        "rollout.sglang.mem_fraction_static=0.5", "rollout.sglang.history_mem_fraction_static=0.35"])
+    assert [base_gpu(run, g, i, 0) for g in ("policy", "history") for i in range(2)] == [4, 6, 4, 6]
     with pytest.raises(ConfigError, match="one GPU index per managed server"):
         load_config("configs/tiny_cpu.yaml", ["rollout.sglang.base_gpu_ids=[4]", "rollout.sglang.history_servers=2"])
 

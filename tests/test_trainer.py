@@ -278,7 +278,8 @@ def test_kill_and_resume_matches_uninterrupted_run(tiny_model, tmp_path):
     from tests.conftest import TINY
 
     args = TINY + [f"model.path={tiny_model}", "trainer.steps=8", "trainer.save_interval=2", "trainer.eval_interval=4",
-                   "history.interval=2", "history.keep=2", "soup.lookahead=2", "soup.cut_of=max_length"]
+                   "history.interval=2", "history.keep=2", "soup.lookahead=2", "soup.cut_of=max_length",
+                   "soup.history_steps_per_call=2"]
     straight = run_cli(args, tmp_path / "straight")
     assert straight.wait(timeout=600) == 0, straight.stderr.read()
 

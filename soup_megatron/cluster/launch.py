@@ -5,8 +5,9 @@
   the training job with an `afterok` dependency on it. The training job runs one torchrun per trainer
   node under srun, asks for USR1 before its time limit, checkpoints and requeues itself (see the
   template). With `rollout.sglang.servers_from=serve` it also starts one `soup-megatron serve` task per
-  SGLang server: on the last `launch.slurm.rollout_nodes` nodes (each group on whole nodes), or beside
-  the trainer on its first node when that is 0.
+  SGLang server: on the last `launch.slurm.rollout_nodes` nodes (each group on whole nodes; with
+  `soup.history_placement=colocated` both groups on all of them, history server i beside policy server i),
+  or beside the trainer on its first node when that is 0.
 
 Launching freezes the run's config: the resolved YAML goes to `<trainer.out_dir>/launch/config.yaml`
 and the job trains from that file, so a requeued job resumes with exactly what was submitted.
@@ -60,6 +61,14 @@ def serve_steps(cfg: Config) -> list[ServeStep]:
     counts = {"policy": sg.policy_servers, "history": sg.history_servers}
     if s.rollout_nodes == 0:  # beside the trainer on its first node
         return [ServeStep(g, 1, 0, n, n, max(1, s.cpus_per_task // n)) for g, n in counts.items()]
+    first = s.nodes - s.rollout_nodes
+    if cfg.soup.history_placement == "colocated":  # history server i on policy server i's node and GPUs
+        per_node = sg.policy_servers // s.rollout_nodes
+        if sg.policy_servers % s.rollout_nodes:
+            raise ConfigError(f"launch.slurm.rollout_nodes={s.rollout_nodes} with rollout.sglang.policy_servers="
+                              f"{sg.policy_servers}: every rollout node must hold the same number of policy servers")
+        return [ServeStep(g, s.rollout_nodes, first, n, per_node, max(1, s.cpus_per_task // (2 * per_node)))
+                for g, n in counts.items()]
     total = sum(counts.values())
     per_node = total // s.rollout_nodes
     if total % s.rollout_nodes or any(n % per_node for n in counts.values()):
@@ -67,7 +76,7 @@ def serve_steps(cfg: Config) -> list[ServeStep]:
             f"launch.slurm.rollout_nodes={s.rollout_nodes} with rollout.sglang.policy_servers={sg.policy_servers} and "
             f"history_servers={sg.history_servers}: every rollout node must hold the same number of servers "
             f"({total} / {s.rollout_nodes} = {total / s.rollout_nodes:.2f}) and each group whole nodes")
-    steps, first = [], s.nodes - s.rollout_nodes
+    steps = []
     for group, n in counts.items():
         steps.append(ServeStep(group, n // per_node, first, n, per_node, max(1, s.cpus_per_task // per_node)))
         first += n // per_node

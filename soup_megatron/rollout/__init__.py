@@ -13,9 +13,10 @@ from .base import Generation, GenerationRequest, RolloutEngine
 
 
 def build_engine(cfg: RolloutConfig, model_path: str | Path, version: int = 0, run_dir: str | Path | None = None,
-                 group: str = "policy") -> RolloutEngine:
+                 group: str = "policy", server: int | None = None) -> RolloutEngine:
     """An engine serving `model_path` as `version`. SGLang servers already serve the weights they were
-    launched with; their engine only records the version (it loads others with `load_weights`)."""
+    launched with; their engine only records the version (it loads others with `load_weights`).
+    `server`: only that server of the group (SGLang), so that servers of one group can hold different weights."""
     if cfg.backend == "local":
         from .local import LocalEngine
 
@@ -27,7 +28,7 @@ def build_engine(cfg: RolloutConfig, model_path: str | Path, version: int = 0, r
         if run_dir is None:
             raise ValueError("rollout.backend=sglang needs the run directory (it holds the server addresses)")
         return SGLangEngine(Path(run_dir) / "servers" / f"{group}.json", cfg.sglang, run_dir, version,
-                            stop_ids=stop_token_ids(model_path))
+                            stop_ids=stop_token_ids(model_path), server=server)
     raise ValueError(f"rollout.backend={cfg.backend!r} is not available; choose one of: local, sglang")
 
 

@@ -26,7 +26,16 @@ from pathlib import Path
 
 from ..config import Config, ConfigError
 from ..io import atomic_write_text, make_private_dir
-from .sglang_servers import GROUPS, ManagedServer, ServerError, free_port, group_size, run_api_key, serve_record
+from .sglang_servers import (
+    GROUPS,
+    ManagedServer,
+    ServerError,
+    free_port,
+    group_mem_fraction,
+    group_size,
+    run_api_key,
+    serve_record,
+)
 
 
 def _task_index(variable: str, given: int | None) -> int:
@@ -37,8 +46,9 @@ def _task_index(variable: str, given: int | None) -> int:
 
 def base_gpu(cfg: Config, group: str, index: int, local_index: int) -> int | None:
     sg = cfg.rollout.sglang
-    if sg.base_gpu_ids:
-        return sg.base_gpu_ids[index + (0 if group == "policy" else sg.policy_servers)]
+    if sg.base_gpu_ids:  # colocated history servers sit on the policy servers' GPUs
+        colocated = cfg.soup.history_placement == "colocated"
+        return sg.base_gpu_ids[index + (0 if group == "policy" or colocated else sg.policy_servers)]
     return local_index * sg.tp_size * sg.dp_size if sg.device == "cuda" else None
 
 
@@ -58,7 +68,8 @@ def serve(cfg: Config, group: str, index: int | None = None, local_index: int | 
     workdir = make_private_dir(Path(cfg.trainer.out_dir) / "servers")
     node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
     server = ManagedServer(sg, str(cfg.model.path), "0.0.0.0", free_port("0.0.0.0"), run_api_key(workdir), workdir,
-                           f"{group}-{index}", base_gpu(cfg, group, index, local_index), public_host=node)
+                           f"{group}-{index}", base_gpu(cfg, group, index, local_index), group_mem_fraction(sg, group),
+                           public_host=node)
     record = serve_record(workdir, group, index)
     stop = threading.Event()
     signal.signal(signal.SIGUSR1, lambda signum, frame: stop.set())

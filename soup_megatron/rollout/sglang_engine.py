@@ -8,8 +8,9 @@
 - load_weights: `/update_weights_from_disk` with the step as `weight_version`, on every server of the
   group; only paths inside the run directory are sent (a server must never be told to load weights
   from elsewhere). A bad path is refused by SGLang, which keeps its old weights.
-- Routing: a group's requests (one prompt; its mixed samples' prefixes nest) go to one server, so its radix
-  cache holds the prompt and the shared prefixes; groups are spread over the servers in turn. At most
+- Routing (`routing = prompt`): a group's requests (one prompt; its mixed samples' prefixes nest) go to one
+  server, so its radix cache holds the prompt and the shared prefixes; groups are spread over the servers in
+  turn. `least_loaded` sends each request to the server with the fewest in flight. At most
   `concurrency` requests are in flight per server; 0 (the default) sends all of a call's requests at
   once and leaves the limiting to SGLang's own admission (its KV pool and running-request cap). A timeout,
   refused connection or 5xx is retried (`retries`); a supervised server that died is restarted (by the
@@ -67,8 +68,9 @@ class _Balancer:
 
 class SGLangEngine:
     def __init__(self, address_file: str | Path, cfg: SGLangConfig, allowed_root: str | Path, version: int = 0,
-                 stop_ids: frozenset[int] = frozenset()):
+                 stop_ids: frozenset[int] = frozenset(), server: Optional[int] = None):
         self.address_file = Path(address_file)
+        self.server = server  # index of the one server this engine uses; None: all of the group
         self.stop_ids = sorted(stop_ids)  # every EOS id of the checkpoint (SGLang's own default may know fewer)
         self.cfg = cfg
         self.allowed_root = Path(allowed_root).resolve()
@@ -80,7 +82,12 @@ class SGLangEngine:
     def _servers(self) -> tuple[list[str], set[str], dict[str, str]]:
         info = read_address_file(self.address_file)
         headers = {"Authorization": f"Bearer {info['api_key']}"} if info.get("api_key") else {}
-        return info["urls"], set(info.get("supervised", [])), headers
+        urls = info["urls"]
+        if self.server is not None:
+            if self.server >= len(urls):
+                raise ServerError(f"{self.address_file} lists {len(urls)} servers; server {self.server} asked for")
+            urls = [urls[self.server]]
+        return urls, set(info.get("supervised", [])), headers
 
     def _run(self, path: str, payloads: list[dict], keys: Sequence[Optional[tuple]]) -> list[dict]:
         return asyncio.run(self._post_all(path, payloads, keys))
@@ -89,6 +96,8 @@ class SGLangEngine:
         import httpx
 
         urls, supervised, headers = self._servers()
+        if self.cfg.routing == "least_loaded":
+            keys = [None] * len(payloads)
         balancer = _Balancer(urls, supervised, self.cfg.concurrency, keys)
         limits = httpx.Limits(max_connections=(self.cfg.concurrency * len(urls)) or max(1, len(payloads)))
         async with httpx.AsyncClient(headers=headers, timeout=self.cfg.request_timeout, limits=limits) as client:
@@ -237,6 +246,26 @@ class SGLangEngine:
                     return {"success": False, "message": f"HTTP {response.status_code}: {response.text[:200]}"}
 
             return await asyncio.gather(*(one(u) for u in urls))
+
+    def pause_generation(self) -> None:
+        """Every server of the group stops running inference, in place: running requests keep their KV cache
+        and continue where they stopped, new ones wait (a colocated history group during the rollout)."""
+        self._control("/pause_generation", {"mode": "in_place"})
+
+    def continue_generation(self) -> None:
+        self._control("/continue_generation", {})
+
+    def _control(self, path: str, payload: dict) -> None:
+        import httpx
+
+        urls, _, headers = self._servers()
+        for url in urls:
+            try:
+                response = httpx.post(url + path, json=payload, headers=headers, timeout=self.cfg.request_timeout)
+            except httpx.TransportError as exc:
+                raise ServerError(f"{url}{path}: {type(exc).__name__}: {exc}") from None
+            if response.status_code != 200:
+                raise ServerError(f"{url}{path}: HTTP {response.status_code}: {response.text[:300]}")
 
     def close(self) -> None:
         pass  # the servers belong to the run's ServerGroup; connections close with each call

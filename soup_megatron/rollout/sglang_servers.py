@@ -74,6 +74,7 @@ class ManagedServer:
     workdir: Path
     name: str
     base_gpu_id: Optional[int] = None
+    mem_fraction: Optional[float] = None  # SGLang's --mem-fraction-static
     public_host: Optional[str] = None  # the name clients use, when `host` is a bind-all address
     proc: Optional[subprocess.Popen] = None
 
@@ -91,8 +92,8 @@ class ManagedServer:
                 "--tp-size", str(c.tp_size), "--dp-size", str(c.dp_size), "--device", c.device,
                 "--dtype", c.dtype, "--attention-backend", c.attention_backend,
                 "--max-total-tokens", str(c.max_total_tokens)]
-        if c.mem_fraction_static is not None:
-            args += ["--mem-fraction-static", str(c.mem_fraction_static)]
+        if self.mem_fraction is not None:
+            args += ["--mem-fraction-static", str(self.mem_fraction)]
         if c.sleep_on_idle:
             args.append("--sleep-on-idle")
         if self.base_gpu_id is not None:
@@ -184,6 +185,12 @@ def group_size(cfg: SGLangConfig, group: str) -> int:
     return cfg.policy_servers if group == "policy" else cfg.history_servers
 
 
+def group_mem_fraction(cfg: SGLangConfig, group: str) -> Optional[float]:
+    if group == "history" and cfg.history_mem_fraction_static is not None:
+        return cfg.history_mem_fraction_static
+    return cfg.mem_fraction_static
+
+
 def run_api_key(workdir: Path) -> str:
     """The run's key for served servers: `<workdir>/api_key`, made by whichever process needs it first
     (linked into place, so two racing processes end up with the same key)."""
@@ -245,7 +252,7 @@ def discover(workdir: Path, group: str, count: int, timeout: float) -> list[str]
 class ServerGroup:
     """The servers of one group, managed, served or external, and the address file clients read."""
 
-    def __init__(self, group: str, cfg: SGLangConfig, model_path: str, run_dir: Path):
+    def __init__(self, group: str, cfg: SGLangConfig, model_path: str, run_dir: Path, colocated: bool = False):
         self.group, self.cfg = group, cfg
         self.workdir = make_private_dir(Path(run_dir) / "servers")
         self.address_file = self.workdir / f"{group}.json"
@@ -261,10 +268,12 @@ class ServerGroup:
             self.api_key = run_api_key(self.workdir)
         else:
             self.api_key = secrets.token_urlsafe(32)
-            first = 0 if group == "policy" else cfg.policy_servers  # this group's slice of base_gpu_ids
+            # this group's slice of base_gpu_ids; colocated history servers sit on the policy servers' GPUs
+            first = 0 if group == "policy" or colocated else cfg.policy_servers
             gpus = cfg.base_gpu_ids[first: first + count] or [None] * count
             self.managed = [ManagedServer(cfg, str(model_path), cfg.host, free_port(cfg.host), self.api_key,
-                                          self.workdir, f"{group}-{i}", gpus[i]) for i in range(count)]
+                                          self.workdir, f"{group}-{i}", gpus[i], group_mem_fraction(cfg, group))
+                            for i in range(count)]
             self.urls = [s.url for s in self.managed]
 
     def start(self) -> None:
@@ -313,8 +322,9 @@ def read_address_file(path: Path) -> dict:
 class RolloutServers:
     """The run's server groups, started together; a watchdog thread restarts managed servers that die."""
 
-    def __init__(self, cfg: SGLangConfig, model_path: str, run_dir: Path, groups: Sequence[str]):
-        self.groups = {g: ServerGroup(g, cfg, model_path, run_dir) for g in groups}
+    def __init__(self, cfg: SGLangConfig, model_path: str, run_dir: Path, groups: Sequence[str],
+                 colocated: bool = False):
+        self.groups = {g: ServerGroup(g, cfg, model_path, run_dir, colocated) for g in groups}
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._watchdog: Optional[threading.Thread] = None
