@@ -11,13 +11,15 @@ os.chdir(ROOT)  # configs/ paths in tests are relative to the repository
 # The test model solves no problem, and samples of a group whose rewards are all equal are not trained on:
 # a reward that differs within a group (the response's length) makes every run of the test model train
 VARIED_REWARD = ["reward.type=custom", "reward.function=tests.helpers:length_reward"]
-TINY = [*VARIED_REWARD,
+# the test model's shape and a small run; TINY adds the varied reward (a wheel installed elsewhere lacks tests/)
+TINY_SHAPE = [
     "model.tiny.hidden_size=32", "model.tiny.num_layers=2", "model.tiny.num_heads=2", "model.tiny.num_kv_heads=1",
     "model.tiny.intermediate_size=64", "model.tiny.sft_steps=60", "model.tiny.sft_batch_size=32",
     "data.train_size=200", "data.heldout_size=16", "rollout.prompts_per_step=4", "rollout.group_size=4",
     "rollout.max_response_len=24", "trainer.eval_pass_samples=1", "trainer.tensorboard=false", "trainer.plots=false",
     "trainer.progress=false", "history.interval=2", "history.keep=2", "rollout.threads=1",
 ]
+TINY = [*VARIED_REWARD, *TINY_SHAPE]
 
 
 @pytest.fixture(scope="session")

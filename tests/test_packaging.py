@@ -10,7 +10,7 @@ import venv
 
 import pytest
 
-from .conftest import ROOT, TINY
+from .conftest import ROOT, TINY_SHAPE
 from .test_sglang import SGLANG_PYTHON
 
 pytestmark = pytest.mark.slow
@@ -40,7 +40,7 @@ def test_the_wheel_installs_and_runs_without_the_source_tree(tmp_path):
     assert str(tmp_path / "venv") in where and str(ROOT) not in where
     scripts = sh(*cli, "launch", "--config", "run.yaml", "--executor", "slurm", "--dryrun", cwd=work, env=env)
     assert scripts.count("#!/bin/bash") == 1 and "srun" in scripts
-    args = [*TINY, "model.path=model", "trainer.out_dir=run", "trainer.steps=2", "trainer.eval_interval=0"]
+    args = [*TINY_SHAPE, "model.path=model", "trainer.out_dir=run", "trainer.steps=2", "trainer.eval_interval=0"]
     sh(*cli, "prepare", "--config", "run.yaml", *args, cwd=work, env=env)
     sh(*cli, "train", "--config", "run.yaml", *args, cwd=work, env=env)
     rows = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()]
