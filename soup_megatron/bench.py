@@ -38,6 +38,7 @@ STEP_VARIANTS = {
     "SOUP": [],
     "SOUP cut_of=max_length": ["soup.cut_of=max_length"],
     "SOUP history_steps_per_call=2": ["soup.history_steps_per_call=2"],
+    "SOUP max_length + steps_per_call=2": ["soup.cut_of=max_length", "soup.history_steps_per_call=2"],
     "SOUP lookahead=0": ["soup.lookahead=0"],
 }
 STEP_COLUMNS = ["time/step", "time/rollout", "time/prefix_wait", "time/train", "time/weight_sync", "time/history",
@@ -89,15 +90,20 @@ def _check_steps(steps: int, warmup: int) -> None:
 
 
 def bench_step(config: str, steps: int, warmup: int, overrides: list[str],
-               records_path: Optional[str] = None) -> list[Table]:
+               records_path: Optional[str] = None, variants: Optional[list[str]] = None) -> list[Table]:
     """With `records_path`, every step record of every variant is written there as JSON (what
-    `tools/plan_step_time.py --validate` reads)."""
+    `tools/plan_step_time.py --validate` reads); `variants` picks some of STEP_VARIANTS (GRPO always runs)."""
     _check_steps(steps, warmup)
+    unknown = sorted(set(variants or []) - set(STEP_VARIANTS))
+    if unknown:
+        raise ConfigError(f"--variant {unknown[0]!r} is not a benchmark variant; choose from: "
+                          + ", ".join(STEP_VARIANTS))
+    chosen = {n: v for n, v in STEP_VARIANTS.items() if not variants or n == "GRPO" or n in variants}
     with tempfile.TemporaryDirectory(prefix="bench-step-") as tmp:
-        records = _interleaved_steps(config, STEP_VARIANTS, steps, overrides, tmp)
+        records = _interleaved_steps(config, chosen, steps, overrides, tmp)
     if records_path:
         atomic_write_text(Path(records_path), json.dumps({"config": config, "overrides": overrides, "warmup": warmup,
-                                                          "records": records}, indent=1))
+                                                          "variants": chosen, "records": records}, indent=1))
     cfg = load_config(config, overrides)
     samples = f"{cfg.rollout.prompts_per_step}x{cfg.rollout.group_size}"
     return [_step_table(f"SOUP vs GRPO step time ({samples} samples/step, "
@@ -259,10 +265,12 @@ def tool_main(name: str, doc: str, argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=2, help="first steps left out of the medians")
     if name == "step":
         parser.add_argument("--records", metavar="FILE.json", help="also write every step record there")
+        parser.add_argument("--variant", action="append", metavar="NAME",
+                            help=f"run only these variants besides GRPO (repeat): {', '.join(STEP_VARIANTS)}")
     parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     exit_on_signals()
-    extra = {"records_path": args.records} if getattr(args, "records", None) else {}
+    extra = {"records_path": args.records, "variants": args.variant} if name == "step" else {}
     try:
         for table in BENCHMARKS[name](args.config, args.steps, args.warmup, args.overrides, **extra):
             print_table(table)

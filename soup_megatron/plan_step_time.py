@@ -115,12 +115,12 @@ def history_seconds(t: Throughput, w: Workload, servers: int, steps_per_call: in
 
 
 def step_seconds(t: Throughput, w: Workload, placement: str, policy_servers: int, history_servers: int,
-                 lookahead: int, steps_per_call: int = 1) -> float:
+                 lookahead: int, steps_per_call: int = 1, history_t: Throughput | None = None) -> float:
     """One step: the rollout on the policy servers, the history on the history servers (colocated: on the
     policy servers' GPUs; shared: on the same pool, in turn); GRPO is a Workload without history."""
     train = w.trained * t.train_s_per_unit
     rollout = decode_seconds(t, w.longest, w.decoded, w.prefilled, policy_servers)
-    history = history_seconds(t, w, history_servers, steps_per_call) if w.history_decoded else 0.0
+    history = history_seconds(history_t or t, w, history_servers, steps_per_call) if w.history_decoded else 0.0
     if placement == "dedicated":
         rest = rollout + train + t.sync_s
         return rest + (history if lookahead == 0 else max(0.0, history - rest))
@@ -226,9 +226,21 @@ def plan_table(cfg: Config, t: Throughput, prompt_len: float, mean_response: flo
 
 
 # ---- CPU validation ----------------------------------------------------------------------------------------
-def calibrate_cpu(cfg: Config, reps: int = 2) -> tuple[Throughput, list[tuple[float, float, float, float]]]:
-    """tau0, tau1 and prefill tokens/s of the in-process engine on this machine: generation calls of several
-    batch sizes, budgets and prefix lengths, fitted by least squares to t = tau0 S + tau1 D + F / prefill_tps."""
+def calibrate_cpu(cfg: Config, threads: int = 0, reps: int = 2) -> tuple[Throughput, list[tuple[float, ...]]]:
+    """tau0, tau1 and prefill tokens/s of the in-process engine on this machine with `threads` torch threads
+    (0: torch's default): generation calls of several batch sizes, budgets and prefix lengths, fitted by
+    least squares to t = tau0 S + tau1 D + F / prefill_tps."""
+    import torch
+
+    default_threads = torch.get_num_threads()
+    torch.set_num_threads(threads or default_threads)
+    try:
+        return _calibrate(cfg, reps)
+    finally:
+        torch.set_num_threads(default_threads)
+
+
+def _calibrate(cfg: Config, reps: int) -> tuple[Throughput, list[tuple[float, ...]]]:
     import torch
 
     from .data.encoding import PromptFormat
@@ -275,15 +287,22 @@ def validate(records_path: Path, cfg: Config) -> list[Table]:
     warmup, runs = data["warmup"], {name: recs[data["warmup"]:] for name, recs in data["records"].items()}
     if "GRPO" not in runs:
         raise PlanError(f"{records_path}: no GRPO rows (written by tools/bench_step.py --records?)")
-    t, rows = calibrate_cpu(cfg)
+    unrecorded = sorted(set(runs) - set(data.get("variants", {})))
+    if unrecorded:
+        raise PlanError(f"{records_path}: no overrides recorded for variants {unrecorded} (write it again with "
+                        "tools/bench_step.py --records)")
+    t, rows = calibrate_cpu(cfg)  # the trainer's engine, torch's default threads
+    t_history, _ = calibrate_cpu(cfg, cfg.rollout.threads)  # the history worker's engine, rollout.threads
     fit = Table(title=f"CPU calibration ({cfg.model.path}, in-process engine): t = tau0 S + tau1 D + F / prefill")
     for column in ("decode steps S", "decoded D", "prefilled F", "measured s", "fitted s"):
         fit.add_column(column)
     for s_, d, f, seconds in rows:
         fit.add_row(f"{s_:.0f}", f"{d:.0f}", f"{f:.0f}", f"{seconds:.3f}",
                     f"{t.tau0 * s_ + t.tau1 * d + f / t.prefill_tps:.3f}")
-    fit.caption = f"tau0 {t.tau0 * 1e3:.2f} ms, tau1 {t.tau1 * 1e3:.3f} ms, prefill {t.prefill_tps:.0f} tokens/s, " \
-                  f"version load {t.load_s:.2f} s"
+    fit.caption = (f"tau0 {t.tau0 * 1e3:.2f} ms, tau1 {t.tau1 * 1e3:.3f} ms, prefill {t.prefill_tps:.0f} tokens/s, "
+                   f"version load {t.load_s:.2f} s; the history worker ({cfg.rollout.threads or 'default'} "
+                   f"threads): tau0 {t_history.tau0 * 1e3:.2f} ms, tau1 {t_history.tau1 * 1e3:.3f} ms, prefill "
+                   f"{t_history.prefill_tps:.0f} tokens/s")
     grpo = runs["GRPO"]
     train_per_sample = _median(grpo, "time/train") / max(_median(grpo, "train/samples_trained"), 1.0)
     overhead = _median(grpo, "time/step") - _median(grpo, "time/rollout") - _median(grpo, "time/train")
@@ -301,9 +320,10 @@ def validate(records_path: Path, cfg: Config) -> list[Table]:
                      history_loads=_median(recs, "history/weight_loads"),
                      history_decoded=_median(recs, "tokens/history_decoded"),
                      history_prefilled=_median(recs, "tokens/history_prefilled"))
-        lookahead = 0 if "lookahead=0" in name else 1
+        soup = load_config(data["config"], [*data["overrides"], *data["variants"][name]]).soup
         calibrated = replace(t, train_s_per_unit=train_per_sample, sync_s=overhead)
-        predicted = step_seconds(calibrated, w, "shared", 1, 1, lookahead)
+        predicted = step_seconds(calibrated, w, "shared", 1, 1, soup.lookahead, soup.history_steps_per_call,
+                                 history_t=t_history)
         predicted_grpo = predicted if name == "GRPO" else predicted_grpo
         measured = _median(recs, "time/step")
         m_ratio, p_ratio = measured / _median(grpo, "time/step"), predicted / predicted_grpo
