@@ -20,6 +20,7 @@ def experiment(*args, timeout=900):
                           cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow  # moved from the default tier to keep it under 15 min on 2 cores
 def test_local_executor_runs_and_a_failed_job_is_a_failure(tiny_model, tmp_path):
     ok = experiment("--executor", "local", "--config", "configs/tiny_cpu.yaml", *TINY, f"model.path={tiny_model}",
                     f"trainer.out_dir={tmp_path / 'run'}", "trainer.steps=1", "trainer.eval_interval=0")

@@ -117,6 +117,7 @@ def test_unknown_partition_is_refused_with_the_partitions_there_are(tmp_path):
     assert "invalid partition" in done.stderr.lower() and "partitions on this cluster: debug" in done.stderr
 
 
+@pytest.mark.slow  # moved from the default tier to keep it under 15 min on 2 cores
 def test_sglang_servers_run_as_serve_tasks_that_the_trainer_finds(tiny_model, tmp_path):
     """rollout.sglang.servers_from=serve: the job starts one `soup-megatron serve` task per SGLang server
     (here beside the trainer: one node); the trainer starts none, finds theirs through the run directory,
