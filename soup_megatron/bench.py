@@ -6,8 +6,8 @@ so machine noise hits all variants alike; the table reports medians over the mea
 to GRPO.
 `rollout`: the SGLang server against the in-process engine on the same requests (tokens/s), then SOUP
 against GRPO with SGLang serving rollouts and prefixes: step time, decoded tokens, radix-cache hits,
-and weight sync as a fraction of the step; SOUP once more with each request sent to the least-loaded
-server instead of its prompt's (with rollout.sglang.policy_servers >= 2 that shows what routing buys).
+and weight sync as a fraction of the step; with rollout.sglang.policy_servers >= 2, SOUP once more with
+each request sent to the least-loaded server instead of its prompt's (what routing buys).
 `actor`: tokens/s of the log-prob pass and the training pass (one SOUP update) of the megatron actor
 against the local actor, on the same model and batch, passes alternating. One process (TP=1); run it
 under torchrun with actor.megatron.tensor_parallel=N for a parallel megatron actor.
@@ -160,8 +160,9 @@ def bench_rollout(config: str, steps: int, warmup: int, overrides: list[str]) ->
                           "run `bash tools/setup_sglang.sh` first")
     with tempfile.TemporaryDirectory(prefix="bench-rollout-") as tmp:
         throughput = _engine_throughput(cfg, steps, str(Path(tmp) / "engines"))
-        variants = {"GRPO": STEP_VARIANTS["GRPO"], "SOUP": [],
-                    "SOUP least-loaded routing": ["rollout.sglang.routing=least_loaded"]}
+        variants = {"GRPO": STEP_VARIANTS["GRPO"], "SOUP": []}
+        if cfg.rollout.sglang.policy_servers > 1:  # with one server both routings send everything to it
+            variants["SOUP least-loaded routing"] = ["rollout.sglang.routing=least_loaded"]
         records = _interleaved_steps(config, variants, steps, sglang, tmp)
     columns = ["time/step", "time/rollout", "time/prefix_wait", "time/train", "time/weight_sync", "tokens/decoded",
                "tokens/prefix", "tokens/input_tokens", "tokens/cached_tokens"]
