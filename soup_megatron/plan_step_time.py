@@ -186,9 +186,13 @@ def rollout_servers(cfg: Config, dedicated_history: int | None) -> tuple[int, in
     how many of them are history servers with dedicated placement."""
     sg = cfg.rollout.sglang
     if cfg.soup.history_placement == "colocated":
-        total = sg.policy_servers
-        return total, dedicated_history or max(1, total // 4)
-    return sg.policy_servers + sg.history_servers, dedicated_history or sg.history_servers
+        total, dedicated = sg.policy_servers, dedicated_history or max(1, sg.policy_servers // 4)
+    else:
+        total, dedicated = sg.policy_servers + sg.history_servers, dedicated_history or sg.history_servers
+    if dedicated >= total:
+        raise PlanError(f"--history-servers {dedicated}: the rollout GPUs hold {total} servers; a dedicated "
+                        "placement needs at least one of them for the policy")
+    return total, dedicated
 
 
 def plan_table(cfg: Config, t: Throughput, prompt_len: float, mean_response: float, title: str,
@@ -362,6 +366,11 @@ def main(argv=None) -> int:
     try:
         if not 0 < args.mean_response <= 1:
             raise PlanError(f"--mean-response {args.mean_response}: expected a fraction in (0, 1]")
+        for flag, value in (("--prompt-len", args.prompt_len), ("--disk-gbps", args.disk_gbps),
+                            ("--train-gpus", args.train_gpus), ("--tau0", args.tau0), ("--tau1", args.tau1),
+                            ("--history-servers", args.history_servers)):
+            if value is not None and value <= 0:
+                raise PlanError(f"{flag} {value}: expected a number > 0")
         if args.validate:
             if not args.validate.is_file():
                 raise PlanError(f"--validate {args.validate}: no such file (write it with tools/bench_step.py "

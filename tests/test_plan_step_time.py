@@ -58,6 +58,11 @@ def test_recipe_table_and_errors(capsys, tmp_path):
     assert main(["--config", "configs/qwen2.5_math_7b_8xh100.yaml", "--architecture", QWEN,
                  "--mean-response", "1.5"]) == 2
     assert "--mean-response 1.5: expected a fraction in (0, 1]" in capsys.readouterr().err
+    assert main(["--config", "configs/qwen2.5_math_7b_8xh100.yaml", "--architecture", QWEN, "--tau0", "-1"]) == 2
+    assert "--tau0 -1.0: expected a number > 0" in capsys.readouterr().err
+    assert main(["--config", "configs/qwen2.5_math_7b_8xh100.yaml", "--architecture", QWEN,
+                 "--history-servers", "2"]) == 2
+    assert "--history-servers 2: the rollout GPUs hold 2 servers" in capsys.readouterr().err
     assert main(["--config", "configs/tiny_cpu.yaml", "--validate", str(tmp_path / "none.json")]) == 2
     assert "no such file (write it with tools/bench_step.py --records FILE)" in capsys.readouterr().err
     (tmp_path / "bad.json").write_text(json.dumps({"config": "configs/tiny_cpu.yaml", "overrides": [], "warmup": 0,
