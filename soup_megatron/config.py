@@ -191,6 +191,16 @@ class AlgoConfig:
     entropy_coef: float = 0.0
     epochs: int = 1
     minibatches: int = 2  # optimizer steps per epoch; the step's samples are split evenly
+    dynamic_sampling: bool = False  # DAPO's group filter: drop groups whose rewards are all equal, refill with
+    # more prompts (algo/dynamic_sampling.py)
+    dynamic_sampling_max_rounds: int = 3  # refill rounds per step; then the step trains on the groups it has
+    overlong_filter: bool = False  # responses the length limit cut (no EOS) get no loss (algo/overlong.py)
+    overlong_penalty_len: int = 0  # DAPO's soft overlong penalty over the last this many tokens; 0 = off
+    overlong_penalty_factor: float = 1.0  # its size at rollout.max_response_len
+    rollout_correction: str = "none"  # none | tis | mis: pi_old against the rollout engine's log-probs
+    # (algo/rollout_correction.py)
+    rollout_correction_level: str = "token"  # token | sequence
+    rollout_correction_cap: float = 2.0  # tis: weights capped here; mis: kept when in [1 / cap, cap]
 
 
 @dataclass
@@ -222,6 +232,8 @@ class ActorConfig:
     weight_decay: float = 0.0  # AdamW; the megatron actor (megatron's default) leaves norms and biases undecayed
     grad_clip: float = 1.0
     micro_batch_size: int = 64
+    max_tokens_per_micro_batch: int = 0  # > 0: micro-batches by a token budget (rows x longest row), rows sorted
+    # by length; micro_batch_size still caps the rows. 0 = by micro_batch_size rows in order
     megatron: MegatronConfig = field(default_factory=MegatronConfig)
 
 
@@ -236,6 +248,9 @@ class TrainerConfig:
     tensorboard: bool = True
     plots: bool = True
     progress: bool = True
+    wandb: str = "off"  # off | offline (a run directory under <out_dir>/wandb, `wandb sync` it later) | online
+    wandb_project: str = "soup-megatron"
+    wandb_run_name: str = ""  # "" = the name of trainer.out_dir
 
 
 @dataclass
@@ -310,6 +325,9 @@ CHOICES = {
     "actor.megatron.fp8_recipe": ("delayed", "tensorwise", "blockwise", "mxfp8"),
     "actor.megatron.recompute": ("none", "selective", "full"),
     "rollout.sglang.servers_from": ("run", "serve"),
+    "algo.rollout_correction": ("none", "tis", "mis"),
+    "algo.rollout_correction_level": ("token", "sequence"),
+    "trainer.wandb": ("off", "offline", "online"),
 }
 
 # (key, predicate, what is allowed)
@@ -359,6 +377,19 @@ RULES = [
         lambda c: (c.rollout.prompts_per_step * c.rollout.group_size) % c.algo.minibatches == 0,
         "a divisor of rollout.prompts_per_step * rollout.group_size",
     ),
+    ("algo.dynamic_sampling_max_rounds", lambda c: c.algo.dynamic_sampling_max_rounds >= 0, ">= 0"),
+    ("algo.overlong_penalty_len", lambda c: 0 <= c.algo.overlong_penalty_len <= c.rollout.max_response_len,
+     ">= 0 and at most rollout.max_response_len (0 = no penalty)"),
+    ("algo.overlong_penalty_factor", lambda c: c.algo.overlong_penalty_factor >= 0, ">= 0"),
+    ("algo.rollout_correction_cap", lambda c: c.algo.rollout_correction_cap > 1, "> 1 (mis keeps [1 / cap, cap])"),
+    ("actor.max_tokens_per_micro_batch", lambda c: c.actor.max_tokens_per_micro_batch >= 0,
+     ">= 0 (0 = micro-batches of actor.micro_batch_size rows)"),
+    ("actor.max_tokens_per_micro_batch", lambda c: c.actor.max_tokens_per_micro_batch == 0
+     or c.actor.backend == "local" or c.actor.megatron.virtual_pipeline == 1,
+     "0 with actor.megatron.virtual_pipeline > 1 (the interleaved schedule needs its micro-batches in multiples "
+     "of pipeline_parallel)"),
+    ("trainer.wandb_project", lambda c: c.trainer.wandb == "off" or bool(c.trainer.wandb_project),
+     "a project name when trainer.wandb is offline or online"),
     ("actor.lr", lambda c: c.actor.lr > 0, "> 0"),
     ("actor.grad_clip", lambda c: c.actor.grad_clip > 0, "> 0"),
     ("algo.adv_eps", lambda c: c.algo.adv_eps > 0, "> 0 (groups with equal rewards divide by it)"),
@@ -492,6 +523,10 @@ def validate(cfg: Config) -> None:
 def samples_per_update(cfg: Config) -> int:
     """Samples in one optimizer update: the step's samples split into `algo.minibatches`."""
     return cfg.rollout.prompts_per_step * cfg.rollout.group_size // cfg.algo.minibatches
+
+
+def to_container(cfg: Config) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(cfg))
 
 
 def to_yaml(cfg: Config) -> str:

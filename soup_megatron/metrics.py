@@ -1,20 +1,63 @@
-"""Run logs: `metrics.jsonl` (one line per step), TensorBoard scalars, PNG curves at the end."""
+"""Run logs: `metrics.jsonl` (one line per step), TensorBoard scalars, optionally wandb, PNG curves at the end."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import secrets
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 from .io import atomic_write_text
 
 
+def scalars(record: dict) -> dict[str, float]:
+    """The plottable values of a metrics record (finite numbers; not the step itself)."""
+    return {k: v for k, v in record.items()
+            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+
+
+@dataclass
+class WandbSettings:
+    mode: str  # offline | online
+    project: str
+    name: str
+    config: dict = field(default_factory=dict)
+
+
+class WandbLog:
+    """The same scalars as TensorBoard, into a wandb run under <out_dir>/wandb (offline: `wandb sync` that
+    directory later). The run id is kept in <out_dir>/wandb_run_id, so a resumed run logs into the same run;
+    steps it redoes after its checkpoint are logged again, and wandb keeps the first value of a step."""
+
+    def __init__(self, out_dir: Path, settings: WandbSettings):
+        try:
+            import wandb
+        except ImportError:
+            raise RuntimeError(f"trainer.wandb={settings.mode} needs the wandb package (pinned in "
+                               "requirements-cpu.txt: bash tools/setup_env.sh installs it)") from None
+        id_file = Path(out_dir) / "wandb_run_id"
+        run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(6)
+        atomic_write_text(id_file, run_id + "\n")
+        self.run = wandb.init(mode=settings.mode, project=settings.project, name=settings.name, id=run_id,
+                              resume="allow", dir=str(out_dir), config=settings.config,
+                              settings=wandb.Settings(silent=True, console="off"))
+
+    def log(self, record: dict) -> None:
+        self.run.log(scalars(record), step=record["step"])
+
+    def close(self) -> None:
+        self.run.finish()
+
+
 class MetricsLog:
-    def __init__(self, out_dir: Path, tensorboard: bool, resume_step: int):
+    def __init__(self, out_dir: Path, tensorboard: bool, resume_step: int, wandb: Optional[WandbSettings] = None):
         self.path = Path(out_dir) / "metrics.jsonl"
         self._truncate_after(resume_step)
         self._writer = None
+        self._wandb = WandbLog(out_dir, wandb) if wandb is not None else None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -40,14 +83,17 @@ class MetricsLog:
             fh.flush()
             os.fsync(fh.fileno())
         if self._writer is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
-                    self._writer.add_scalar(key, value, record["step"])
+            for key, value in scalars(record).items():
+                self._writer.add_scalar(key, value, record["step"])
             self._writer.flush()
+        if self._wandb is not None:
+            self._wandb.log(record)
 
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
+        if self._wandb is not None:
+            self._wandb.close()
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -27,12 +27,15 @@ import torch
 from tqdm import tqdm
 
 from .actor import build_actor
-from .actor.base import TokenBatch
+from .actor.base import TokenBatch, with_filler_rows
 from .algo.advantage import group_advantages
+from .algo.dynamic_sampling import informative_groups, refill_prompts
 from .algo.loss import LossConfig, LossScale, zero_loss_rows
 from .algo.mixing import cut_point, history_length, mixed_count
+from .algo.overlong import overlong_penalty
+from .algo.rollout_correction import correction_stats, rollout_correction
 from .algo.stats import mean_over_updates, segment_stats
-from .config import Config, changed_keys, samples_per_update, to_yaml
+from .config import Config, changed_keys, samples_per_update, to_container, to_yaml
 from .data.encoding import PromptFormat
 from .data.prompts import Prompt, load_splits, prompts_for_step
 from .evaluate import heldout_metrics
@@ -41,7 +44,7 @@ from .history.prefix_cache import PrefixCache
 from .history.replay import ReplayBuffer
 from .history.store import CheckpointStore
 from .io import atomic_dir, atomic_write_json, atomic_write_text, make_private_dir, read_json, remove_tmp_leftovers
-from .metrics import MetricsLog, plot_curves
+from .metrics import MetricsLog, WandbSettings, plot_curves
 from .model.hf import CheckpointError, load_tokenizer, newline_token_ids, pad_token_id
 from .reward import build_reward
 from .rollout import build_engine
@@ -139,7 +142,11 @@ class Trainer:
         self.prefixes = self._build_prefix_source()
         if resume_state is not None:
             self.prefixes.restore(resume_state["prefixes"])
-        self.metrics = MetricsLog(self.out, cfg.trainer.tensorboard, self.start_step)
+        wandb = None
+        if cfg.trainer.wandb != "off":
+            wandb = WandbSettings(cfg.trainer.wandb, cfg.trainer.wandb_project,
+                                  cfg.trainer.wandb_run_name or self.out.name, to_container(cfg))
+        self.metrics = MetricsLog(self.out, cfg.trainer.tensorboard, self.start_step, wandb)
         atomic_write_text(self.out / "config.yaml", to_yaml(cfg))
 
     # ---- setup ---------------------------------------------------------------------------------
@@ -167,11 +174,20 @@ class Trainer:
     # ---- one step ------------------------------------------------------------------------------
     def rollout(self, step: int, timer: Timer) -> tuple[list[Sample], dict]:
         """Prefixes from the historical source, continuations from the on-policy engine."""
-        c = self.cfg
         prompts = self.step_prompts(step)
         with timer("prefix_wait"):
             history = self.prefixes.take(step)
-        cut_rng = random.Random(step_seed(c.seed, step, "cut"))
+        samples, info = self._generate(step, prompts, history, "rollout", timer)
+        self.prefixes.schedule(step)  # upcoming prefixes are generated while this step trains
+        if isinstance(self.prefixes, PrefixCache):
+            info.update(self._history_work(prompts, history))
+        return samples, info
+
+    def _generate(self, step: int, prompts: list[Prompt], history: list[Optional[Trajectory]], stream: str,
+                  timer: Timer) -> tuple[list[Sample], dict]:
+        """The groups of `prompts`: mixed samples cut from `history` (n_hist slots per prompt), continued on-policy."""
+        c = self.cfg
+        cut_rng = random.Random(step_seed(c.seed, step, f"cut{stream[len('rollout'):]}"))
         samples, requests = [], []
         misses = 0
         cut_length = c.rollout.max_response_len if c.soup.cut_of == "max_length" else None
@@ -197,8 +213,7 @@ class Trainer:
                 requests.append(GenerationRequest(tuple(s.prompt_ids), tuple(s.response_ids),
                                                   0 if s.finish_reason else c.rollout.max_response_len - s.cut))
         with timer("rollout"), self._history_yields():
-            generations = self.engine.generate(requests, c.rollout.temperature, step_seed(c.seed, step, "rollout"))
-        self.prefixes.schedule(step)  # upcoming prefixes are generated while this step trains
+            generations = self.engine.generate(requests, c.rollout.temperature, step_seed(c.seed, step, stream))
         for s, g in zip(samples, generations):
             if s.finish_reason:
                 continue
@@ -213,10 +228,51 @@ class Trainer:
                 "tokens/prefilled": float(sum(len(r.prompt_ids) + len(r.prefix_ids) for r in requests
                                               if r.max_new_tokens > 0))}
         info["tokens/decode_steps"] = float(max((len(g.token_ids) for g in generations), default=0))
-        if isinstance(self.prefixes, PrefixCache):
-            info.update(self._history_work(prompts, history))
         info.update({f"tokens/{k}": v for k, v in getattr(self.engine, "last_stats", {}).items()})  # SGLang cache
         return samples, info
+
+    def dynamic_sampling(self, step: int, samples: list[Sample], timer: Timer
+                         ) -> tuple[list[Sample], list[Sample], dict]:
+        """DAPO's group filter over scored `samples`: groups whose rewards are all equal are dropped, and
+        refill rounds sample groups for more training prompts (drawn from (seed, step, round), none twice in
+        a step; their prefixes come from the prefix source like the step's own) until there are
+        rollout.prompts_per_step informative groups or algo.dynamic_sampling_max_rounds rounds are spent.
+        Returns the kept samples, every sample generated (the refills' too) and what it did."""
+        c = self.cfg
+        size, wanted = c.rollout.group_size, c.rollout.prompts_per_step
+        kept: list[Sample] = []
+        dropped = rounds = 0
+        seen = {s.prompt.uid for s in samples}
+        info: dict[str, float] = {}
+        batch, generated = samples, list(samples)
+        while True:
+            informative = informative_groups(torch.tensor([s.reward for s in batch]), size).tolist()
+            for g, keep in enumerate(informative):
+                if keep:
+                    kept += batch[g * size: (g + 1) * size]
+                dropped += not keep
+            missing = wanted - len(kept) // size
+            if missing <= 0 or rounds == c.algo.dynamic_sampling_max_rounds:
+                break
+            rounds += 1
+            prompts = refill_prompts([p for p in self.train_prompts if p.uid not in seen], missing,
+                                     step_seed(c.seed, step, f"refill-{rounds}"))
+            if not prompts:
+                break
+            seen |= {p.uid for p in prompts}
+            slots = [(p.uid, self.prompt_ids(p)) for p in prompts for _ in range(self.n_hist)]
+            with timer("prefix_wait"):
+                history = self.prefixes.take_slots(step, rounds, slots)
+            batch, more = self._generate(step, prompts, history, f"rollout-refill-{rounds}", timer)
+            self.score(batch)
+            generated += batch
+            for k in ("tokens/decoded", "tokens/prefilled", "mix/replay_misses"):
+                info[k] = info.get(k, 0.0) + more[k]
+        kept = kept[: wanted * size]
+        info.update({"dynamic/groups_kept": float(len(kept) // size), "dynamic/groups_dropped": float(dropped),
+                     "dynamic/refill_rounds": float(rounds),
+                     "dynamic/groups_short": float(wanted - len(kept) // size)})
+        return kept, generated, info
 
     @contextlib.contextmanager
     def _history_yields(self):
@@ -244,15 +300,21 @@ class Trainer:
                 "history/versions_generated": float(len(longest))}
 
     def score(self, samples: list[Sample]) -> None:
-        """Reward on the whole response (prefix + continuation), then group advantages."""
+        """Reward on the whole response (prefix + continuation), with the soft overlong penalty when
+        algo.overlong_penalty_len is set, then group advantages."""
+        a = self.cfg.algo
         for s in samples:
             s.reward = float(self.reward_fn(self.format.response_text(s.response_ids), s.prompt.answer))
+            s.reward += overlong_penalty(len(s.response_ids), self.cfg.rollout.max_response_len,
+                                         a.overlong_penalty_len, a.overlong_penalty_factor)
         adv = group_advantages(torch.tensor([s.reward for s in samples]), self.cfg.rollout.group_size,
                                self.cfg.algo.adv_norm, self.cfg.algo.adv_eps)
         for s, a in zip(samples, adv.tolist()):
             s.advantage = a
 
     def make_batch(self, samples: list[Sample]) -> TokenBatch:
+        """Samples as tensors. With algo.overlong_filter a response the length limit cut keeps its tokens but no
+        segment tags, so it has no trained token (no loss, not counted)."""
         width = max(len(s.prompt_ids) + len(s.response_ids) for s in samples)
         n = len(samples)
         ids = torch.full((n, width), self.pad_id, dtype=torch.long)
@@ -264,7 +326,8 @@ class Trainer:
             p, r = len(s.prompt_ids), len(s.response_ids)
             ids[i, : p + r] = torch.tensor(s.prompt_ids + s.response_ids)
             mask[i, : p + r] = 1
-            segment[i, p - 1: p - 1 + r] = torch.tensor(s.segments, dtype=torch.long)
+            if not (self.cfg.algo.overlong_filter and s.finish_reason == "length"):
+                segment[i, p - 1: p - 1 + r] = torch.tensor(s.segments, dtype=torch.long)
             behaviour[i, p - 1: p - 1 + r] = torch.tensor(s.behaviour_logp)
             versions[i, p - 1: p - 1 + r] = torch.tensor(s.versions, dtype=torch.long)
         return TokenBatch(ids, mask, segment, behaviour, versions, torch.tensor([s.advantage for s in samples]))
@@ -277,12 +340,11 @@ class Trainer:
         whole minibatch gives. An update left with no such sample takes no optimizer step."""
         c = self.cfg
         with timer("train"):
-            size = len(batch) // c.algo.minibatches
             gen = torch.Generator().manual_seed(step_seed(c.seed, step, "minibatch"))
-            updates = [order[m * size: (m + 1) * size] for order in
-                       (torch.randperm(len(batch), generator=gen) for _ in range(c.algo.epochs))
-                       for m in range(c.algo.minibatches)]
-            zero = zero_loss_rows(batch.advantages, self.loss_cfg)
+            # even splits; uneven only when dynamic sampling ran short of groups
+            updates = [rows for order in (torch.randperm(len(batch), generator=gen) for _ in range(c.algo.epochs))
+                       for rows in torch.tensor_split(order, c.algo.minibatches) if len(rows)]
+            zero = zero_loss_rows(batch.advantages, batch.segment, self.loss_cfg)
             trained = [self._rows_to_train(rows, zero) for rows in updates]
             scored = sorted(set().union(*(r.tolist() for r in trained)))
             batch.old_logp = torch.zeros_like(batch.behaviour_logp)
@@ -292,18 +354,31 @@ class Trainer:
                 batch.old_logp[rows, : old_logp.shape[1]] = old_logp
             if self.ref_engine is not None:
                 batch.ref_logp, _ = self._reference_logprobs(batch)
+            correction = {}
+            if c.algo.rollout_correction != "none":
+                batch.correction = rollout_correction(batch.old_logp, batch.behaviour_logp, batch.segment,
+                                                      c.algo.rollout_correction, c.algo.rollout_correction_level,
+                                                      c.algo.rollout_correction_cap)
+                if scored:
+                    correction = correction_stats(batch.correction[scored], batch.segment[scored],
+                                                  c.algo.rollout_correction)
             per_update = []
             for rows, picked in zip(updates, trained):
                 if not len(picked):
                     continue
-                out = self.actor.train_minibatch(batch.select(picked), self.loss_cfg, c.rollout.temperature,
+                mb = batch.select(picked)
+                mb = with_filler_rows(mb, self.actor.rows_per_update(len(mb)) - len(mb))
+                out = self.actor.train_minibatch(mb, self.loss_cfg, c.rollout.temperature,
                                                  LossScale.of(batch.segment[rows], self.loss_cfg.prefix_mode))
                 stats = segment_stats(out["segment"], out["ratio"], out["clipped"], out["entropy"])
                 stats.update(loss=out["loss"], grad_norm=out["grad_norm"])
+                if out.get("computed_tokens"):
+                    stats["train/padding_share"] = out["padded_tokens"] / out["computed_tokens"]
                 per_update.append(stats)
             self.actor.version = step + 1
         stats = mean_over_updates(per_update)
-        stats.update({"train/zero_advantage_samples": float(zero.sum()),
+        stats.update(correction)
+        stats.update({"train/zero_loss_samples": float(zero.sum()),
                       "train/samples_trained": float(sum(len(r) for r in trained)) / c.algo.epochs,
                       "train/updates_skipped": float(len(updates) - len(per_update))})
         cont = torch.zeros_like(batch.segment, dtype=torch.bool)
@@ -392,11 +467,21 @@ class Trainer:
         """One full step of the data flow; returns its metrics record (without evaluation)."""
         timer = Timer()
         started = time.perf_counter()
-        samples, info = self.rollout(step, timer)
-        self.score(samples)
-        stats = self.update(self.make_batch(samples), step, timer)
-        self.sync_and_record(step, samples, timer)
-        record = {"step": step + 1, **info, **stats, **self._sample_stats(samples),
+        first_round, info = self.rollout(step, timer)
+        self.score(first_round)
+        samples, generated = first_round, first_round
+        if self.cfg.algo.dynamic_sampling:
+            samples, generated, refills = self.dynamic_sampling(step, first_round, timer)
+            for key, value in refills.items():
+                info[key] = info.get(key, 0.0) + value
+        if samples:
+            stats = self.update(self.make_batch(samples), step, timer)
+        else:  # dynamic sampling found no informative group: nothing to train on
+            self.actor.version = step + 1
+            stats = {"train/samples_trained": 0.0}
+        stats.update(self._overlong_stats(samples))
+        self.sync_and_record(step, generated, timer)  # replay keeps what every round generated
+        record = {"step": step + 1, **info, **stats, **self._sample_stats(first_round),
                   **{f"time/{k}": v for k, v in timer.seconds.items()}}
         if isinstance(self.prefixes, PrefixCache):
             record["time/prefix_generate"] = self.prefixes.generation_seconds.pop(step, 0.0)
@@ -439,6 +524,11 @@ class Trainer:
         if c.trainer.plots and (self.out / "metrics.jsonl").is_file():
             summary["plot"] = str(plot_curves(self.out / "metrics.jsonl", self.out / "curves.png"))
         return summary
+
+    def _overlong_stats(self, samples: list[Sample]) -> dict:
+        """Trained responses the length limit cut, and those algo.overlong_filter kept out of the loss."""
+        cut = float(sum(s.finish_reason == "length" for s in samples))
+        return {"overlong/truncated": cut, "overlong/filtered": cut if self.cfg.algo.overlong_filter else 0.0}
 
     def _sample_stats(self, samples: list[Sample]) -> dict:
         rewards = torch.tensor([s.reward for s in samples])

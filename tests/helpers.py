@@ -7,6 +7,11 @@ def length_reward(response: str, answer: str) -> float:
     return float(len(response))
 
 
+def half_constant_reward(response: str, answer: str) -> float:
+    """0 for prompts with an even answer (their groups' rewards are all equal), the length otherwise."""
+    return 0.0 if int(answer) % 2 == 0 else float(len(response))
+
+
 def _stat_fields(pid) -> list[str]:
     """Fields of /proc/<pid>/stat after the command name: [state, ppid, pgrp, ...]; [] if gone."""
     try:

@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from soup_megatron.actor import build_actor  # noqa: E402
 from soup_megatron.actor.base import TokenBatch  # noqa: E402
 from soup_megatron.algo.loss import LossConfig  # noqa: E402
+from soup_megatron.algo.rollout_correction import rollout_correction  # noqa: E402
 from soup_megatron.algo.stats import segment_stats  # noqa: E402
 from soup_megatron.config import ActorConfig, MegatronConfig  # noqa: E402
 from soup_megatron.sample import CONTINUATION, PREFIX, PROMPT  # noqa: E402
@@ -94,16 +95,18 @@ def _max_rel(a: dict, b: dict) -> float:
     return max(float((a[k] - b[k]).abs().max() / b[k].abs().max().clamp(min=1e-12)) for k in a)
 
 
-def actor_parity(model_dir: str, tp: int, pp: int, vp: int, cp: int, sp: bool, work: Path) -> dict:
+def actor_parity(model_dir: str, tp: int, pp: int, vp: int, cp: int, sp: bool, work: Path, max_tokens: int = 0
+                 ) -> dict:
     """One SOUP update on the megatron actor (TP=tp, with sequence parallelism if sp, x PP=pp with vp model
-    chunks per stage x CP=cp, the rest data parallel) vs the local actor. Every rank calls the actor's per-rank
-    methods directly (SPMD), so
-    gradients can be compared too."""
+    chunks per stage x CP=cp, the rest data parallel; micro-batches by a token budget when max_tokens > 0)
+    vs the local actor (micro-batches of 3 rows), with a TIS rollout correction on the continuation. Every
+    rank calls the actor's per-rank methods directly (SPMD), so gradients can be compared too."""
     megatron = MegatronConfig(tensor_parallel=tp, pipeline_parallel=pp, virtual_pipeline=vp, context_parallel=cp,
                               sequence_parallel=sp)
     acfg = ActorConfig(lr=1e-3, grad_clip=0.3, micro_batch_size=3, megatron=megatron)
     loss_cfg = LossConfig(prefix_mode="clip", loss_agg="token_mean", entropy_coef=0.01)
-    mega = build_actor(ActorConfig(**{**acfg.__dict__, "backend": "megatron"}), model_dir, samples_per_update=8)
+    mega = build_actor(ActorConfig(**{**acfg.__dict__, "backend": "megatron", "max_tokens_per_micro_batch": max_tokens}),
+                       model_dir, samples_per_update=8)
     local = build_actor(acfg, model_dir)
     batch = soup_batch(local.model.config.vocab_size)
     logp_local, ent_local = local.logprobs(batch, 0.8, with_entropy=True)
@@ -111,6 +114,7 @@ def actor_parity(model_dir: str, tp: int, pp: int, vp: int, cp: int, sp: bool, w
     real = batch.segment != PROMPT
     batch.old_logp = logp_local
     batch.behaviour_logp = logp_local + 0.3 * torch.randn(logp_local.shape, generator=torch.Generator().manual_seed(3))
+    batch.correction = rollout_correction(batch.old_logp, batch.behaviour_logp, batch.segment, "tis", "token", 1.2)
     before = local.rollout_weights()
     out_local = local.train_minibatch(batch, loss_cfg, 0.8)
     out_mega = mega._train_minibatch(batch, loss_cfg, 0.8)
@@ -130,7 +134,8 @@ def actor_parity(model_dir: str, tp: int, pp: int, vp: int, cp: int, sp: bool, w
     again = mega._train_minibatch(batch, loss_cfg, 0.8)
     weights_again = _exported(mega)
     # and so does a new actor, as a resumed job makes: its optimizer has taken no step yet
-    fresh = build_actor(ActorConfig(**{**acfg.__dict__, "backend": "megatron"}), model_dir, samples_per_update=8)
+    fresh = build_actor(ActorConfig(**{**acfg.__dict__, "backend": "megatron", "max_tokens_per_micro_batch": max_tokens}),
+                        model_dir, samples_per_update=8)
     fresh._load_state(work / "state")
     from_fresh = fresh._train_minibatch(batch, loss_cfg, 0.8)
     weights_fresh = _exported(fresh)
@@ -144,6 +149,8 @@ def actor_parity(model_dir: str, tp: int, pp: int, vp: int, cp: int, sp: bool, w
     update_gap = max(float((update_local[k] - update_mega[k])[clear[k]].abs().max()) for k in update_mega)
     return {
         "sequence_parallel": mega.chunks[0].config.sequence_parallel,
+        "micro_batch_rows": [len(rows) for rows, _ in mega._micro_batches(batch)],
+        "corrected_tokens": int((batch.correction[real] < 1).sum()),
         "logp_diff": float((logp_local - logp_mega)[real].abs().max()),
         "entropy_diff": float((ent_local - ent_mega)[real].abs().max()),
         "loss_local": out_local["loss"], "loss_megatron": out_mega["loss"],
@@ -176,12 +183,13 @@ def main() -> None:
     parser.add_argument("--sp", action="store_true", help="sequence parallelism (with tp > 1)")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--work", type=Path)
+    parser.add_argument("--max-tokens", type=int, default=0, help="the megatron actor's token budget per micro-batch")
     args = parser.parse_args()
     torch.manual_seed(0)
     if args.check == "logits":
         result = logits_differences(args.models, args.tp)
     else:
-        result = actor_parity(args.models[0], args.tp, args.pp, args.vp, args.cp, args.sp, args.work)
+        result = actor_parity(args.models[0], args.tp, args.pp, args.vp, args.cp, args.sp, args.work, args.max_tokens)
     if dist.get_rank() == 0:
         args.out.write_text(json.dumps(result, indent=1))
 

@@ -139,13 +139,28 @@ def test_megatron_actor_matches_local_actor(tiny_model_kv2, tiny_model_4_layers,
     model = tiny_model_4_layers if vp > 1 else tiny_model_kv2  # 2 stages x 2 chunks need 4 layers
     run("tests/mcore_ranks.py", "actor", model, "--tp", tp, "--pp", pp, "--vp", vp, "--cp", cp,
         *(["--sp"] if sp else []), "--out", tmp_path / "r.json", "--work", tmp_path, ranks=ranks)
+    assert_parity(json.loads((tmp_path / "r.json").read_text()), sp, nothing_sharded=ranks == tp * pp)
+
+
+def test_token_budget_micro_batches_match_row_micro_batches(tiny_model_kv2, tmp_path):
+    """The megatron actor's length-bucketed micro-batches (actor.max_tokens_per_micro_batch, through the
+    1F1B schedule of two stages) give the local actor's loss, gradients and update made with row
+    micro-batches."""
+    run("tests/mcore_ranks.py", "actor", tiny_model_kv2, "--tp", 1, "--pp", 2, "--max-tokens", 60,
+        "--out", tmp_path / "r.json", "--work", tmp_path, ranks=2)
     r = json.loads((tmp_path / "r.json").read_text())
+    assert r["micro_batch_rows"] == [2, 2, 2, 2]  # rows of 30 .. 16 tokens, two per 60-token budget
+    assert_parity(r, sp=False, nothing_sharded=True)
+
+
+def assert_parity(r: dict, sp: bool, nothing_sharded: bool) -> None:
     assert r["sequence_parallel"] == sp
+    assert r["corrected_tokens"] > 0  # the TIS rollout correction truncated some continuation tokens
     assert r["logp_diff"] < 1e-4 and r["entropy_diff"] < 1e-4
     assert abs(r["loss_local"] - r["loss_megatron"]) < 1e-5 * max(1.0, abs(r["loss_local"]))
     assert abs(r["grad_norm_local"] - r["grad_norm_megatron"]) < 1e-4 * r["grad_norm_local"]
     assert r["grad_norm_local"] > r["grad_clip"]  # the update was clipped: clipping is part of the comparison
-    if ranks == tp * pp:  # nothing sharded: gradients compared directly (the updates are compared in every layout)
+    if nothing_sharded:  # gradients compared directly (the updates are compared in every layout)
         assert r["grad_max_rel_diff"] < 1e-4
     assert r["update_max_diff_where_grad_above_1e-6"] < 1e-6 and r["update_max"] > 5e-4
     assert r["share_of_entries_compared"] > 0.9

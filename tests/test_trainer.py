@@ -189,7 +189,7 @@ def test_samples_with_zero_advantage_get_no_pass_and_change_nothing(make_config)
     for m in range(2):
         reference.train_minibatch(full.select(order[m * size: (m + 1) * size]), trainer.loss_cfg,
                                   cfg.rollout.temperature)
-    assert sum(ran) == len(full) - 2 * g and stats["train/zero_advantage_samples"] == 2 * g
+    assert sum(ran) == len(full) - 2 * g and stats["train/zero_loss_samples"] == 2 * g
     assert stats["train/samples_trained"] == len(full) - 2 * g and stats["train/updates_skipped"] == 0
     for (name, p), q in zip(trainer.actor.model.named_parameters(), reference.model.parameters()):
         assert torch.allclose(p, q, atol=1e-6), name

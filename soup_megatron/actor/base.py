@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Mapping, Optional, Protocol
+from typing import Mapping, Optional, Protocol, Sequence
 
 import torch
 
 from ..algo.loss import LossConfig, LossScale
+from ..sample import PROMPT
 
 
 @dataclass
@@ -25,6 +26,7 @@ class TokenBatch:
     advantages: torch.Tensor  # [N]
     old_logp: Optional[torch.Tensor] = None  # [N, T-1] pi_old, filled by the actor before the update
     ref_logp: Optional[torch.Tensor] = None  # [N, T-1] reference policy, when a KL term is used
+    correction: Optional[torch.Tensor] = None  # [N, T-1] rollout correction weights c_t (algo.rollout_correction)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -46,6 +48,48 @@ def trim(batch: TokenBatch) -> TokenBatch:
         if value is not None and value.dim() == 2:
             cut[f.name] = value[:, : width if value.shape[1] == batch.input_ids.shape[1] else width - 1]
     return replace(batch, **cut)
+
+
+def with_filler_rows(batch: TokenBatch, count: int) -> TokenBatch:
+    """`batch` and `count` copies of its first row with no trained token (segment PROMPT throughout): they
+    add no loss and no count, and make up a row count an actor can split over its ranks when the update has
+    too few rows of its own (dynamic sampling short of groups)."""
+    if count <= 0:
+        return batch
+    first = torch.zeros(count, dtype=torch.long)
+    parts = {f.name: None if v is None else torch.cat([v, v[first]])
+             for f in fields(batch) for v in [getattr(batch, f.name)]}
+    parts["segment"][len(batch):] = PROMPT
+    return TokenBatch(**parts)
+
+
+def plan_micro_batches(lengths: Sequence[int], max_rows: int, max_tokens: int = 0) -> list[list[int]]:
+    """Rows (indices into `lengths`) of each micro-batch. A micro-batch is padded to its longest row, so it
+    costs rows x longest tokens. max_tokens = 0: consecutive runs of at most `max_rows` rows, as even as
+    possible. max_tokens > 0: rows sorted longest first and packed greedily while rows x longest <= max_tokens
+    (and rows <= max_rows), so rows of like length share a micro-batch; a row longer than the budget goes
+    alone. Which rows share a micro-batch changes no loss: weights carry the update's global counts."""
+    n = len(lengths)
+    if not n:
+        return []
+    if max_tokens <= 0:
+        count = -(-n // max_rows)
+        return [chunk.tolist() for chunk in torch.tensor_split(torch.arange(n), count)]
+    order = sorted(range(n), key=lambda i: (-lengths[i], i))
+    plans, current = [], []
+    for i in order:  # longest first: a micro-batch's first row is its longest
+        if current and (len(current) + 1 > max_rows or (len(current) + 1) * lengths[current[0]] > max_tokens):
+            plans.append(current)
+            current = []
+        current.append(i)
+    plans.append(current)
+    return plans
+
+
+def padding_share(lengths: Sequence[int], plans: Sequence[Sequence[int]]) -> tuple[int, int]:
+    """(padding tokens, computed tokens) of micro-batches `plans` over rows of `lengths`."""
+    computed = sum(len(rows) * max(lengths[i] for i in rows) for rows in plans if rows)
+    return computed - sum(lengths[i] for rows in plans for i in rows), computed
 
 
 class Actor(Protocol):

@@ -9,7 +9,7 @@ import torch
 from ..algo.loss import LossConfig, LossScale, aggregation_weights, loss_mask, soup_loss
 from ..config import ActorConfig
 from ..model.hf import copy_side_files, load_model, load_weights_into, read_state_dict, token_logprobs
-from .base import TokenBatch
+from .base import TokenBatch, padding_share, plan_micro_batches
 
 
 class LocalActor:
@@ -21,9 +21,12 @@ class LocalActor:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     def _micro_batches(self, batch: TokenBatch):
-        """(first row, micro-batch trimmed to its own longest row)."""
-        for start in range(0, len(batch), self.cfg.micro_batch_size):
-            yield start, batch.select(torch.arange(start, min(start + self.cfg.micro_batch_size, len(batch))))
+        """(rows, micro-batch trimmed to its own longest row), by actor.micro_batch_size rows or, with
+        actor.max_tokens_per_micro_batch, by a token budget."""
+        lengths = batch.attention_mask.sum(-1).tolist()
+        for rows in plan_micro_batches(lengths, self.cfg.micro_batch_size, self.cfg.max_tokens_per_micro_batch):
+            rows = torch.tensor(rows)
+            yield rows, batch.select(rows)
 
     @torch.no_grad()
     def logprobs(self, batch: TokenBatch, temperature: float, with_entropy: bool = False):
@@ -31,11 +34,11 @@ class LocalActor:
         width = batch.input_ids.shape[1] - 1
         logp = torch.zeros(len(batch), width)
         entropy = torch.zeros(len(batch), width) if with_entropy else None
-        for start, mb in self._micro_batches(batch):
+        for rows, mb in self._micro_batches(batch):
             lp, ent = token_logprobs(self.model, mb.input_ids, mb.attention_mask, temperature, with_entropy)
-            logp[start: start + len(mb), : lp.shape[1]] = lp
+            logp[rows, : lp.shape[1]] = lp
             if with_entropy:
-                entropy[start: start + len(mb), : ent.shape[1]] = ent
+                entropy[rows, : ent.shape[1]] = ent
         return logp, entropy
 
     def rows_per_update(self, rows: int) -> int:
@@ -47,25 +50,35 @@ class LocalActor:
         scale = scale or LossScale.of(batch.segment, loss_cfg.prefix_mode)
         self.optimizer.zero_grad(set_to_none=True)
         total_loss = 0.0
-        stats = {"ratio": [], "clipped": [], "entropy": [], "segment": []}
-        for _, mb in self._micro_batches(batch):
+        width = batch.segment.shape[1]
+        stats = {k: torch.zeros(len(batch), width) for k in ("ratio", "clipped", "entropy")}
+        for rows, mb in self._micro_batches(batch):
             # entropy too: it is logged per segment
             logp, entropy = token_logprobs(self.model, mb.input_ids, mb.attention_mask, temperature, True)
             weights = aggregation_weights(loss_mask(mb.segment, loss_cfg.prefix_mode), loss_cfg.loss_agg,
                                           scale.sequences, scale.tokens)
             loss, tok = soup_loss(logp, mb.old_logp, mb.behaviour_logp, mb.advantages, mb.segment, weights,
-                                  loss_cfg, entropy=entropy, ref_logp=mb.ref_logp)
+                                  loss_cfg, entropy=entropy, ref_logp=mb.ref_logp, correction=mb.correction)
             loss.backward()
             total_loss += loss.item()
-            for key, value in (("ratio", tok["ratio"]), ("clipped", tok["clipped"]),
-                               ("entropy", entropy.detach()), ("segment", mb.segment)):
-                stats[key].append(value.flatten())
+            cols = mb.segment.shape[1]
+            for key, value in (("ratio", tok["ratio"]), ("clipped", tok["clipped"]), ("entropy", entropy.detach())):
+                stats[key][rows, :cols] = value.float()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.optimizer.step()
         self.model.eval()
-        out = {k: torch.cat(v) for k, v in stats.items()}
-        out.update(loss=total_loss, grad_norm=float(grad_norm))
+        out = {k: v.flatten() for k, v in stats.items()}
+        out.update(clipped=out["clipped"] > 0, segment=batch.segment.flatten(), loss=total_loss,
+                   grad_norm=float(grad_norm),
+                   **self.padding(batch))
         return out
+
+    def padding(self, batch: TokenBatch) -> dict:
+        """Padding tokens and computed tokens of this batch's micro-batches."""
+        lengths = batch.attention_mask.sum(-1).tolist()
+        pad, computed = padding_share(lengths, plan_micro_batches(lengths, self.cfg.micro_batch_size,
+                                                                  self.cfg.max_tokens_per_micro_batch))
+        return {"padded_tokens": float(pad), "computed_tokens": float(computed)}
 
     def rollout_weights(self):
         return {k: v.detach().clone() for k, v in self.model.state_dict().items()}

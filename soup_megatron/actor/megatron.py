@@ -28,7 +28,7 @@ from ..mcore.logprobs import vocab_parallel_logprobs
 from ..mcore.model import padded_vocab_size, read_architecture
 from ..mcore.weights import build_chunks, mark_tensor_parallel
 from ..model.hf import CheckpointError
-from .base import TokenBatch
+from .base import TokenBatch, padding_share, plan_micro_batches
 
 
 def check_layout(mc: MegatronConfig, world: int) -> None:
@@ -149,10 +149,26 @@ class MegatronActor:
         rows each and as even as possible. The interleaved schedule needs more: see
         `parallel.interleaved_microbatches`."""
         rows = self._my_rows(len(batch))
-        count = -(-len(rows) // self.cfg.micro_batch_size)
-        if self.layout.vp > 1 and count:
-            count = parallel.interleaved_microbatches(count, len(rows), self.layout)
-        return [(picked, batch.select(picked)) for picked in torch.tensor_split(rows, count)] if count else []
+        return [(rows[plan], batch.select(rows[plan])) for plan in self._plan(batch.attention_mask[rows].sum(-1))]
+
+    def _plan(self, lengths: torch.Tensor) -> list[list[int]]:
+        """Micro-batches (indices into `lengths`) of one data-parallel rank's rows: by row count or token
+        budget (`plan_micro_batches`); the interleaved schedule needs a multiple of pipeline_parallel of them."""
+        n = len(lengths)
+        if self.layout.vp == 1 or not n:  # actor.max_tokens_per_micro_batch is refused with virtual_pipeline > 1
+            return plan_micro_batches(lengths.tolist(), self.cfg.micro_batch_size, self.cfg.max_tokens_per_micro_batch)
+        count = parallel.interleaved_microbatches(-(-n // self.cfg.micro_batch_size), n, self.layout)
+        return [c.tolist() for c in torch.tensor_split(torch.arange(n), count)]
+
+    def padding(self, batch: TokenBatch) -> dict:
+        """Padding tokens and computed tokens of this batch's micro-batches, over every data-parallel rank."""
+        pad = computed = 0
+        lengths = batch.attention_mask.sum(-1)
+        for dp_rank in range(self.layout.dp):
+            mine = lengths[dp_rank::self.layout.dp]
+            p, c = padding_share(mine.tolist(), self._plan(mine))
+            pad, computed = pad + p, computed + c
+        return {"padded_tokens": float(pad), "computed_tokens": float(computed)}
 
     def _token_logprobs(self, logits: torch.Tensor, mb: TokenBatch, part: parallel.SequenceSlice, temperature: float,
                         with_entropy: bool):
@@ -251,7 +267,8 @@ class MegatronActor:
                                 self.device)
             take = functools.partial(part.take, device=self.device)
             loss, tok = soup_loss(logp, take(mb.old_logp), take(mb.behaviour_logp), mb.advantages.to(self.device),
-                                  take(mb.segment), weights, loss_cfg, entropy=ent, ref_logp=take(mb.ref_logp))
+                                  take(mb.segment), weights, loss_cfg, entropy=ent, ref_logp=take(mb.ref_logp),
+                                  correction=take(mb.correction))
             width = mb.segment.shape[1]
             per_token = {"loss": loss.detach(), "ratio": part.put(tok["ratio"], width),
                          "clipped": part.put(tok["clipped"].float(), width), "entropy": part.put(ent.detach(), width)}
@@ -274,7 +291,8 @@ class MegatronActor:
         self._train_mode(False)
         self._sum_to_driver(ratio, clipped, entropy, total_loss)
         return {"ratio": ratio.flatten(), "clipped": clipped.flatten() > 0, "entropy": entropy.flatten(),
-                "segment": batch.segment.flatten(), "loss": float(total_loss), "grad_norm": float(grad_norm)}
+                "segment": batch.segment.flatten(), "loss": float(total_loss), "grad_norm": float(grad_norm),
+                **self.padding(batch)}
 
     def _rollout_weights(self):
         tensors = checkpoint.iter_hf_tensors(self.chunks, self.params, self.arch, self.layout)

@@ -11,6 +11,9 @@ prefix tokens (written by a historical pi_h), by `prefix_mode`:
     decoupled  r_t = pi_theta / pi_old, l_t = -min(pi_old / pi_h, is_cap) * min(r_t A, clip(r_t, 1-eps_lo, 1+eps_hi) A)
     shaped     r_t = pi_theta / pi_h,  l_t = -r_t / (r_t + gamma) * A          (no clipping)
     mask       m_t = 0 (no gradient, not counted)
+With a rollout correction (`algo.rollout_correction`, see rollout_correction.py) a continuation token's
+l_t is multiplied by its constant weight c_t. A row with no trained token (an overlong response under
+`algo.overlong_filter`, filler rows) has m_t = 0 everywhere: no loss, and it is not counted.
 
 Aggregation weights make a mean over *all* microbatches and ranks exact: they take global counts
 (`LossScale`: the sequences and trained tokens of the whole optimizer update, including rows an actor
@@ -67,15 +70,17 @@ class LossScale:
     @classmethod
     def of(cls, segment: torch.Tensor, prefix_mode: str) -> "LossScale":
         """Of the update whose samples' segment tags are `segment` [N, T-1]."""
-        return cls(segment.shape[0], float(loss_mask(segment, prefix_mode).sum()))
+        mask = loss_mask(segment, prefix_mode)
+        return cls(int((mask.sum(-1) > 0).sum()), float(mask.sum()))
 
 
-def zero_loss_rows(advantages: torch.Tensor, cfg: "LossConfig") -> torch.Tensor:
-    """[N] True where a sample's loss and gradient are exactly zero whatever the weights: A_i = 0 (every
-    policy term is a multiple of A_i, in each prefix_mode) and no KL or entropy term."""
+def zero_loss_rows(advantages: torch.Tensor, segment: torch.Tensor, cfg: "LossConfig") -> torch.Tensor:
+    """[N] True where a sample's loss and gradient are exactly zero whatever the weights: it has no trained
+    token, or A_i = 0 (every policy term is a multiple of A_i, in each prefix_mode) and no KL or entropy term."""
+    untrained = loss_mask(segment, cfg.prefix_mode).sum(-1) == 0
     if cfg.kl_coef > 0 or cfg.entropy_coef > 0:
-        return torch.zeros_like(advantages, dtype=torch.bool)
-    return advantages == 0
+        return untrained
+    return untrained | (advantages == 0)
 
 
 def aggregation_weights(mask: torch.Tensor, loss_agg: str, num_seqs: int, num_tokens: float) -> torch.Tensor:
@@ -96,13 +101,16 @@ def _clipped_pg(ratio, adv, lo, hi):
     return -torch.minimum(unclipped, clipped), clipped < unclipped
 
 
-def policy_token_loss(logp, old_logp, behaviour_logp, advantages, segment, cfg: LossConfig):
+def policy_token_loss(logp, old_logp, behaviour_logp, advantages, segment, cfg: LossConfig, correction=None):
     """Per-token loss l_t, the ratio r_t each token is judged by, and whether it was clipped.
-    Shapes [N, T]; `advantages` is [N]. Tokens outside prefix/continuation get l_t = 0."""
+    Shapes [N, T]; `advantages` is [N]; `correction` the rollout correction's c_t (None: 1). Tokens outside
+    prefix/continuation get l_t = 0."""
     adv = advantages[:, None].expand_as(logp)
     is_prefix = segment == PREFIX
     ratio_old = torch.exp(logp - old_logp)
     loss, clipped = _clipped_pg(ratio_old, adv, cfg.clip_low, cfg.clip_high)
+    if correction is not None:
+        loss = torch.where(segment == CONTINUATION, correction * loss, loss)
     ratio = ratio_old
     if cfg.prefix_mode in ("clip", "shaped"):
         ratio_behav = torch.exp(logp - behaviour_logp)
@@ -126,9 +134,10 @@ def policy_token_loss(logp, old_logp, behaviour_logp, advantages, segment, cfg: 
 
 
 def soup_loss(logp, old_logp, behaviour_logp, advantages, segment, weights, cfg: LossConfig,
-              entropy=None, ref_logp=None):
+              entropy=None, ref_logp=None, correction=None):
     """Scalar loss for one microbatch (sum over its tokens of weighted terms) and per-token stats."""
-    token_loss, ratio, clipped = policy_token_loss(logp, old_logp, behaviour_logp, advantages, segment, cfg)
+    token_loss, ratio, clipped = policy_token_loss(logp, old_logp, behaviour_logp, advantages, segment, cfg,
+                                                   correction)
     total = token_loss
     if cfg.kl_coef > 0:
         if ref_logp is None:

@@ -13,6 +13,11 @@ class PrefixSource(Protocol):
     def take(self, step: int) -> list[Optional[Trajectory]]:
         """One trajectory per slot planned for `step` (None: the source has none for that prompt)."""
 
+    def take_slots(self, step: int, round: int, slots: Sequence[tuple[str, tuple[int, ...]]]
+                   ) -> list[Optional[Trajectory]]:
+        """One trajectory per (prompt uid, prompt ids) of `slots`, for dynamic sampling's refill `round` of
+        `step`, from the history `step` sees; made on demand, a pure function of (seed, step, round, slots)."""
+
     def schedule(self, step: int) -> None:
         """Step `step` has its rollout: work on the steps after it may begin in the background."""
 
@@ -49,6 +54,9 @@ class NoPrefixes:
         pass
 
     def take(self, step: int) -> list[Optional[Trajectory]]:
+        return []
+
+    def take_slots(self, step: int, round: int, slots) -> list[Optional[Trajectory]]:
         return []
 
     def record(self, samples: Sequence[Sample]) -> None:

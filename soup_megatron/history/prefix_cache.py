@@ -49,7 +49,7 @@ Plan = Callable[[int], list[tuple[str, tuple[int, ...]]]]
 class PrefixJob:
     """The historical trajectories of consecutive steps, generated together: one generation call per version."""
 
-    steps: list[int]
+    steps: list  # step numbers, or one refill key (`take_slots`)
     uids: list[str]  # the slots of every step, step after step
     prompt_ids: list[tuple[int, ...]]
     versions: list[int]
@@ -163,10 +163,12 @@ class PrefixCache:
         self.generation_seconds: dict[int, float] = {}  # a job's time, shared evenly by its steps
         self.weight_loads: dict[int, float] = {}
 
-    def _submit(self, steps: list[int], snapshot: list[int], wanted: Optional[list[int]] = None) -> None:
+    def _submit(self, steps: list, snapshot: list[int], wanted: Optional[list[int]] = None,
+                refill_slots=None) -> None:
+        """A job for `steps`: their planned slots, or `refill_slots` for a single refill key."""
         uids, prompt_ids, versions = [], [], []
         for step in steps:  # each step keeps its own picks: a job of several steps changes no trajectory's version
-            slots = self.plan(step)
+            slots = self.plan(step) if refill_slots is None else refill_slots
             uids += [u for u, _ in slots]
             prompt_ids += [p for _, p in slots]
             versions += pick_versions(snapshot, len(slots), self.pick, random.Random(f"pick-{self.seed}-{step}"))
@@ -234,6 +236,16 @@ class PrefixCache:
             self._pending.pop(first)
             self.store.unpin(f"prefix-{first}")
         return self._done.pop(step)
+
+    def take_slots(self, step: int, round: int, slots) -> list[Optional[Trajectory]]:
+        """Generated now, after the jobs already queued (a refill is not known ahead), with the pool as it is
+        during `step`; taken before the step ends, so a checkpoint never holds it."""
+        key = f"{step}-refill-{round}"
+        self._submit([key], self.store.members(), refill_slots=list(slots))
+        out = self.take(key)
+        self.generation_seconds[step] = self.generation_seconds.get(step, 0.0) + self.generation_seconds.pop(key)
+        self.weight_loads[step] = self.weight_loads.get(step, 0.0) + self.weight_loads.pop(key)
+        return out
 
     def record(self, samples: Sequence[Sample]) -> None:
         pass  # historical checkpoints, not past rollouts, write these prefixes

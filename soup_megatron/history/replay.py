@@ -25,8 +25,14 @@ class ReplayBuffer:
         pass  # nothing to prepare: replays are drawn when the step takes them
 
     def take(self, step: int) -> list[Optional[Trajectory]]:
-        rng = random.Random(f"replay-{self.seed}-{step}")
-        return [rng.choice(self._by_prompt[uid]) if self._by_prompt.get(uid) else None for uid, _ in self.plan(step)]
+        return self._draw(f"{step}", self.plan(step))
+
+    def take_slots(self, step: int, round: int, slots) -> list[Optional[Trajectory]]:
+        return self._draw(f"{step}-refill-{round}", slots)
+
+    def _draw(self, key: str, slots) -> list[Optional[Trajectory]]:
+        rng = random.Random(f"replay-{self.seed}-{key}")
+        return [rng.choice(self._by_prompt[uid]) if self._by_prompt.get(uid) else None for uid, _ in slots]
 
     def record(self, samples: Sequence[Sample]) -> None:
         for sample in samples:
