@@ -40,10 +40,15 @@ STEP_VARIANTS = {
     "SOUP history_steps_per_call=2": ["soup.history_steps_per_call=2"],
     "SOUP max_length + steps_per_call=2": ["soup.cut_of=max_length", "soup.history_steps_per_call=2"],
     "SOUP lookahead=0": ["soup.lookahead=0"],
+    "GRPO one-step-off": ["soup.mix_fraction=0", "rollout.async_steps=1", "algo.rollout_correction=tis"],
+    "SOUP one-step-off": ["rollout.async_steps=1", "algo.rollout_correction=tis"],
+    # rows sorted by length into micro-batches of at most micro_batch_size x max_response_len tokens
+    "SOUP token-budget micro-batches": lambda cfg: [
+        f"actor.max_tokens_per_micro_batch={cfg.actor.micro_batch_size * cfg.rollout.max_response_len}"],
 }
-STEP_COLUMNS = ["time/step", "time/rollout", "time/prefix_wait", "time/train", "time/weight_sync", "time/history",
+STEP_COLUMNS = ["time/step", "time/rollout", "time/rollout_wait", "time/prefix_wait", "time/train", "time/weight_sync", "time/history",
                 "time/prefix_generate", "tokens/decoded", "tokens/prefilled", "tokens/prefix", "tokens/history_decoded",
-                "train/samples_trained"]
+                "train/samples_trained", "train/padding_share"]
 
 
 def _interleaved_steps(config: str, variants: dict[str, list[str]], steps: int, overrides: list[str],
@@ -78,7 +83,8 @@ def _step_table(title: str, records: dict[str, list[dict]], warmup: int, columns
     table.add_column("decoded / GRPO")
     base = medians["GRPO"]
     for name, m in medians.items():
-        table.add_row(name, *[f"{m[c]:.3f}" if c.startswith("time") else f"{m[c]:.0f}" for c in columns],
+        table.add_row(name, *[f"{m[c]:.3f}" if c.startswith(("time", "train/padding")) else f"{m[c]:.0f}"
+                              for c in columns],
                       f"{m['time/step'] / base['time/step']:.3f}",
                       f"{m['tokens/decoded'] / base['tokens/decoded']:.3f}")
     return table
@@ -98,13 +104,14 @@ def bench_step(config: str, steps: int, warmup: int, overrides: list[str],
     if unknown:
         raise ConfigError(f"--variant {unknown[0]!r} is not a benchmark variant; choose from: "
                           + ", ".join(STEP_VARIANTS))
-    chosen = {n: v for n, v in STEP_VARIANTS.items() if not variants or n == "GRPO" or n in variants}
+    cfg = load_config(config, overrides)
+    chosen = {n: v(cfg) if callable(v) else v for n, v in STEP_VARIANTS.items()
+              if not variants or n == "GRPO" or n in variants}
     with tempfile.TemporaryDirectory(prefix="bench-step-") as tmp:
         records = _interleaved_steps(config, chosen, steps, overrides, tmp)
     if records_path:
         atomic_write_text(Path(records_path), json.dumps({"config": config, "overrides": overrides, "warmup": warmup,
                                                           "variants": chosen, "records": records}, indent=1))
-    cfg = load_config(config, overrides)
     samples = f"{cfg.rollout.prompts_per_step}x{cfg.rollout.group_size}"
     return [_step_table(f"SOUP vs GRPO step time ({samples} samples/step, "
                         f"mix_fraction={cfg.soup.mix_fraction}, lookahead={cfg.soup.lookahead}, "

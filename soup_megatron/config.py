@@ -142,6 +142,8 @@ class RolloutConfig:
     temperature: float = 1.0
     threads: int = 0  # torch threads of a background engine process; 0 = leave torch's default
     weight_sync: str = "auto"  # memory (in-process engines) | disk (HF export + update_weights_from_disk); auto
+    async_steps: int = 0  # 0: synchronous. 1: one-step-off, step n+1's rollout runs (on the weights of version n)
+    # while step n trains; its continuation tokens reach the update one version old (see trainer.train_step)
     sglang: SGLangConfig = field(default_factory=SGLangConfig)
 
 
@@ -366,6 +368,8 @@ RULES = [
     ("rollout.max_response_len", lambda c: c.rollout.max_response_len >= 1, ">= 1"),
     ("rollout.temperature", lambda c: c.rollout.temperature > 0, "> 0"),
     ("rollout.threads", lambda c: c.rollout.threads >= 0, ">= 0"),
+    ("rollout.async_steps", lambda c: c.rollout.async_steps in (0, 1),
+     "0 (synchronous) or 1 (one-step-off: a bound on staleness, not a queue)"),
     ("algo.clip_low", lambda c: 0 < c.algo.clip_low < 1, "in (0, 1)"),
     ("algo.clip_high", lambda c: c.algo.clip_high > 0, "> 0"),
     ("algo.kl_coef", lambda c: c.algo.kl_coef >= 0, ">= 0"),

@@ -41,6 +41,7 @@ class WandbLog:
         id_file = Path(out_dir) / "wandb_run_id"
         run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(6)
         atomic_write_text(id_file, run_id + "\n")
+        self._wandb = wandb
         self.run = wandb.init(mode=settings.mode, project=settings.project, name=settings.name, id=run_id,
                               resume="allow", dir=str(out_dir), config=settings.config,
                               settings=wandb.Settings(silent=True, console="off"))
@@ -50,6 +51,7 @@ class WandbLog:
 
     def close(self) -> None:
         self.run.finish()
+        self._wandb.teardown()  # waits for wandb's service to write out the run: the files are complete
 
 
 class MetricsLog:

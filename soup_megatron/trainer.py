@@ -7,6 +7,17 @@ GRPO (`soup.mix_fraction = 0`) and trajectory-level mixing (`soup.mode = traject
 same code. Every random choice is derived from (seed, step), and a trainer checkpoint holds weights,
 optimizer, history pool, pending prefix jobs and the replay buffer, so a run killed at any point and
 resumed reaches the same state as an uninterrupted one.
+
+One-step-off rollout (`rollout.async_steps = 1`): step n+1's rollout runs on the engine's weights of
+version n while step n trains, and the weights are synced only after it is done, so at step n+1's update
+(actor version n+1) every continuation token is exactly one version old (`staleness/*`; an older one is
+refused). The loss keeps its form: pi_old is the actor's re-scored log-prob under the weights the update
+starts from (version n+1), the proximal policy the clip is taken around, r_t = pi_theta / pi_old. The
+behaviour policy mu (version n, the engine's own log-probs) enters through `algo.rollout_correction`
+alone, w_t = pi_old / mu (tis: min(w_t, cap) * l_t; mis: l_t only where w_t is in [1/cap, cap]): that
+weight then covers the policy lag and the engine mismatch together (decoupled PPO). With
+rollout_correction = none the lag is not corrected. SOUP's prefixes are taken and cut in the rollout
+stage as in a synchronous step. A checkpoint holds the next step's samples, so a resume trains on them.
 """
 
 from __future__ import annotations
@@ -18,6 +29,7 @@ import shutil
 import sys
 import time
 import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +80,17 @@ class Timer:
         start = time.perf_counter()
         yield
         self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+@dataclass
+class Collected:
+    """A step's samples as the rollout stage left them, with its metrics and stage times."""
+
+    step: int
+    samples: list[Sample]  # trained on
+    generated: list[Sample]  # every sample generated (dynamic sampling's dropped groups too)
+    info: dict
+    seconds: dict[str, float]
 
 
 def _refuse_restart_without_checkpoints(ckpt_root: Path) -> None:
@@ -126,6 +149,10 @@ class Trainer:
             self.colocated_history = build_engine(cfg.rollout, cfg.model.path, 0, self.out, group="history")
             self.colocated_history.continue_generation()  # a run that died mid-rollout may have left them paused
         self.prefixes, self.metrics = NoPrefixes(), None  # until built below (close() may run before)
+        # rollout.async_steps = 1: the next step's rollout, running in this thread while a step trains
+        self.rollout_thread = ThreadPoolExecutor(1, thread_name_prefix="soup-rollout")
+        self.next_rollout: Optional[Future] = None
+        self.collected: Optional[Collected] = None  # a step's samples collected ahead (and in checkpoints)
         self.start_step = 0
         latest = self.ckpt_root / "latest"
         resume_state = None
@@ -433,7 +460,7 @@ class Trainer:
         needs = sorted(set(self.store.members()) | self.prefixes.pinned_versions())  # history it resumes with
         with atomic_dir(self.ckpt_root / name) as tmp:
             self.actor.save_state(tmp / "actor")
-            torch.save({"prefixes": self.prefixes.state()}, tmp / "prefixes.pt")
+            torch.save({"prefixes": self.prefixes.state(), "collected": self.collected}, tmp / "prefixes.pt")
             atomic_write_json(tmp / "state.json", {"step": step, "history_members": self.store.members(),
                                                    "history_needed": needs})
         atomic_write_text(self.ckpt_root / "latest", name + "\n")
@@ -460,13 +487,13 @@ class Trainer:
         self._pin_checkpoint_history()
         self.start_step = state["step"]
         extra = torch.load(path / "prefixes.pt", weights_only=False)
+        self.collected = extra.get("collected")  # one-step-off: the next step's samples, already generated
         return {"prefixes": extra["prefixes"]}
 
     # ---- the loop ------------------------------------------------------------------------------
-    def train_step(self, step: int) -> dict:
-        """One full step of the data flow; returns its metrics record (without evaluation)."""
+    def collect(self, step: int) -> "Collected":
+        """The samples step `step` trains on: rollout, reward and advantage, dynamic sampling's refills."""
         timer = Timer()
-        started = time.perf_counter()
         first_round, info = self.rollout(step, timer)
         self.score(first_round)
         samples, generated = first_round, first_round
@@ -474,15 +501,65 @@ class Trainer:
             samples, generated, refills = self.dynamic_sampling(step, first_round, timer)
             for key, value in refills.items():
                 info[key] = info.get(key, 0.0) + value
-        if samples:
-            stats = self.update(self.make_batch(samples), step, timer)
-        else:  # dynamic sampling found no informative group: nothing to train on
-            self.actor.version = step + 1
-            stats = {"train/samples_trained": 0.0}
-        stats.update(self._overlong_stats(samples))
-        self.sync_and_record(step, generated, timer)  # replay keeps what every round generated
-        record = {"step": step + 1, **info, **stats, **self._sample_stats(first_round),
-                  **{f"time/{k}": v for k, v in timer.seconds.items()}}
+        info.update(self._sample_stats(first_round))
+        return Collected(step, samples, generated, info, timer.seconds)
+
+    def _samples_for(self, step: int, timer: Timer) -> "Collected":
+        """Step `step`'s samples: collected now (synchronous, or the first step after a start), or by the
+        one-step-off rollout that ran during the previous step's training."""
+        if self.collected is not None and self.collected.step == step:
+            collected, self.collected = self.collected, None
+            return collected
+        if not self.cfg.rollout.async_steps:
+            return self.collect(step)
+        with timer("rollout_wait"):  # the first step of a one-step-off run has nothing ahead
+            return self.collect(step)
+
+    def _start_next_rollout(self, step: int) -> None:
+        """rollout.async_steps = 1: step+1's rollout runs on the engine's current weights (version `step`)
+        while this step trains; the weights are synced only once it is done, so it waits at most one step."""
+        if self.cfg.rollout.async_steps and step + 1 < self.cfg.trainer.steps:
+            self.next_rollout = self.rollout_thread.submit(self.collect, step + 1)
+
+    def _finish_next_rollout(self, timer: Timer) -> None:
+        if self.next_rollout is not None:
+            with timer("rollout_wait"):
+                self.collected = self.next_rollout.result()
+            self.next_rollout = None
+
+    def _check_staleness(self, samples: list[Sample]) -> dict:
+        """Per continuation token: the trainer's version minus the version that wrote it; refused past the bound."""
+        lags = [self.actor.version - v for s in samples
+                for v, seg in zip(s.versions, s.segments) if seg == CONTINUATION]
+        if lags and max(lags) > self.cfg.rollout.async_steps:
+            raise RuntimeError(f"a continuation token written by policy version {self.actor.version - max(lags)} "
+                               f"reached the update of version {self.actor.version}: older than rollout.async_steps="
+                               f"{self.cfg.rollout.async_steps} allows")
+        return {"staleness/max": float(max(lags, default=0)),
+                "staleness/mean": float(sum(lags) / len(lags)) if lags else 0.0}
+
+    def train_step(self, step: int) -> dict:
+        """One full step of the data flow; returns its metrics record (without evaluation)."""
+        timer = Timer()
+        started = time.perf_counter()
+        collected = self._samples_for(step, timer)
+        self._start_next_rollout(step)
+        try:
+            samples = collected.samples
+            staleness = self._check_staleness(samples)
+            if samples:
+                stats = self.update(self.make_batch(samples), step, timer)
+            else:  # dynamic sampling found no informative group: nothing to train on
+                self.actor.version = step + 1
+                stats = {"train/samples_trained": 0.0}
+        finally:
+            self._finish_next_rollout(timer)  # before the weights change under it
+        stats.update(self._overlong_stats(samples), **staleness)
+        self.sync_and_record(step, collected.generated, timer)  # replay keeps what every round generated
+        seconds = dict(collected.seconds)
+        for key, value in timer.seconds.items():
+            seconds[key] = seconds.get(key, 0.0) + value
+        record = {"step": step + 1, **collected.info, **stats, **{f"time/{k}": v for k, v in seconds.items()}}
         if isinstance(self.prefixes, PrefixCache):
             record["time/prefix_generate"] = self.prefixes.generation_seconds.pop(step, 0.0)
             record["history/weight_loads"] = self.prefixes.weight_loads.pop(step, 0.0)
@@ -546,6 +623,8 @@ class Trainer:
 
     def close(self) -> None:
         """End everything the run started: the prefix worker, the logs, the SGLang servers."""
+        if getattr(self, "rollout_thread", None) is not None:
+            self.rollout_thread.shutdown(wait=False, cancel_futures=True)
         for part in (getattr(self, "prefixes", None), getattr(self, "metrics", None), self.servers, self.actor):
             if part is not None:
                 part.close()

@@ -275,11 +275,16 @@ def comparable(rows):
 
 
 def test_kill_and_resume_matches_uninterrupted_run(tiny_model, tmp_path):
+    """With one-step-off rollout (the checkpoint holds the next step's samples), dynamic sampling's refill
+    rounds (prefixes made on demand), the overlong penalty, MIS and token-budget micro-batches on, as they
+    all draw on per-step state a resume must restore."""
     from tests.conftest import TINY
 
     args = TINY + [f"model.path={tiny_model}", "trainer.steps=8", "trainer.save_interval=2", "trainer.eval_interval=4",
                    "history.interval=2", "history.keep=2", "soup.lookahead=2", "soup.cut_of=max_length",
-                   "soup.history_steps_per_call=2"]
+                   "soup.history_steps_per_call=2", "reward.function=tests.helpers:half_constant_reward",
+                   "algo.dynamic_sampling=true", "algo.overlong_penalty_len=6", "algo.rollout_correction=mis",
+                   "actor.max_tokens_per_micro_batch=160", "rollout.async_steps=1"]
     straight = run_cli(args, tmp_path / "straight")
     assert straight.wait(timeout=600) == 0, straight.stderr.read()
 
@@ -306,6 +311,9 @@ def test_kill_and_resume_matches_uninterrupted_run(tiny_model, tmp_path):
         comparable(read_metrics(tmp_path / "killed" / "metrics.jsonl"))
     assert json.loads((tmp_path / "straight" / "history" / "manifest.json").read_text()) == \
         json.loads((tmp_path / "killed" / "history" / "manifest.json").read_text())
+    rows = read_metrics(tmp_path / "straight" / "metrics.jsonl")
+    assert sum(r.get("dynamic/refill_rounds", 0) for r in rows) > 0  # refills happened, and resumed exactly
+    assert max(r.get("staleness/max", 0) for r in rows) == 1
 
 
 def test_sigterm_leaves_no_process_behind(tiny_model, tmp_path):
