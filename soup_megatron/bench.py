@@ -42,13 +42,16 @@ STEP_VARIANTS = {
     "SOUP lookahead=0": ["soup.lookahead=0"],
     "GRPO one-step-off": ["soup.mix_fraction=0", "rollout.async_steps=1", "algo.rollout_correction=tis"],
     "SOUP one-step-off": ["rollout.async_steps=1", "algo.rollout_correction=tis"],
-    # rows sorted by length into micro-batches of at most micro_batch_size x max_response_len tokens
-    "SOUP token-budget micro-batches": lambda cfg: [
-        f"actor.max_tokens_per_micro_batch={cfg.actor.micro_batch_size * cfg.rollout.max_response_len}"],
+    # padding: micro-batches of a quarter of actor.micro_batch_size rows, in order, against rows sorted by
+    # length into micro-batches of a token budget of that many rows of rollout.max_response_len tokens
+    "SOUP micro-batches of micro_batch_size/4 rows": lambda cfg: [
+        f"actor.micro_batch_size={max(1, cfg.actor.micro_batch_size // 4)}"],
+    "SOUP token budget of micro_batch_size/4 x max_response_len": lambda cfg: [
+        f"actor.max_tokens_per_micro_batch={max(1, cfg.actor.micro_batch_size // 4) * cfg.rollout.max_response_len}"],
 }
-STEP_COLUMNS = ["time/step", "time/rollout", "time/rollout_wait", "time/prefix_wait", "time/train", "time/weight_sync", "time/history",
-                "time/prefix_generate", "tokens/decoded", "tokens/prefilled", "tokens/prefix", "tokens/history_decoded",
-                "train/samples_trained", "train/padding_share"]
+STEP_COLUMNS = ["time/step", "time/rollout", "time/rollout_wait", "time/prefix_wait", "time/train", "time/weight_sync",
+                "time/history", "time/prefix_generate", "tokens/decoded", "tokens/prefilled", "tokens/prefix",
+                "tokens/history_decoded", "train/samples_trained", "train/padding_share"]
 
 
 def _interleaved_steps(config: str, variants: dict[str, list[str]], steps: int, overrides: list[str],

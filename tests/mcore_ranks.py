@@ -105,8 +105,8 @@ def actor_parity(model_dir: str, tp: int, pp: int, vp: int, cp: int, sp: bool, w
                               sequence_parallel=sp)
     acfg = ActorConfig(lr=1e-3, grad_clip=0.3, micro_batch_size=3, megatron=megatron)
     loss_cfg = LossConfig(prefix_mode="clip", loss_agg="token_mean", entropy_coef=0.01)
-    mega = build_actor(ActorConfig(**{**acfg.__dict__, "backend": "megatron", "max_tokens_per_micro_batch": max_tokens}),
-                       model_dir, samples_per_update=8)
+    mega_cfg = ActorConfig(**{**acfg.__dict__, "backend": "megatron", "max_tokens_per_micro_batch": max_tokens})
+    mega = build_actor(mega_cfg, model_dir, samples_per_update=8)
     local = build_actor(acfg, model_dir)
     batch = soup_batch(local.model.config.vocab_size)
     logp_local, ent_local = local.logprobs(batch, 0.8, with_entropy=True)
@@ -134,8 +134,7 @@ def actor_parity(model_dir: str, tp: int, pp: int, vp: int, cp: int, sp: bool, w
     again = mega._train_minibatch(batch, loss_cfg, 0.8)
     weights_again = _exported(mega)
     # and so does a new actor, as a resumed job makes: its optimizer has taken no step yet
-    fresh = build_actor(ActorConfig(**{**acfg.__dict__, "backend": "megatron", "max_tokens_per_micro_batch": max_tokens}),
-                        model_dir, samples_per_update=8)
+    fresh = build_actor(mega_cfg, model_dir, samples_per_update=8)
     fresh._load_state(work / "state")
     from_fresh = fresh._train_minibatch(batch, loss_cfg, 0.8)
     weights_fresh = _exported(fresh)
