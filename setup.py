@@ -30,6 +30,7 @@ setup(
         "sglang": ["sglang>=0.5", "requests"],
         "launch": ["nemo-run>=0.5", "leptonai<0.47"],
         "gguf": ["gguf>=0.10", "accelerate>=1.0"],  # prepare: model.source=gguf_wheel (requirements-gguf.txt pins)
+        "wandb": ["wandb>=0.19"],  # trainer.wandb=offline|online (requirements-cpu.txt pins it for the tests)
         "dev": ["pytest>=8", "pytest-timeout", "ruff"],
     },
     entry_points={"console_scripts": ["soup-megatron=soup_megatron.cli:main"]},
