@@ -8,3 +8,7 @@ Data flow, one package per stage: data/ (prompts) -> history/ (historical checkp
 from transformers.utils import logging as _hf_logging
 
 _hf_logging.disable_progress_bar()  # per-save shard bars would drown the run's own progress bar
+
+from .log import setup_logging  # noqa: E402
+
+setup_logging()  # the package's status lines and warnings go to stderr (rank 0), as its prints did

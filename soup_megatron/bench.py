@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -28,9 +27,13 @@ from rich.console import Console
 from rich.table import Table
 
 from .config import Config, ConfigError, load_config
+from .errors import refusals_to_exit_code
 from .io import atomic_write_text
+from .log import get_logger
 from .shutdown import exit_on_signals
 from .trainer import Trainer
+
+log = get_logger(__name__)
 
 STEP_VARIANTS = {
     "GRPO": ["soup.mix_fraction=0"],
@@ -67,8 +70,8 @@ def _interleaved_steps(config: str, variants: dict[str, list[str]], steps: int, 
         for step in range(steps):
             for name, trainer in trainers.items():
                 records[name].append(trainer.train_step(step))
-            print(f"step {step + 1}/{steps}: " + "  ".join(
-                f"{n} {records[n][-1]['time/step']:.2f}s" for n in trainers), file=sys.stderr)
+            log.info(f"step {step + 1}/{steps}: " + "  ".join(
+                f"{n} {records[n][-1]['time/step']:.2f}s" for n in trainers))
         return records
     finally:
         for trainer in trainers.values():
@@ -236,7 +239,7 @@ def bench_actor(config: str, steps: int, warmup: int, overrides: list[str]) -> l
                 started = time.perf_counter()
                 actor.train_minibatch(batch, loss_cfg, cfg.rollout.temperature)
                 seconds[name]["train"].append(time.perf_counter() - started)
-            print(f"repeat {rep + 1}/{steps}", file=sys.stderr)
+            log.info(f"repeat {rep + 1}/{steps}")
     finally:
         for actor in actors.values():
             actor.close()
@@ -282,9 +285,10 @@ def tool_main(name: str, doc: str, argv=None) -> int:
     args = parser.parse_intermixed_args(argv)
     exit_on_signals()
     extra = {"records_path": args.records, "variants": args.variant} if name == "step" else {}
-    try:
+
+    def run() -> int:
         for table in BENCHMARKS[name](args.config, args.steps, args.warmup, args.overrides, **extra):
             print_table(table)
-    except ConfigError as exc:
-        parser.error(str(exc))
-    return 0
+        return 0
+
+    return refusals_to_exit_code(run)

@@ -8,10 +8,11 @@ from dataclasses import replace
 from pathlib import Path
 
 from .config import ConfigError, load_config, samples_per_update
-from .data.prompts import DataError
-from .history.store import HistoryError
-from .model.hf import CheckpointError
+from .errors import refusals_to_exit_code
+from .log import get_logger, setup_logging
 from .shutdown import exit_on_signals
+
+log = get_logger(__name__)
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -36,12 +37,12 @@ def cmd_prepare(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     if cfg.model.source != "hf" and Path(cfg.model.path, "config.json").is_file() and not args.force:
-        print(f"{cfg.model.path} already holds a model; pass --force to make it again")
+        log.info(f"{cfg.model.path} already holds a model; pass --force to make it again")
         return 0
     path = prepare_model(cfg)
     prompt, answer = smoke_generation(cfg)
-    print(f"model ready at {path} (model.source={cfg.model.source})")
-    print(f"smoke generation, greedy: {prompt!r} -> {answer!r}")
+    log.info(f"model ready at {path} (model.source={cfg.model.source})")
+    log.info(f"smoke generation, greedy: {prompt!r} -> {answer!r}")
     return 0
 
 
@@ -68,7 +69,7 @@ def cmd_train(args) -> int:
                [(k, f"{first[k]:.3f}", f"{last[k]:.3f}", f"{last[k] - first[k]:+.3f}") for k in keys],
                ("metric", "before (step 0)", f"after (step {last['step']})", "change"))
     if "plot" in summary:
-        print(f"curves: {summary['plot']}   metrics: {Path(cfg.trainer.out_dir) / 'metrics.jsonl'}")
+        log.info(f"curves: {summary['plot']}   metrics: {Path(cfg.trainer.out_dir) / 'metrics.jsonl'}")
     return 0
 
 
@@ -132,7 +133,7 @@ def cmd_eval(args) -> int:
                             "data": data_name, "n": args.n, "k": ks, "reward": reward_type,
                             "temperature": sampling.temperature, "max_new_tokens": sampling.max_new_tokens,
                             "seed": cfg.seed, **result})
-    print(f"results: {out}")
+    log.info(f"results: {out}")
     return 0
 
 
@@ -143,7 +144,7 @@ def cmd_sweep(args) -> int:
     run_study(study)
     out = Path(study.out_dir)
     print((out / "results.md").read_text())
-    print(f"results: {out / 'results.md'}  {out / 'results.json'}  plot: {out / 'study.png'}")
+    log.info(f"results: {out / 'results.md'}  {out / 'results.json'}  plot: {out / 'study.png'}")
     return 0
 
 
@@ -158,7 +159,7 @@ def cmd_bench(args) -> int:
         except ConfigError as exc:
             if args.only:
                 raise
-            print(f"benchmark '{name}' not run: {exc}", file=sys.stderr)  # e.g. no SGLang venv here
+            log.warning(f"benchmark '{name}' not run: {exc}")  # e.g. no SGLang venv here
             continue
         for table in tables:
             print_table(table)
@@ -168,20 +169,15 @@ def cmd_bench(args) -> int:
 def _local(rollout):
     """`eval` runs its engines in-process: SGLang servers belong to a training run (its run directory)."""
     if rollout.backend != "local":
-        print(f"eval: rollout.backend={rollout.backend} serves training runs; evaluating in-process", file=sys.stderr)
+        log.warning(f"eval: rollout.backend={rollout.backend} serves training runs; evaluating in-process")
     return replace(rollout, backend="local")
 
 
 def cmd_launch(args) -> int:
-    from .cluster.launch import LaunchError, launch
+    from .cluster.launch import launch
 
     cfg = load_config(args.config, args.overrides)
-    note = " ".join([args.config or "defaults", *args.overrides])
-    try:
-        launch(cfg, args.executor, args.dryrun, note)
-    except LaunchError as exc:
-        print(f"launch error: {exc}", file=sys.stderr)
-        return 1
+    launch(cfg, args.executor, args.dryrun, " ".join([args.config or "defaults", *args.overrides]))
     return 0
 
 
@@ -258,14 +254,8 @@ def main(argv=None) -> int:
     p.set_defaults(fn=cmd_serve)
     args = parser.parse_args(argv)
     exit_on_signals(checkpoint_on_usr1=args.command == "train")
-    try:
-        return args.fn(args)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
-    except (DataError, CheckpointError, HistoryError, PermissionError) as exc:  # bad inputs: say which, no traceback
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    setup_logging()
+    return refusals_to_exit_code(lambda: args.fn(args))
 
 
 if __name__ == "__main__":

@@ -15,10 +15,13 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .algo.mixing import mixed_count
+from .errors import SoupError
 
 
-class ConfigError(ValueError):
+class ConfigError(SoupError, ValueError):
     """A configuration value the run cannot start with."""
+
+    label = "config error"
 
 
 @dataclass

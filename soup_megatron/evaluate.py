@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from .algo.mixing import cut_point
+from .config import ConfigError
 from .data.encoding import PromptFormat
 from .data.prompts import Prompt
 from .reward import RewardFn
@@ -99,7 +100,7 @@ def evaluate(engine: RolloutEngine, fmt: PromptFormat, prompts: Sequence[Prompt]
     """Greedy accuracy and pass@k of `engine`'s policy; with `soup`, also the historical policy's pass@k
     and SOUP inference's. Returns summary numbers and the per-prompt correct counts."""
     if any(k > n for k in ks):
-        raise ValueError(f"every k must be <= n (samples per prompt); got k={list(ks)} with n={n}")
+        raise ConfigError(f"every k must be <= n (samples per prompt); got k={list(ks)} with n={n}")
     greedy, _ = correct_counts(engine, fmt, prompts, reward_fn, 1, sampling, greedy=True)
     sampled, _ = correct_counts(engine, fmt, prompts, reward_fn, n, sampling)
     result = {"greedy_acc": sum(greedy) / len(prompts), "sampled": mean_pass_at_k(sampled, n, ks)}

@@ -14,6 +14,8 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
+from .errors import SoupError
+
 TMP_MARK = ".tmp-"
 
 
@@ -51,16 +53,20 @@ def atomic_write_private(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"), mode=0o600)
 
 
+class RunDirError(SoupError, PermissionError):
+    """A run directory this user must not use: someone else's, or open to others."""
+
+
 def make_private_dir(path: str | Path) -> Path:
     """Create `path` (mode 0700) or check an existing one: it must be ours and not open to others."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
     st = path.stat()
     if st.st_uid != os.getuid():
-        raise PermissionError(f"{path} belongs to user id {st.st_uid}, not to you ({os.getuid()}); "
+        raise RunDirError(f"{path} belongs to user id {st.st_uid}, not to you ({os.getuid()}); "
                               "a run only uses directories of its own user")
     if st.st_mode & 0o022:
-        raise PermissionError(f"{path} is writable by other users (mode {oct(st.st_mode & 0o777)}); "
+        raise RunDirError(f"{path} is writable by other users (mode {oct(st.st_mode & 0o777)}); "
                               f"fix it with `chmod go-w {path}` (or 700) before running")
     if st.st_mode & 0o077:
         os.chmod(path, 0o700)  # ours and not writable by others: just close it

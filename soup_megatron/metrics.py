@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from .config import ConfigError
 from .io import atomic_write_text
 
 
@@ -36,7 +37,7 @@ class WandbLog:
         try:
             import wandb
         except ImportError:
-            raise RuntimeError(f"trainer.wandb={settings.mode} needs the wandb package (pinned in "
+            raise ConfigError(f"trainer.wandb={settings.mode} needs the wandb package (pinned in "
                                "requirements-cpu.txt: bash tools/setup_env.sh installs it)") from None
         id_file = Path(out_dir) / "wandb_run_id"
         run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(6)

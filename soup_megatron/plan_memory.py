@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -52,8 +51,12 @@ from types import SimpleNamespace
 from rich.console import Console
 from rich.table import Table
 
-from .config import Config, ConfigError, MegatronConfig, load_config
+from .config import Config, MegatronConfig, load_config
+from .errors import SoupError, refusals_to_exit_code
+from .log import get_logger
 from .mcore.model import Architecture, UnsupportedModel, check_parallel_sizes, padded_vocab_size
+
+log = get_logger(__name__)
 
 GIB = 2**30
 PROMPT_BUDGET = 1024  # tokens of prompt assumed in a training sample unless --seq-len says otherwise
@@ -73,7 +76,7 @@ ADVICE["optimizer state"] = (ADVICE["weights"] + ", or shard the optimizer state
                              "(actor.megatron.distributed_optimizer=true with a larger --world-size)")
 
 
-class PlanError(ValueError):
+class PlanError(SoupError, ValueError):
     """A plan that cannot be computed or does not fit."""
 
 
@@ -387,12 +390,12 @@ def refusals(args, cfg: Config, plan: Plan, stages: dict[str, int], budgets: dic
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        plan = plan_from(args, cfg)
-    except (ConfigError, PlanError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return refusals_to_exit_code(lambda: _plan(args))
+
+
+def _plan(args) -> int:
+    cfg = load_config(args.config, args.overrides)
+    plan = plan_from(args, cfg)
     mc, sg = plan.megatron, cfg.rollout.sglang
     gpu_bytes = args.gpu_memory_gib * GIB
     last = mc.pipeline_parallel - 1
@@ -417,5 +420,5 @@ def main(argv=None) -> int:
         console.print(f"note: {note}")
     errors = refusals(args, cfg, plan, stages, budgets)
     for error in errors:
-        print(f"error: {error}", file=sys.stderr)
+        log.error(f"error: {error}")
     return 2 if errors else 0

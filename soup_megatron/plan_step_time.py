@@ -53,7 +53,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -62,7 +61,8 @@ from rich.console import Console
 from rich.table import Table
 
 from .algo.mixing import mixed_count
-from .config import Config, ConfigError, load_config
+from .config import Config, load_config
+from .errors import refusals_to_exit_code
 from .mcore.model import padded_vocab_size
 from .plan_memory import PlanError, parameter_counts, read_architecture, sglang_budget
 
@@ -362,42 +362,41 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    console = Console(width=180)
-    try:
-        if not 0 < args.mean_response <= 1:
-            raise PlanError(f"--mean-response {args.mean_response}: expected a fraction in (0, 1]")
-        for flag, value in (("--prompt-len", args.prompt_len), ("--disk-gbps", args.disk_gbps),
-                            ("--train-gpus", args.train_gpus), ("--tau0", args.tau0), ("--tau1", args.tau1),
-                            ("--history-servers", args.history_servers)):
-            if value is not None and value <= 0:
-                raise PlanError(f"{flag} {value}: expected a number > 0")
-        if args.validate:
-            if not args.validate.is_file():
-                raise PlanError(f"--validate {args.validate}: no such file (write it with tools/bench_step.py "
-                                "--records FILE)")
-            data = json.loads(args.validate.read_text())
-            cfg = load_config(data["config"], [*data["overrides"], *args.overrides])
-            tables = validate(args.validate, cfg)
-        else:
-            cfg = load_config(args.config, args.overrides)
-            launch = cfg.launch
-            train_gpus = args.train_gpus or launch.ranks_per_node * max(
-                1, launch.slurm.nodes - launch.slurm.rollout_nodes)
-            t = recipe_throughput(cfg, args.architecture or Path(cfg.model.path) / "config.json", args.prompt_len,
-                                  train_gpus, args.disk_gbps)
-            t = replace(t, tau0=args.tau0 or t.tau0, tau1=args.tau1 or t.tau1)
-            total, _ = rollout_servers(cfg, args.history_servers)
-            title = (f"{args.config}: {cfg.rollout.prompts_per_step}x{cfg.rollout.group_size} samples, L="
-                     f"{cfg.rollout.max_response_len}, mean response {args.mean_response:g} L, "
-                     f"{train_gpus} train GPUs, rollout GPUs for {total} servers x TP{cfg.rollout.sglang.tp_size}")
-            table = plan_table(cfg, t, args.prompt_len, args.mean_response, title, args.history_servers)
-            table.caption += (f"; tau0 {t.tau0 * 1e3:.2f} ms, tau1 {t.tau1 * 1e6:.1f} us, prefill "
-                             f"{t.prefill_tps:.0f} tokens/s per server, train {1 / t.train_s_per_unit:.0f} tokens/s, "
-                             f"sync {t.sync_s:.1f} s, version load {t.load_s:.1f} s")
-            tables = [table]
-    except (ConfigError, PlanError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return refusals_to_exit_code(lambda: _plan(args))
+
+
+def _plan(args) -> int:
+    if not 0 < args.mean_response <= 1:
+        raise PlanError(f"--mean-response {args.mean_response}: expected a fraction in (0, 1]")
+    for flag, value in (("--prompt-len", args.prompt_len), ("--disk-gbps", args.disk_gbps),
+                        ("--train-gpus", args.train_gpus), ("--tau0", args.tau0), ("--tau1", args.tau1),
+                        ("--history-servers", args.history_servers)):
+        if value is not None and value <= 0:
+            raise PlanError(f"{flag} {value}: expected a number > 0")
+    if args.validate:
+        if not args.validate.is_file():
+            raise PlanError(f"--validate {args.validate}: no such file (write it with tools/bench_step.py "
+                            "--records FILE)")
+        data = json.loads(args.validate.read_text())
+        cfg = load_config(data["config"], [*data["overrides"], *args.overrides])
+        tables = validate(args.validate, cfg)
+    else:
+        cfg = load_config(args.config, args.overrides)
+        launch = cfg.launch
+        train_gpus = args.train_gpus or launch.ranks_per_node * max(
+            1, launch.slurm.nodes - launch.slurm.rollout_nodes)
+        t = recipe_throughput(cfg, args.architecture or Path(cfg.model.path) / "config.json", args.prompt_len,
+                              train_gpus, args.disk_gbps)
+        t = replace(t, tau0=args.tau0 or t.tau0, tau1=args.tau1 or t.tau1)
+        total, _ = rollout_servers(cfg, args.history_servers)
+        title = (f"{args.config}: {cfg.rollout.prompts_per_step}x{cfg.rollout.group_size} samples, L="
+                 f"{cfg.rollout.max_response_len}, mean response {args.mean_response:g} L, "
+                 f"{train_gpus} train GPUs, rollout GPUs for {total} servers x TP{cfg.rollout.sglang.tp_size}")
+        table = plan_table(cfg, t, args.prompt_len, args.mean_response, title, args.history_servers)
+        table.caption += (f"; tau0 {t.tau0 * 1e3:.2f} ms, tau1 {t.tau1 * 1e6:.1f} us, prefill "
+                         f"{t.prefill_tps:.0f} tokens/s per server, train {1 / t.train_s_per_unit:.0f} tokens/s, "
+                         f"sync {t.sync_s:.1f} s, version load {t.load_s:.1f} s")
+        tables = [table]
     for table in tables:
-        console.print(table)
+        Console(width=180).print(table)
     return 0

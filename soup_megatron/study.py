@@ -22,7 +22,10 @@ from omegaconf.errors import OmegaConfBaseException
 
 from .config import Config, ConfigError, changed_keys, load_config
 from .io import atomic_write_json, atomic_write_text, read_json
+from .log import get_logger
 from .metrics import read_metrics
+
+log = get_logger(__name__)
 
 
 @dataclass
@@ -219,10 +222,10 @@ def run_study(study: StudyConfig) -> list[dict]:
     results = []
     for i, (variant, seed) in enumerate(runs, start=1):
         started = time.perf_counter()
-        print(f"[{i}/{len(runs)}] {variant} seed {seed}", flush=True)
+        log.info(f"[{i}/{len(runs)}] {variant} seed {seed}")
         results.append(train_and_evaluate(study, variant, seed))
-        print(f"[{i}/{len(runs)}] {variant} seed {seed}: pass@1 {results[-1]['final/pass@1']:.3f} "
-              f"({time.perf_counter() - started:.0f} s)", flush=True)
+        log.info(f"[{i}/{len(runs)}] {variant} seed {seed}: pass@1 {results[-1]['final/pass@1']:.3f} "
+                 f"({time.perf_counter() - started:.0f} s)")
     results.sort(key=lambda r: (list(study.variants).index(r["variant"]), r["seed"]))
     wall = sum(r["time/run_wall"] for r in results)
     atomic_write_json(out / "results.json", {"runs": results, "summary": summarize(results), "wall_s": wall})

@@ -26,7 +26,6 @@ import contextlib
 import os
 import random
 import shutil
-import sys
 import time
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -56,6 +55,7 @@ from .history.prefix_cache import PrefixCache
 from .history.replay import ReplayBuffer
 from .history.store import CheckpointStore
 from .io import atomic_dir, atomic_write_json, atomic_write_text, make_private_dir, read_json, remove_tmp_leftovers
+from .log import get_logger
 from .metrics import MetricsLog, WandbSettings, plot_curves
 from .model.hf import CheckpointError, load_tokenizer, newline_token_ids, pad_token_id
 from .reward import build_reward
@@ -64,6 +64,8 @@ from .rollout.base import GenerationRequest
 from .sample import CONTINUATION, PREFIX, PROMPT, Sample, Trajectory
 from .shutdown import stop_requested
 from .weight_sync import WeightSync, sync_mode
+
+log = get_logger(__name__)
 
 
 def step_seed(seed: int, step: int, stream: str) -> int:
@@ -159,7 +161,7 @@ class Trainer:
         if latest.is_file():
             if (self.out / "config.yaml").is_file():
                 for change in changed_keys(self.out / "config.yaml", cfg):  # legitimate (more steps) or not
-                    print(f"resuming {self.out} with a changed config: {change}", file=sys.stderr)
+                    log.warning(f"resuming {self.out} with a changed config: {change}")
             self.store = CheckpointStore(self.out / "history", cfg.history.keep)
             resume_state = self._load_checkpoint(self.ckpt_root / latest.read_text().strip())
         else:  # a fresh run; history a crash left before the first trainer checkpoint is not ours to reuse
@@ -478,8 +480,8 @@ class Trainer:
 
     def _load_checkpoint(self, path: Path) -> dict:
         if not (path / "state.json").is_file():
-            raise RuntimeError(f"{self.ckpt_root / 'latest'} names {path.name}, but {path} is missing or incomplete; "
-                               "restore it or start a fresh run in another trainer.out_dir")
+            raise CheckpointError(f"{self.ckpt_root / 'latest'} names {path.name}, but {path} is missing or "
+                                  "incomplete; restore it or start a fresh run in another trainer.out_dir")
         state = read_json(path / "state.json")
         self.actor.load_state(path / "actor")
         self.weight_sync(self.actor.version)
@@ -591,8 +593,8 @@ class Trainer:
                 bar.set_postfix(reward=f"{record['reward_mean']:.2f}",
                                 acc=f"{last_eval.get('heldout/greedy_acc', float('nan')):.2f}")
                 if stop:
-                    print(f"stop requested: checkpointed step {step + 1} in {self.ckpt_root}; "
-                          "the next start resumes from it", file=sys.stderr)
+                    log.info(f"stop requested: checkpointed step {step + 1} in {self.ckpt_root}; "
+                             "the next start resumes from it")
                     summary["stopped_at"] = step + 1
                     break
         finally:

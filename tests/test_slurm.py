@@ -113,7 +113,7 @@ def test_submitted_run_converts_trains_and_a_missing_checkpoint_dir_fails_clearl
 
 def test_unknown_partition_is_refused_with_the_partitions_there_are(tmp_path):
     done = launch(f"trainer.out_dir={tmp_path / 'run'}", "launch.slurm.partition=gpu-h100", check=False)
-    assert done.returncode == 1
+    assert done.returncode == 2
     assert "invalid partition" in done.stderr.lower() and "partitions on this cluster: debug" in done.stderr
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from soup_megatron.metrics import read_metrics
-from soup_megatron.model.hf import read_state_dict
+from soup_megatron.model.hf import CheckpointError, read_state_dict
 from soup_megatron.sample import CONTINUATION, PREFIX
 from soup_megatron.trainer import Timer, Trainer
 
@@ -260,7 +260,7 @@ def test_missing_checkpoint_is_a_clear_error(make_config):
     import shutil
 
     shutil.rmtree(os.path.join(cfg.trainer.out_dir, "checkpoints", "step_000002"))
-    with pytest.raises(RuntimeError, match="names step_000002, but .* is missing"):
+    with pytest.raises(CheckpointError, match="names step_000002, but .* is missing"):
         Trainer(make_config("trainer.steps=4", "trainer.save_interval=1", "soup.mix_fraction=0"))
 
 

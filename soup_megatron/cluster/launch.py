@@ -26,14 +26,20 @@ from pathlib import Path
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
 from ..config import Config, ConfigError, to_yaml
+from ..errors import SoupError
 from ..io import atomic_write_text, make_private_dir
+from ..log import get_logger
+
+log = get_logger(__name__)
 
 TEMPLATES = Path(__file__).parent / "templates"
 CONVERTED = "megatron_init"  # where the conversion job writes the starting checkpoint, inside the run dir
 
 
-class LaunchError(RuntimeError):
+class LaunchError(SoupError, RuntimeError):
     """The cluster refused or could not run the job."""
+
+    label = "launch error"
 
 
 @dataclass
@@ -174,6 +180,6 @@ def launch(cfg: Config, executor: str, dryrun: bool, config_note: str) -> list[s
         script = run_dir / "launch" / f"{job.name}.sbatch"
         atomic_write_text(script, job.script)
         ids[job.name] = _sbatch(script, ids.get(job.depends_on) if job.depends_on else None)
-        print(f"submitted {job.name}: job {ids[job.name]} (log {run_dir / 'slurm'}/"
-              f"{cfg.launch.job_name}{'-convert' if job.name == 'convert' else ''}-{ids[job.name]}.out)")
+        log.info(f"submitted {job.name}: job {ids[job.name]} (log {run_dir / 'slurm'}/"
+                 f"{cfg.launch.job_name}{'-convert' if job.name == 'convert' else ''}-{ids[job.name]}.out)")
     return list(ids.values())

@@ -13,7 +13,7 @@ from __future__ import annotations
 import random
 import zlib
 
-from .prompts import Prompt
+from .prompts import DataError, Prompt
 
 ANSWER_PREFIX = "A: "
 
@@ -63,7 +63,7 @@ def make_split(split: str, size: int, seed: int, min_terms: int, max_terms: int,
     while len(out) < size:
         attempts += 1
         if attempts > 200 * size + 1000:
-            raise ValueError(
+            raise DataError(
                 f"data.arithmetic: cannot find {size} distinct {split} problems with terms in "
                 f"[{min_terms}, {max_terms}] and operands up to {max_operand}; widen the task or ask for fewer"
             )

@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import DataConfig
+from ..errors import SoupError
 
 
-class DataError(ValueError):
+class DataError(SoupError, ValueError):
     """A data file or row that cannot be used."""
 
 

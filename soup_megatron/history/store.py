@@ -15,10 +15,11 @@ import threading
 from pathlib import Path
 from typing import Callable, Iterable
 
+from ..errors import SoupError
 from ..io import atomic_dir, atomic_write_json, read_json, remove_tmp_leftovers
 
 
-class HistoryError(RuntimeError):
+class HistoryError(SoupError, RuntimeError):
     pass
 
 

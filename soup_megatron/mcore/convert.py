@@ -20,11 +20,15 @@ import torch
 import torch.distributed as dist
 
 from ..config import MegatronConfig
+from ..errors import refusals_to_exit_code
 from ..io import TMP_MARK, atomic_dir
+from ..log import get_logger
 from ..model.hf import CheckpointError
 from . import checkpoint, parallel
 from .model import Architecture, check_parallel_sizes, padded_vocab_size, read_architecture
 from .weights import build_chunks
+
+log = get_logger(__name__)
 
 
 def _checkpoint_dtype(hf: Path) -> str:
@@ -123,11 +127,11 @@ def _check(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = _parser().parse_args(argv)
-    try:
-        ranks = _check(args)
-    except (CheckpointError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return refusals_to_exit_code(lambda: _convert(args, argv))
+
+
+def _convert(args, argv: list[str]) -> int:
+    ranks = _check(args)
     if ranks > 1 and "WORLD_SIZE" not in os.environ:  # start the ranks here (on a cluster: torchrun / srun)
         return subprocess.call([sys.executable, "-m", "torch.distributed.run", "--standalone",
                                 f"--nproc-per-node={ranks}", "-m", "soup_megatron.mcore.convert", *argv])
@@ -135,8 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         hf_to_megatron(args.hf, args.out, args.tp, args.pp)
     else:
         megatron_to_hf(args.megatron, args.out, args.hf_template, args.tp)
-    if dist.get_rank() == 0:
-        print(f"wrote {args.out}")
+    log.info(f"wrote {args.out}")  # rank 0 only
     return 0
 
 

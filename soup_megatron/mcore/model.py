@@ -15,12 +15,13 @@ import torch
 import torch.nn.functional as F
 
 from ..config import MegatronConfig
+from ..errors import SoupError
 
 SUPPORTED = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
              "qwen3": "Qwen3ForCausalLM"}
 
 
-class UnsupportedModel(ValueError):
+class UnsupportedModel(SoupError, ValueError):
     """An HF architecture or setting this backend cannot build."""
 
 

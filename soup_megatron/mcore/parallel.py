@@ -11,9 +11,10 @@ import torch
 import torch.distributed as dist
 
 from ..config import MegatronConfig
+from ..errors import SoupError
 
 
-class ParallelError(ValueError):
+class ParallelError(SoupError, ValueError):
     """Parallel sizes that do not fit the processes or the batch."""
 
 

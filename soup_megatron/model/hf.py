@@ -10,8 +10,10 @@ from typing import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..errors import SoupError
 
-class CheckpointError(ValueError):
+
+class CheckpointError(SoupError, ValueError):
     """A checkpoint directory that cannot be loaded."""
 
 

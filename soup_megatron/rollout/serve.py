@@ -20,12 +20,12 @@ import json
 import os
 import signal
 import socket
-import sys
 import threading
 from pathlib import Path
 
 from ..config import Config, ConfigError
 from ..io import atomic_write_text, make_private_dir
+from ..log import get_logger
 from .sglang_servers import (
     GROUPS,
     ManagedServer,
@@ -36,6 +36,8 @@ from .sglang_servers import (
     run_api_key,
     serve_record,
 )
+
+log = get_logger(__name__)
 
 
 def _task_index(variable: str, given: int | None) -> int:
@@ -78,11 +80,11 @@ def serve(cfg: Config, group: str, index: int | None = None, local_index: int | 
         server.wait_healthy(sg.startup_timeout)
         atomic_write_text(record, json.dumps({"url": server.url, "node": node, "pid": os.getpid(),
                                               "job": os.environ.get("SLURM_JOB_ID", "")}))
-        print(f"{group} server {index} ready at {server.url} (log {server.log_path})", flush=True)
+        log.info(f"{group} server {index} ready at {server.url} (log {server.log_path})")
         while not stop.wait(1.0):
             if not server.alive():
-                print(f"{group} server {index} exited; restarting it on the same port; last lines of "
-                      f"{server.log_path}:\n{server.log_tail()}", file=sys.stderr, flush=True)
+                log.warning(f"{group} server {index} exited; restarting it on the same port; last lines of "
+                            f"{server.log_path}:\n{server.log_tail()}")
                 server.stop()
                 server.start()
                 server.wait_healthy(sg.startup_timeout)

@@ -24,14 +24,16 @@ from __future__ import annotations
 
 import asyncio
 import random
-import sys
 import time
 from pathlib import Path
 from typing import Optional, Sequence
 
 from ..config import SGLangConfig
+from ..log import get_logger
 from .base import Generation, GenerationRequest, WeightSource
 from .sglang_servers import ServerError, read_address_file
+
+log = get_logger(__name__)
 
 
 class _Balancer:
@@ -62,7 +64,7 @@ class _Balancer:
             self.in_flight[url] -= 1
 
     def drop(self, url: str) -> None:
-        print(f"warning: SGLang server {url} stopped answering; dropped from rotation", file=sys.stderr)
+        log.warning(f"warning: SGLang server {url} stopped answering; dropped from rotation")
         self.in_flight.pop(url, None)
 
 

@@ -24,7 +24,6 @@ import secrets
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -32,13 +31,17 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ..config import SGLangConfig
+from ..errors import SoupError
 from ..io import atomic_write_private, make_private_dir
+from ..log import get_logger
+
+log = get_logger(__name__)
 
 SERVER_PYTHONPATH = Path(__file__).parent / "sglang_pythonpath"
 GROUPS = ("policy", "history")
 
 
-class ServerError(RuntimeError):
+class ServerError(SoupError, RuntimeError):
     """A rollout server that cannot be started, reached or used."""
 
 
@@ -244,7 +247,7 @@ def discover(workdir: Path, group: str, count: int, timeout: float) -> list[str]
                               f"(rollout.sglang.startup_timeout) none healthy for {', '.join(missing)} in {workdir}. "
                               "Are the serve job steps running? Their output is in the job's log")
         if not announced:
-            print(f"waiting for {count} {group} server(s) from `soup-megatron serve` in {workdir}", file=sys.stderr)
+            log.info(f"waiting for {count} {group} server(s) from `soup-megatron serve` in {workdir}")
             announced = True
         time.sleep(1.0)
 
@@ -300,7 +303,7 @@ class ServerGroup:
         server = next((s for s in self.managed if s.url == url), None)
         if server is None:
             return False
-        print(f"SGLang server {server.name} ({url}) is down; restarting it", file=sys.stderr)
+        log.warning(f"SGLang server {server.name} ({url}) is down; restarting it")
         server.stop()
         server.start()
         server.wait_healthy(self.cfg.startup_timeout)
@@ -354,7 +357,7 @@ class RolloutServers:
                             group.restart(server.url)
                             self.restarts += 1
                         except ServerError as exc:
-                            print(f"SGLang server {server.name} could not be restarted: {exc}", file=sys.stderr)
+                            log.error(f"SGLang server {server.name} could not be restarted: {exc}")
 
     def close(self) -> None:
         """Stop every managed server (a restart in progress finishes first, then is stopped too)."""
