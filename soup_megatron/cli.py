@@ -155,7 +155,8 @@ def cmd_bench(args) -> int:
         raise ConfigError(f"--steps {args.steps} must be larger than --warmup {args.warmup}")
     for name in args.only or list(BENCHMARKS):
         try:
-            tables = BENCHMARKS[name](args.config, args.steps, args.warmup, args.overrides)
+            extra = {"variants": args.variant} if name == "step" else {}
+            tables = BENCHMARKS[name](args.config, args.steps, args.warmup, args.overrides, **extra)
         except ConfigError as exc:
             if args.only:
                 raise
@@ -239,6 +240,8 @@ def main(argv=None) -> int:
                    help="run only this benchmark (repeatable)")
     p.add_argument("--steps", type=int, default=12, help="steps per variant")
     p.add_argument("--warmup", type=int, default=2, help="first steps left out of the medians")
+    p.add_argument("--variant", action="append", metavar="NAME",
+                   help="step benchmark: run only these variants besides GRPO (repeatable; see tools/bench_step.py -h)")
     p.set_defaults(fn=cmd_bench)
     p = sub.add_parser("launch", help="submit a run: on this machine (torchrun) or to Slurm (sbatch)")
     _config_args(p)

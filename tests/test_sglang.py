@@ -196,6 +196,7 @@ def test_external_server_that_stops_answering_is_dropped(servers, tiny_model, tm
     assert f"SGLang server {dead} stopped answering; dropped from rotation" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # 56 s: in the slow tier to keep the default under 15 min
 def test_a_groups_requests_stay_on_one_server_and_hit_its_radix_cache(tiny_model, tmp_path):
     """Two policy servers: each prompt has a home server, so when a step's continuations follow its prompts,
     the prompt tokens come from that server's radix cache (spread over the two, half would miss)."""

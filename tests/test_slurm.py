@@ -83,6 +83,7 @@ def log_of(out: Path) -> str:
     return "\n".join(p.read_text() for p in sorted((out / "slurm").glob("*.out")))
 
 
+@pytest.mark.slow  # 82 s: in the slow tier to keep the default under 15 min
 def test_submitted_run_converts_trains_and_a_missing_checkpoint_dir_fails_clearly(tiny_model_kv2, tmp_path):
     out = tmp_path / "run"
     submitted = launch(*tiny_run(tiny_model_kv2, out, "trainer.steps=2", "trainer.eval_interval=0",
