@@ -561,7 +561,8 @@ class Trainer:
         seconds = dict(collected.seconds)
         for key, value in timer.seconds.items():
             seconds[key] = seconds.get(key, 0.0) + value
-        record = {"step": step + 1, **collected.info, **stats, **{f"time/{k}": v for k, v in seconds.items()}}
+        record = {"step": step + 1, **collected.info, **stats, **self.actor.step_stats(),
+                  **{f"time/{k}": v for k, v in seconds.items()}}
         if isinstance(self.prefixes, PrefixCache):
             record["time/prefix_generate"] = self.prefixes.generation_seconds.pop(step, 0.0)
             record["history/weight_loads"] = self.prefixes.weight_loads.pop(step, 0.0)

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from soup_megatron.actor import build_actor  # noqa: E402
 from soup_megatron.actor.base import TokenBatch  # noqa: E402
-from soup_megatron.algo.loss import LossConfig  # noqa: E402
+from soup_megatron.algo.loss import LossConfig, LossScale  # noqa: E402
 from soup_megatron.algo.rollout_correction import rollout_correction  # noqa: E402
 from soup_megatron.algo.stats import segment_stats  # noqa: E402
 from soup_megatron.config import ActorConfig, MegatronConfig  # noqa: E402
@@ -110,33 +110,34 @@ def actor_parity(model_dir: str, tp: int, pp: int, vp: int, cp: int, sp: bool, w
     local = build_actor(acfg, model_dir)
     batch = soup_batch(local.model.config.vocab_size)
     logp_local, ent_local = local.logprobs(batch, 0.8, with_entropy=True)
-    logp_mega, ent_mega = mega._logprobs(batch, 0.8, True)
+    logp_mega, ent_mega = mega._logprobs(mega.own_rows(batch), 0.8, True)
     real = batch.segment != PROMPT
     batch.old_logp = logp_local
     batch.behaviour_logp = logp_local + 0.3 * torch.randn(logp_local.shape, generator=torch.Generator().manual_seed(3))
     batch.correction = rollout_correction(batch.old_logp, batch.behaviour_logp, batch.segment, "tis", "token", 1.2)
     before = local.rollout_weights()
+    scale = LossScale.of(batch.segment, loss_cfg.prefix_mode)
     out_local = local.train_minibatch(batch, loss_cfg, 0.8)
-    out_mega = mega._train_minibatch(batch, loss_cfg, 0.8)
+    out_mega = mega._train_minibatch(mega.own_rows(batch), loss_cfg, 0.8, scale)
     grads_local = {n: p.grad for n, p in local.model.named_parameters()}
     # megatron's DDP keeps gradients in fp32 buffers (main_grad); with a sharded optimizer each rank
     # holds the reduced sum of its own shard only, so gradients are compared when nothing is sharded
     grads_mega = _exported(mega, lambda p: p.main_grad) if not mega.sharded_optimizer else None
     after_local = local.rollout_weights()
     after_mega = _exported(mega)
-    stats_local, stats_mega = (segment_stats(o["segment"], o["ratio"], o["clipped"], o["entropy"])
+    stats_local, stats_mega = (segment_stats(batch.segment.flatten(), o["ratio"], o["clipped"], o["entropy"])
                                for o in (out_local, out_mega))
     # save / resume: the next update from the saved state is the same as the one made without saving
     mega._save_state(work / "state", 1)
-    second = mega._train_minibatch(batch, loss_cfg, 0.8)
+    second = mega._train_minibatch(mega.own_rows(batch), loss_cfg, 0.8, scale)
     weights_second = _exported(mega)
     mega._load_state(work / "state")
-    again = mega._train_minibatch(batch, loss_cfg, 0.8)
+    again = mega._train_minibatch(mega.own_rows(batch), loss_cfg, 0.8, scale)
     weights_again = _exported(mega)
     # and so does a new actor, as a resumed job makes: its optimizer has taken no step yet
     fresh = build_actor(mega_cfg, model_dir, samples_per_update=8)
     fresh._load_state(work / "state")
-    from_fresh = fresh._train_minibatch(batch, loss_cfg, 0.8)
+    from_fresh = fresh._train_minibatch(fresh.own_rows(batch), loss_cfg, 0.8, scale)
     weights_fresh = _exported(fresh)
     if dist.get_rank() != 0:
         return {}
@@ -148,7 +149,7 @@ def actor_parity(model_dir: str, tp: int, pp: int, vp: int, cp: int, sp: bool, w
     update_gap = max(float((update_local[k] - update_mega[k])[clear[k]].abs().max()) for k in update_mega)
     return {
         "sequence_parallel": mega.chunks[0].config.sequence_parallel,
-        "micro_batch_rows": [len(rows) for rows, _ in mega._micro_batches(batch)],
+        "micro_batch_rows": [len(rows) for rows, _ in mega._micro_batches(mega.own_rows(batch))],
         "corrected_tokens": int((batch.correction[real] < 1).sum()),
         "logp_diff": float((logp_local - logp_mega)[real].abs().max()),
         "entropy_diff": float((ent_local - ent_mega)[real].abs().max()),

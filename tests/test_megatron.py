@@ -172,8 +172,9 @@ def assert_parity(r: dict, sp: bool, nothing_sharded: bool) -> None:
 @pytest.mark.parametrize("layout, converted_with", [
     (["tensor_parallel=2"], "--pp"), pytest.param(["pipeline_parallel=2"], "--tp", marks=pytest.mark.slow),
     pytest.param(["pipeline_parallel=2", "virtual_pipeline=2"], "--pp", marks=pytest.mark.slow),
-    pytest.param(["context_parallel=2"], "--tp", marks=pytest.mark.slow)],
-    ids=["tensor", "pipeline", "interleaved", "context"])
+    pytest.param(["context_parallel=2"], "--tp", marks=pytest.mark.slow),
+    pytest.param([], "--tp", marks=pytest.mark.slow)],
+    ids=["tensor", "pipeline", "interleaved", "context", "data"])
 def test_soup_run_with_megatron_actor_on_two_ranks(tiny_model_kv2, tiny_model_4_layers, tmp_path, layout,
                                                    converted_with):
     """`torchrun -m soup_megatron.cli train actor.backend=megatron` on two tensor-parallel ranks, two
@@ -195,6 +196,10 @@ def test_soup_run_with_megatron_actor_on_two_ranks(tiny_model_kv2, tiny_model_4_
     steps = [r["step"] for r in rows if "loss" in r]
     assert steps == [1, 2, 3]
     assert all(r["logp_gap/max"] < 1e-4 for r in rows if "logp_gap/max" in r)  # engine weights = actor weights
+    sent = [r for r in rows if "loss" in r]
+    assert all(r["megatron/bytes_sent"] > 0 for r in sent)
+    if not layout:  # two data-parallel replicas: rank 1 gets half the rows, not the whole pickled batch
+        assert all(r["megatron/bytes_sent"] < 0.6 * r["megatron/bytes_whole_batch_broadcast"] for r in sent), sent
     ckpt = tmp_path / "run" / "checkpoints" / "step_000003" / "actor"
     assert json.loads((ckpt / "soup_megatron.json").read_text())["version"] == 3
     assert (ckpt / "hf_config" / "config.json").is_file()

@@ -108,6 +108,10 @@ class Actor(Protocol):
         """One optimizer update on `batch` with the SOUP loss, its weights dividing by `scale` (default: the
         counts of `batch` itself); returns loss, grad norm and per-token stats."""
 
+    def step_stats(self) -> dict[str, float]:
+        """What the actor did beyond its results since the last call (the megatron driver: bytes sent to
+        its followers), for the step's metrics."""
+
     def rollout_weights(self) -> Mapping[str, torch.Tensor]:
         """Full HF-named weights for the rollout engines (a copy they may keep)."""
 

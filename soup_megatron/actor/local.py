@@ -80,6 +80,9 @@ class LocalActor:
                                                                   self.cfg.max_tokens_per_micro_batch))
         return {"padded_tokens": float(pad), "computed_tokens": float(computed)}
 
+    def step_stats(self) -> dict[str, float]:
+        return {}  # one process: nothing is sent anywhere
+
     def rollout_weights(self):
         return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 

@@ -1,11 +1,12 @@
 """megatron-core actor: the policy split over tensor-, pipeline-, context- and data-parallel ranks.
 
 The processes come from the launcher (torchrun / srun). Global rank 0 is the driver: it runs the
-trainer loop and calls the actor like any other; each call is broadcast to the other ranks, which
-sit in `follow()` and run the same method on their slices. Data-parallel ranks take every dp-th
-sample; context-parallel ranks of a replica share its samples and each computes two chunks of every
-sequence. The microbatches go through megatron's forward/backward schedule (1F1B across pipeline
-stages; interleaved 1F1B over several model chunks per stage with `virtual_pipeline`). The SOUP loss
+trainer loop and calls the actor like any other; each call goes to the other ranks as a typed command
+with only their rows of the batch (`megatron_commands.py`), and they sit in `follow()` and run it.
+Data-parallel ranks take every dp-th sample; context-parallel ranks of a replica share its samples
+and each computes two chunks of every sequence. The microbatches go through megatron's forward/backward
+schedule (1F1B across pipeline stages; interleaved 1F1B over several model chunks per stage with
+`virtual_pipeline`). The SOUP loss
 weights use the whole batch's token counts, so summing gradients over ranks and microbatches gives
 exactly the gradient of the batch loss: megatron's DDP sums (not averages) them into fp32 gradient
 buffers when the loss is per token, and megatron's optimizer (fp32 main weights, Adam, grad-norm
@@ -17,6 +18,7 @@ from __future__ import annotations
 import functools
 from dataclasses import asdict
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -29,6 +31,18 @@ from ..mcore.model import padded_vocab_size, read_architecture
 from ..mcore.weights import build_chunks, mark_tensor_parallel
 from ..model.hf import CheckpointError
 from .base import TokenBatch, padding_share, plan_micro_batches
+from .megatron_commands import (
+    Close,
+    Command,
+    CommandChannel,
+    LoadState,
+    LogProbs,
+    RankRows,
+    RolloutWeights,
+    SaveHF,
+    SaveState,
+    TrainMinibatch,
+)
 
 
 def check_layout(mc: MegatronConfig, world: int) -> None:
@@ -72,6 +86,7 @@ class MegatronActor:
         # megatron shards over the data- and context-parallel ranks; with one of them there is nothing to shard
         self.sharded_optimizer = mc.distributed_optimizer and self.layout.dp * self.layout.cp > 1
         self.ddp, self.optimizer = self._wrap_for_training()
+        self.channel = CommandChannel(self.layout.dp_rank, self.layout.dp, self.device)
         self.version = 0
         self.closed = False
 
@@ -95,61 +110,78 @@ class MegatronActor:
         return ddp, optimizer
 
     # ---- driver -> followers ---------------------------------------------------------------------
-    def _call(self, name: str, *args):
-        """On the driver: tell every rank to run `name(*args)`, then run it here too."""
-        if self.layout.world > 1:
-            dist.broadcast_object_list([(name, args)], src=0)
-        return getattr(self, "_" + name)(*args)
+    def _execute(self, command: Command, rows: Optional[RankRows]):
+        """Run `command` on this rank (with this data-parallel rank's `rows` of its batch)."""
+        if isinstance(command, LogProbs):
+            return self._logprobs(rows, command.temperature, command.with_entropy)
+        if isinstance(command, TrainMinibatch):
+            return self._train_minibatch(rows, command.loss_cfg, command.temperature, command.scale)
+        if isinstance(command, RolloutWeights):
+            return self._rollout_weights()
+        if isinstance(command, SaveHF):
+            return self._save_hf(command.path)
+        if isinstance(command, SaveState):
+            return self._save_state(command.path, command.version)
+        if isinstance(command, LoadState):
+            return self._load_state(command.path)
+        raise TypeError(f"not a megatron actor command: {command!r}")
+
+    def _run(self, command: Command, batch: Optional[TokenBatch] = None):
+        """On the driver: send `command` (and each rank its rows of `batch`), then run it here too."""
+        return self._execute(command, self.channel.send(command, batch))
 
     def follow(self) -> None:
-        """Non-driver ranks: run the driver's calls until it closes the actor."""
+        """Non-driver ranks: run the driver's commands until it closes the actor."""
         while True:
-            message = [None]
-            dist.broadcast_object_list(message, src=0)
-            name, args = message[0]
-            if name == "close":
+            command, rows = self.channel.receive()
+            if isinstance(command, Close):
                 return
-            getattr(self, "_" + name)(*args)
+            self._execute(command, rows)
 
     def close(self) -> None:
         if self.layout.is_driver and self.layout.world > 1 and not self.closed:
-            dist.broadcast_object_list([("close", ())], src=0)
+            self.channel.send(Close())
         self.closed = True
+
+    def own_rows(self, batch: TokenBatch) -> RankRows:
+        """This rank's rows of `batch` (for callers that run the per-rank methods on every rank themselves)."""
+        return RankRows.of(batch, self.layout.dp_rank, self.layout.dp)
 
     # ---- the actor protocol (driver side) ----------------------------------------------------------
     def logprobs(self, batch: TokenBatch, temperature: float, with_entropy: bool = False):
-        return self._call("logprobs", batch, temperature, with_entropy)
+        return self._run(LogProbs(temperature, with_entropy), batch)
 
     def rows_per_update(self, rows: int) -> int:
         return parallel.rows_per_update(rows, self.layout)
 
     def train_minibatch(self, batch: TokenBatch, loss_cfg: LossConfig, temperature: float,
                         scale: LossScale | None = None) -> dict:
-        return self._call("train_minibatch", batch, loss_cfg, temperature,
-                          scale or LossScale.of(batch.segment, loss_cfg.prefix_mode))
+        scale = scale or LossScale.of(batch.segment, loss_cfg.prefix_mode)
+        out = self._run(TrainMinibatch(loss_cfg, temperature, scale), batch)
+        return {**out, "segment": batch.segment.flatten(), **self.padding(batch)}
+
+    def step_stats(self) -> dict[str, float]:
+        """Bytes the driver sent its followers since the last call, and what broadcasting every call whole
+        would have sent."""
+        return self.channel.take_counts() if self.layout.world > 1 else {}
 
     def rollout_weights(self):
-        return self._call("rollout_weights")
+        return self._run(RolloutWeights())
 
     def save_hf(self, path: Path) -> None:
-        self._call("save_hf", Path(path))
+        self._run(SaveHF(Path(path)))
 
     def save_state(self, path: Path) -> None:
-        self._call("save_state", Path(path), self.version)
+        self._run(SaveState(Path(path), self.version))
 
     def load_state(self, path: Path) -> None:
-        self.version = self._call("load_state", Path(path))
+        self.version = self._run(LoadState(Path(path)))
 
     # ---- work every rank does ----------------------------------------------------------------------
-    def _my_rows(self, n: int) -> torch.Tensor:
-        return torch.arange(self.layout.dp_rank, n, self.layout.dp)
-
-    def _micro_batches(self, batch: TokenBatch) -> list:
-        """[(rows of `batch`, micro-batch)] for this data-parallel rank's samples, at most micro_batch_size
-        rows each and as even as possible. The interleaved schedule needs more: see
-        `parallel.interleaved_microbatches`."""
-        rows = self._my_rows(len(batch))
-        return [(rows[plan], batch.select(rows[plan])) for plan in self._plan(batch.attention_mask[rows].sum(-1))]
+    def _micro_batches(self, rows: RankRows) -> list:
+        """[(rows of the whole batch, micro-batch)] of this data-parallel rank's samples (`_plan`)."""
+        return [(rows.index[plan], rows.batch.select(torch.tensor(plan)))
+                for plan in self._plan(rows.batch.attention_mask.sum(-1))]
 
     def _plan(self, lengths: torch.Tensor) -> list[list[int]]:
         """Micro-batches (indices into `lengths`) of one data-parallel rank's rows: by row count or token
@@ -181,7 +213,7 @@ class MegatronActor:
                                        with_entropy, ps.get_tensor_model_parallel_group(),
                                        self.cfg.megatron.logprob_chunk)
 
-    def _run_schedule(self, batch: TokenBatch, loss_of_logits, forward_only: bool) -> list:
+    def _run_schedule(self, rows: RankRows, loss_of_logits, forward_only: bool) -> list:
         """This rank's microbatches through megatron's forward/backward schedule, each over this rank's
         positions of the sequence (all, or its share with context parallelism). `loss_of_logits(logits, mb,
         part)` runs on the last pipeline stage and returns (loss, token count, per-token outputs at full
@@ -189,7 +221,7 @@ class MegatronActor:
         microbatch on the last stage, [] on the others."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        micro = self._micro_batches(batch)
+        micro = self._micro_batches(rows)
         if not micro:  # fewer samples than data-parallel replicas (log-probs of a small batch)
             return []
 
@@ -228,9 +260,9 @@ class MegatronActor:
             chunk.train(on)
 
     @torch.no_grad()
-    def _logprobs(self, batch: TokenBatch, temperature: float, with_entropy: bool):
+    def _logprobs(self, rows: RankRows, temperature: float, with_entropy: bool):
         self._train_mode(False)
-        shape = (len(batch), batch.input_ids.shape[1] - 1)
+        shape = (rows.total, rows.width - 1)
         logp = torch.zeros(shape)
         entropy = torch.zeros(shape)
 
@@ -240,21 +272,19 @@ class MegatronActor:
             return torch.zeros(()), torch.tensor(0, dtype=torch.int), {
                 "logp": part.put(lp, width), "entropy": part.put(ent, width) if with_entropy else None}
 
-        for rows, out in self._run_schedule(batch, per_token, forward_only=True):
+        for index, out in self._run_schedule(rows, per_token, forward_only=True):
             width = out["logp"].shape[1]
-            logp[rows, :width] = out["logp"].cpu()
+            logp[index, :width] = out["logp"].cpu()
             if with_entropy:
-                entropy[rows, :width] = out["entropy"].cpu()
+                entropy[index, :width] = out["entropy"].cpu()
         self._sum_to_driver(logp, entropy)
         return logp, (entropy if with_entropy else None)
 
-    def _train_minibatch(self, batch: TokenBatch, loss_cfg: LossConfig, temperature: float,
-                         scale: LossScale | None = None) -> dict:
+    def _train_minibatch(self, rows: RankRows, loss_cfg: LossConfig, temperature: float, scale: LossScale) -> dict:
         from megatron.core.distributed import finalize_model_grads
 
-        parallel.check_batch_split(len(batch), self.layout)
+        parallel.check_batch_split(rows.total, self.layout)
         self._train_mode(True)
-        scale = scale or LossScale.of(batch.segment, loss_cfg.prefix_mode)
         for ddp in self.ddp:
             ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
@@ -274,14 +304,14 @@ class MegatronActor:
                          "clipped": part.put(tok["clipped"].float(), width), "entropy": part.put(ent.detach(), width)}
             return loss, torch.tensor(int(take(mask).sum()), dtype=torch.int), per_token
 
-        shape = (len(batch), batch.input_ids.shape[1] - 1)
+        shape = (rows.total, rows.width - 1)
         ratio, clipped, entropy = torch.zeros(shape), torch.zeros(shape), torch.zeros(shape)
         total_loss = torch.zeros(1)
-        for rows, out in self._run_schedule(batch, soup, forward_only=False):
+        for index, out in self._run_schedule(rows, soup, forward_only=False):
             width = out["ratio"].shape[1]
-            ratio[rows, :width] = out["ratio"].cpu()
-            clipped[rows, :width] = out["clipped"].cpu()
-            entropy[rows, :width] = out["entropy"].cpu()
+            ratio[index, :width] = out["ratio"].cpu()
+            clipped[index, :width] = out["clipped"].cpu()
+            entropy[index, :width] = out["entropy"].cpu()
             total_loss += out["loss"].cpu()
         with cpu_compat.cuda_on_cpu():
             # sums gradients over data-parallel ranks and over a tied embedding's two pipeline stages
@@ -291,8 +321,7 @@ class MegatronActor:
         self._train_mode(False)
         self._sum_to_driver(ratio, clipped, entropy, total_loss)
         return {"ratio": ratio.flatten(), "clipped": clipped.flatten() > 0, "entropy": entropy.flatten(),
-                "segment": batch.segment.flatten(), "loss": float(total_loss), "grad_norm": float(grad_norm),
-                **self.padding(batch)}
+                "loss": float(total_loss), "grad_norm": float(grad_norm)}
 
     def _rollout_weights(self):
         tensors = checkpoint.iter_hf_tensors(self.chunks, self.params, self.arch, self.layout)

@@ -195,36 +195,57 @@ def transformer_config(arch: Architecture, cfg: MegatronConfig, use_te: bool):
     )
 
 
-class TorchRMSNorm:
-    """torch's RMSNorm, as megatron's WrappedTorchNorm makes it for the local spec, but allowed under
-    sequence parallelism (the wrapper refuses it). There each tensor-parallel rank normalises its share
-    of the sequence, so the weight's gradient is partial: its `sequence_parallel` mark makes
-    finalize_model_grads sum it over the tensor-parallel group."""
+class TorchRMSNorm(torch.nn.RMSNorm):
+    """torch's RMSNorm built from megatron's module arguments, allowed under sequence parallelism (megatron's
+    WrappedTorchNorm refuses it). There each tensor-parallel rank normalises its share of the sequence, so
+    the weight's gradient is partial: its `sequence_parallel` mark makes finalize_model_grads sum it over the
+    tensor-parallel group."""
 
-    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **_):
-        norm = torch.nn.RMSNorm(hidden_size, eps=eps)
-        norm.weight.sequence_parallel = config.sequence_parallel
-        return norm
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **_):
+        super().__init__(hidden_size, eps=eps)
+        self.weight.sequence_parallel = config.sequence_parallel
+
+
+def local_layer_spec(qk_norm: bool):
+    """The layer of the local (no Transformer Engine) backend, a ModuleSpec of its own: megatron's parallel
+    linear layers, SDPA core attention (megatron's local one uses a CUDA buffer) and torch norms."""
+    from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.identity_op import IdentityOp
+    from megatron.core.transformer.mlp import MLP, MLPSubmodules
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+    from .sdpa_attention import SDPACoreAttention
+
+    qk = TorchRMSNorm if qk_norm else IdentityOp
+    attention = ModuleSpec(module=SelfAttention, params={"attn_mask_type": AttnMaskType.causal},
+                           submodules=SelfAttentionSubmodules(linear_qkv=ColumnParallelLinear,
+                                                              core_attention=SDPACoreAttention,
+                                                              linear_proj=RowParallelLinear,
+                                                              q_layernorm=qk, k_layernorm=qk))
+    mlp = ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear,
+                                                          linear_fc2=RowParallelLinear))
+    return ModuleSpec(module=TransformerLayer, submodules=TransformerLayerSubmodules(
+        input_layernorm=TorchRMSNorm, self_attention=attention, self_attn_bda=get_bias_dropout_add,
+        pre_mlp_layernorm=TorchRMSNorm, mlp=mlp, mlp_bda=get_bias_dropout_add,
+        # checkpoint keys as the Transformer Engine layer names them (its norms are fused into the linears)
+        sharded_state_dict_keys_map={"input_layernorm.": "self_attention.linear_qkv.layer_norm_",
+                                     "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"}))
 
 
 def layer_spec(arch: Architecture, cfg: MegatronConfig, use_te: bool):
-    """Transformer Engine's layer spec, or megatron's local one with SDPA core attention and torch norms
-    (the block spec of one model chunk's layers)."""
+    """Transformer Engine's layer spec, or the local one (the block spec of one model chunk's layers)."""
     from megatron.core.models.gpt import gpt_layer_specs
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
     if use_te:
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_norm)
-    from .sdpa_attention import SDPACoreAttention
-
-    spec = gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=arch.qk_norm, normalization="RMSNorm")
-    attention = spec.submodules.self_attention.submodules
-    attention.core_attention = SDPACoreAttention
-    spec.submodules.input_layernorm = spec.submodules.pre_mlp_layernorm = TorchRMSNorm
-    if arch.qk_norm:
-        attention.q_layernorm = attention.k_layernorm = TorchRMSNorm
     chunk_layers = arch.num_layers // (cfg.pipeline_parallel * cfg.virtual_pipeline)
-    return TransformerBlockSubmodules(layer_specs=[spec] * chunk_layers, layer_norm=TorchRMSNorm)
+    return TransformerBlockSubmodules(layer_specs=[local_layer_spec(arch.qk_norm)] * chunk_layers,
+                                      layer_norm=TorchRMSNorm)
 
 
 def build_model(arch: Architecture, cfg: MegatronConfig, pre_process: bool = True, post_process: bool = True,
