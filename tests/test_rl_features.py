@@ -290,7 +290,8 @@ def test_token_budget_is_refused_with_the_interleaved_schedule(make_config):
 
 
 # ---- one-step-off rollout ---------------------------------------------------------------------------
-@pytest.mark.parametrize("mode", [["soup.mix_fraction=0"], []], ids=["grpo", "soup"])
+@pytest.mark.parametrize("mode", [["soup.mix_fraction=0"], [], ["reward.type=math_verify"]],
+                         ids=["grpo", "soup", "math-verify"])  # math-verify's timeout needs the main thread
 def test_one_step_off_keeps_every_token_within_the_bound(make_config, mode):
     cfg = make_config("trainer.steps=4", "trainer.eval_interval=0", "rollout.async_steps=1",
                       "algo.rollout_correction=tis", *mode)
