@@ -309,7 +309,8 @@ def test_one_step_off_keeps_every_token_within_the_bound(make_config, mode):
     assert seen[0] == (0, {0})  # the first step has nothing ahead: collected on the spot
     assert all(versions == {version - 1} for version, versions in seen[1:])  # then always one version old
     assert [r["staleness/max"] for r in rows] == [0.0, 1.0, 1.0, 1.0]
-    assert all(r["rollout_correction/weight_mean"] > 0 for r in rows)
+    if "reward.type=math_verify" not in mode:  # (the test model earns no math reward: nothing is trained)
+        assert all(r["rollout_correction/weight_mean"] > 0 for r in rows)
 
 
 def test_a_token_older_than_the_bound_is_refused(make_config):
