@@ -17,7 +17,10 @@ behaviour policy mu (version n, the engine's own log-probs) enters through `algo
 alone, w_t = pi_old / mu (tis: min(w_t, cap) * l_t; mis: l_t only where w_t is in [1/cap, cap]): that
 weight then covers the policy lag and the engine mismatch together (decoupled PPO). With
 rollout_correction = none the lag is not corrected. SOUP's prefixes are taken and cut in the rollout
-stage as in a synchronous step. A checkpoint holds the next step's samples, so a resume trains on them.
+stage as in a synchronous step. Rewards, advantages and dynamic sampling's refills run in the main thread
+when the step that trains on them begins (verifiers may rely on signals, as math-verify's timeout does),
+so refill groups are written by the current weights. A checkpoint holds the next step's rollout, so a
+resume trains on it.
 """
 
 from __future__ import annotations
@@ -86,11 +89,10 @@ class Timer:
 
 @dataclass
 class Collected:
-    """A step's samples as the rollout stage left them, with its metrics and stage times."""
+    """A step's rollout as the rollout stage left it (not yet scored), with its metrics and stage times."""
 
     step: int
-    samples: list[Sample]  # trained on
-    generated: list[Sample]  # every sample generated (dynamic sampling's dropped groups too)
+    samples: list[Sample]
     info: dict
     seconds: dict[str, float]
 
@@ -494,21 +496,15 @@ class Trainer:
 
     # ---- the loop ------------------------------------------------------------------------------
     def collect(self, step: int) -> "Collected":
-        """The samples step `step` trains on: rollout, reward and advantage, dynamic sampling's refills."""
+        """Step `step`'s rollout, not yet scored (the one-step-off rollout runs this in a thread: rewards are
+        computed in the main thread, where verifiers may use signal-based timeouts, as math-verify does)."""
         timer = Timer()
-        first_round, info = self.rollout(step, timer)
-        self.score(first_round)
-        samples, generated = first_round, first_round
-        if self.cfg.algo.dynamic_sampling:
-            samples, generated, refills = self.dynamic_sampling(step, first_round, timer)
-            for key, value in refills.items():
-                info[key] = info.get(key, 0.0) + value
-        info.update(self._sample_stats(first_round))
-        return Collected(step, samples, generated, info, timer.seconds)
+        samples, info = self.rollout(step, timer)
+        return Collected(step, samples, info, timer.seconds)
 
-    def _samples_for(self, step: int, timer: Timer) -> "Collected":
-        """Step `step`'s samples: collected now (synchronous, or the first step after a start), or by the
-        one-step-off rollout that ran during the previous step's training."""
+    def _rollout_for(self, step: int, timer: Timer) -> "Collected":
+        """Step `step`'s rollout: done now (synchronous, or the first step after a start), or by the one-step-off
+        rollout that ran during the previous step's training."""
         if self.collected is not None and self.collected.step == step:
             collected, self.collected = self.collected, None
             return collected
@@ -516,6 +512,19 @@ class Trainer:
             return self.collect(step)
         with timer("rollout_wait"):  # the first step of a one-step-off run has nothing ahead
             return self.collect(step)
+
+    def _score_and_select(self, collected: "Collected", timer: Timer) -> tuple[list[Sample], list[Sample], dict]:
+        """Rewards and advantages of the rollout, then dynamic sampling's refills: (samples to train on,
+        every sample generated, metrics)."""
+        first_round, info = collected.samples, dict(collected.info)
+        self.score(first_round)
+        samples, generated = first_round, first_round
+        if self.cfg.algo.dynamic_sampling:
+            samples, generated, refills = self.dynamic_sampling(collected.step, first_round, timer)
+            for key, value in refills.items():
+                info[key] = info.get(key, 0.0) + value
+        info.update(self._sample_stats(first_round))
+        return samples, generated, info
 
     def _start_next_rollout(self, step: int) -> None:
         """rollout.async_steps = 1: step+1's rollout runs on the engine's current weights (version `step`)
@@ -544,10 +553,10 @@ class Trainer:
         """One full step of the data flow; returns its metrics record (without evaluation)."""
         timer = Timer()
         started = time.perf_counter()
-        collected = self._samples_for(step, timer)
-        self._start_next_rollout(step)
+        collected = self._rollout_for(step, timer)
+        samples, generated, info = self._score_and_select(collected, timer)  # refills use the engine: before
+        self._start_next_rollout(step)  # the next step's rollout starts on it
         try:
-            samples = collected.samples
             staleness = self._check_staleness(samples)
             if samples:
                 stats = self.update(self.make_batch(samples), step, timer)
@@ -557,11 +566,11 @@ class Trainer:
         finally:
             self._finish_next_rollout(timer)  # before the weights change under it
         stats.update(self._overlong_stats(samples), **staleness)
-        self.sync_and_record(step, collected.generated, timer)  # replay keeps what every round generated
+        self.sync_and_record(step, generated, timer)  # replay keeps what every round generated
         seconds = dict(collected.seconds)
         for key, value in timer.seconds.items():
             seconds[key] = seconds.get(key, 0.0) + value
-        record = {"step": step + 1, **collected.info, **stats, **self.actor.step_stats(),
+        record = {"step": step + 1, **info, **stats, **self.actor.step_stats(),
                   **{f"time/{k}": v for k, v in seconds.items()}}
         if isinstance(self.prefixes, PrefixCache):
             record["time/prefix_generate"] = self.prefixes.generation_seconds.pop(step, 0.0)

@@ -290,7 +290,8 @@ def test_token_budget_is_refused_with_the_interleaved_schedule(make_config):
 
 
 # ---- one-step-off rollout ---------------------------------------------------------------------------
-@pytest.mark.parametrize("mode", [["soup.mix_fraction=0"], []], ids=["grpo", "soup"])
+@pytest.mark.parametrize("mode", [["soup.mix_fraction=0"], [], ["reward.type=math_verify"]],
+                         ids=["grpo", "soup", "math-verify"])  # math-verify's timeout needs the main thread
 def test_one_step_off_keeps_every_token_within_the_bound(make_config, mode):
     cfg = make_config("trainer.steps=4", "trainer.eval_interval=0", "rollout.async_steps=1",
                       "algo.rollout_correction=tis", *mode)
@@ -308,7 +309,8 @@ def test_one_step_off_keeps_every_token_within_the_bound(make_config, mode):
     assert seen[0] == (0, {0})  # the first step has nothing ahead: collected on the spot
     assert all(versions == {version - 1} for version, versions in seen[1:])  # then always one version old
     assert [r["staleness/max"] for r in rows] == [0.0, 1.0, 1.0, 1.0]
-    assert all(r["rollout_correction/weight_mean"] > 0 for r in rows)
+    if "reward.type=math_verify" not in mode:  # (the test model earns no math reward: nothing is trained)
+        assert all(r["rollout_correction/weight_mean"] > 0 for r in rows)
 
 
 def test_a_token_older_than_the_bound_is_refused(make_config):
