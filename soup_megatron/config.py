@@ -541,7 +541,8 @@ def to_yaml(cfg: Config) -> str:
 
 
 def changed_keys(old_yaml: str | Path, cfg: Config) -> list[str]:
-    """`key: old -> new` for every value that differs between a saved config file and `cfg`."""
+    """`key: old -> new` for every value that differs between a saved config file and `cfg`, but for the
+    cluster settings (`launch.*`): where and how a job is submitted changes nothing a resume continues."""
     def flat(node, prefix=""):
         out = {}
         for k, v in node.items():
@@ -550,4 +551,5 @@ def changed_keys(old_yaml: str | Path, cfg: Config) -> list[str]:
 
     old = flat(OmegaConf.to_container(OmegaConf.load(old_yaml)))
     new = flat(OmegaConf.to_container(OmegaConf.structured(cfg)))
-    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+            if old.get(k) != new.get(k) and not k.startswith("launch.")]

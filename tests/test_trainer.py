@@ -248,10 +248,12 @@ def test_resuming_twice_from_one_checkpoint(make_config):
 def test_resume_with_changed_config_says_what_changed(make_config, capsys):
     Trainer(make_config("trainer.steps=1", "soup.mix_fraction=0")).run()
     capsys.readouterr()
-    trainer = Trainer(make_config("trainer.steps=2", "soup.mix_fraction=0", "algo.clip_high=0.3"))
+    trainer = Trainer(make_config("trainer.steps=2", "soup.mix_fraction=0", "algo.clip_high=0.3",
+                                  "launch.slurm.partition=other"))
     trainer.close()
     err = capsys.readouterr().err
     assert "changed config: algo.clip_high: 0.2 -> 0.3" in err and "trainer.steps: 1 -> 2" in err
+    assert "launch." not in err  # cluster settings are not part of what a resume continues
 
 
 def test_missing_checkpoint_is_a_clear_error(make_config):
