@@ -215,14 +215,14 @@ def bench_actor(config: str, steps: int, warmup: int, overrides: list[str]) -> l
     """Megatron actor against the local actor: log-prob pass and training pass, alternating."""
     from .actor import build_actor
     from .algo.loss import LossConfig
-    from .mcore.parallel import launcher_rank
     from .model.hf import load_tokenizer
+    from .runtime import follow, is_follower
 
     _check_steps(steps, warmup)
     cfg = load_config(config, overrides)
     megatron_cfg = replace(cfg.actor, backend="megatron")
-    if launcher_rank() != 0:  # under torchrun: the other ranks of the megatron actor
-        build_actor(megatron_cfg, cfg.model.path).follow()
+    if is_follower(megatron_cfg):  # under torchrun: the other ranks of the megatron actor
+        follow(megatron_cfg, cfg.model.path)
         return []
     actors = {"local": build_actor(replace(cfg.actor, backend="local"), cfg.model.path),
               "megatron": build_actor(megatron_cfg, cfg.model.path)}

@@ -48,17 +48,12 @@ def cmd_prepare(args) -> int:
 
 def cmd_train(args) -> int:
     from .metrics import read_metrics
+    from .runtime import follow, is_follower
     from .trainer import Trainer
 
     cfg = load_config(args.config, args.overrides)
-    if cfg.actor.backend == "megatron":
-        from .mcore.parallel import launcher_rank
-
-        if launcher_rank() != 0:  # a torchrun / srun rank that serves the driver's (rank 0's) actor calls
-            from .actor import build_actor
-
-            build_actor(cfg.actor, cfg.model.path, samples_per_update(cfg)).follow()
-            return 0
+    if is_follower(cfg.actor):  # a torchrun / srun rank that serves the driver's (rank 0's) actor commands
+        return follow(cfg.actor, cfg.model.path, samples_per_update(cfg))
     summary = Trainer(cfg).run()
     rows = read_metrics(Path(cfg.trainer.out_dir) / "metrics.jsonl")
     first = next((r for r in rows if r["step"] == 0), None)

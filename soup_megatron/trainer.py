@@ -40,7 +40,6 @@ from typing import Optional
 import torch
 from tqdm import tqdm
 
-from .actor import build_actor
 from .actor.base import TokenBatch, with_filler_rows
 from .algo.advantage import group_advantages
 from .algo.dynamic_sampling import informative_groups, refill_prompts
@@ -49,7 +48,7 @@ from .algo.mixing import cut_point, history_length, mixed_count
 from .algo.overlong import overlong_penalty
 from .algo.rollout_correction import correction_stats, rollout_correction
 from .algo.stats import mean_over_updates, segment_stats
-from .config import Config, changed_keys, samples_per_update, to_container, to_yaml
+from .config import Config, changed_keys, to_container, to_yaml
 from .data.encoding import PromptFormat
 from .data.prompts import Prompt, load_splits, prompts_for_step
 from .evaluate import heldout_metrics
@@ -62,11 +61,10 @@ from .log import get_logger
 from .metrics import MetricsLog, WandbSettings, plot_curves
 from .model.hf import CheckpointError, load_tokenizer, newline_token_ids, pad_token_id
 from .reward import build_reward
-from .rollout import build_engine
 from .rollout.base import GenerationRequest
+from .runtime import Runtime
 from .sample import CONTINUATION, PREFIX, PROMPT, Sample, Trajectory
 from .shutdown import stop_requested
-from .weight_sync import WeightSync, sync_mode
 
 log = get_logger(__name__)
 
@@ -128,14 +126,10 @@ class Trainer:
         shared = cfg.soup.mode == "token" and cfg.soup.history_per_prompt > 0
         self.n_hist = min(cfg.soup.history_per_prompt, self.n_mix) if shared else self.n_mix
 
-        self.actor = build_actor(cfg.actor, cfg.model.path, samples_per_update(cfg))
-        self.servers = None
-        if cfg.rollout.backend == "sglang":
-            from .rollout.sglang_servers import RolloutServers
-
-            groups = ["policy"] + (["history"] if self.n_mix and cfg.soup.prefix_source == "checkpoint" else [])
-            self.servers = RolloutServers(cfg.rollout.sglang, cfg.model.path, self.out, groups,
-                                          colocated=cfg.soup.history_placement == "colocated").start()
+        self.runtime = Runtime(cfg, self.out, bool(self.n_mix) and cfg.soup.prefix_source == "checkpoint")
+        rt = self.runtime
+        self.actor, self.engine, self.weight_sync = rt.actor, rt.engine, rt.weight_sync
+        self.ref_engine, self.colocated_history = rt.ref_engine, rt.colocated_history
         try:
             self._build_pipeline(cfg)
         except BaseException:
@@ -143,15 +137,7 @@ class Trainer:
             raise
 
     def _build_pipeline(self, cfg: Config) -> None:
-        """Engines, weight sync, history (fresh or resumed), prefix source, logs."""
-        self.engine = build_engine(cfg.rollout, cfg.model.path, 0, self.out)
-        self.weight_sync = WeightSync(sync_mode(cfg.rollout.backend, cfg.rollout.weight_sync), self.actor, self.engine,
-                                      self.out)
-        self.ref_engine = build_engine(cfg.rollout, cfg.model.path) if cfg.algo.kl_coef > 0 else None
-        self.colocated_history = None  # a client of the history servers that share the policy servers' GPUs
-        if cfg.soup.history_placement == "colocated" and self.n_mix:
-            self.colocated_history = build_engine(cfg.rollout, cfg.model.path, 0, self.out, group="history")
-            self.colocated_history.continue_generation()  # a run that died mid-rollout may have left them paused
+        """History (fresh or resumed), prefix source, logs."""
         self.prefixes, self.metrics = NoPrefixes(), None  # until built below (close() may run before)
         # rollout.async_steps = 1: the next step's rollout, running in this thread while a step trains
         self.rollout_thread = ThreadPoolExecutor(1, thread_name_prefix="soup-rollout")
@@ -210,8 +196,6 @@ class Trainer:
             history = self.prefixes.take(step)
         samples, info = self._generate(step, prompts, history, "rollout", timer)
         self.prefixes.schedule(step)  # upcoming prefixes are generated while this step trains
-        if isinstance(self.prefixes, PrefixCache):
-            info.update(self._history_work(prompts, history))
         return samples, info
 
     def _generate(self, step: int, prompts: list[Prompt], history: list[Optional[Trajectory]], stream: str,
@@ -259,7 +243,7 @@ class Trainer:
                 "tokens/prefilled": float(sum(len(r.prompt_ids) + len(r.prefix_ids) for r in requests
                                               if r.max_new_tokens > 0))}
         info["tokens/decode_steps"] = float(max((len(g.token_ids) for g in generations), default=0))
-        info.update({f"tokens/{k}": v for k, v in getattr(self.engine, "last_stats", {}).items()})  # SGLang cache
+        info.update({f"tokens/{k}": v for k, v in self.engine.stats().items()})
         return samples, info
 
     def dynamic_sampling(self, step: int, samples: list[Sample], timer: Timer
@@ -316,19 +300,6 @@ class Trainer:
             yield
         finally:
             self.colocated_history.continue_generation()
-
-    def _history_work(self, prompts: list[Prompt], history: list[Optional[Trajectory]]) -> dict:
-        """What the history engines did for this step: prompt tokens prefilled, tokens decoded, and decode
-        steps (the worker generates one version at a time, each as long as its longest trajectory)."""
-        longest: dict[int, int] = {}
-        for t in history:
-            if t is not None and t.token_ids:
-                longest[t.versions[0]] = max(longest.get(t.versions[0], 0), len(t.token_ids))
-        return {"tokens/history_prefilled": float(sum(len(self.prompt_ids(prompts[i // self.n_hist]))
-                                                      for i in range(len(history)))),
-                "tokens/history_decoded": float(sum(len(t.token_ids) for t in history if t is not None)),
-                "tokens/history_decode_steps": float(sum(longest.values())),
-                "history/versions_generated": float(len(longest))}
 
     def score(self, samples: list[Sample]) -> None:
         """Reward on the whole response (prefix + continuation), with the soft overlong penalty when
@@ -572,9 +543,7 @@ class Trainer:
             seconds[key] = seconds.get(key, 0.0) + value
         record = {"step": step + 1, **info, **stats, **self.actor.step_stats(),
                   **{f"time/{k}": v for k, v in seconds.items()}}
-        if isinstance(self.prefixes, PrefixCache):
-            record["time/prefix_generate"] = self.prefixes.generation_seconds.pop(step, 0.0)
-            record["history/weight_loads"] = self.prefixes.weight_loads.pop(step, 0.0)
+        record.update(self.prefixes.step_stats(step))
         record["time/step"] = time.perf_counter() - started
         return record
 
@@ -634,9 +603,9 @@ class Trainer:
         return out
 
     def close(self) -> None:
-        """End everything the run started: the prefix worker, the logs, the SGLang servers."""
+        """End everything the run started: the prefix worker, the logs, then the runtime (servers, actor)."""
         if getattr(self, "rollout_thread", None) is not None:
             self.rollout_thread.shutdown(wait=False, cancel_futures=True)
-        for part in (getattr(self, "prefixes", None), getattr(self, "metrics", None), self.servers, self.actor):
+        for part in (getattr(self, "prefixes", None), getattr(self, "metrics", None), self.runtime):
             if part is not None:
                 part.close()

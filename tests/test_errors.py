@@ -45,9 +45,10 @@ def test_every_kind_of_bad_input_is_one_line_and_exit_code_2(tiny_model, tmp_pat
         (train(tmp_path, model, "rollout.backend=sglang", "rollout.sglang.python=/nonexistent/python"),
          "rollout.sglang.python=/nonexistent/python: no such interpreter"),
         (train(tmp_path, model, "actor.backend=megatron", "actor.megatron.tensor_parallel=2"),
-         "world size 1 is not a multiple of tensor_parallel"),
+         "2 processes are needed, and this is one process"),
         (train(tmp_path, f"model.path={unsupported}", "actor.backend=megatron"), "model_type 'gpt2'"),
-        (["eval", "--config", "configs/tiny_cpu.yaml", model, "--n", "2", "--k", "1,4"], "every k must be <= n"),
+        (["eval", "--config", "configs/tiny_cpu.yaml", model, "--n", "2", "--k", "1,4"],
+         "need n >= 1 and every k <= n"),
     ]
     for argv, message in cases:
         assert message in refused(capsys, argv), argv

@@ -99,7 +99,9 @@ def test_jobs_of_several_steps_resume_exactly_and_pin_until_their_last_step(tmp_
         two = cache.take(2)
         state = cache.state()
         assert state == {"jobs": [{"steps": [2, 3], "snapshot": [0], "wanted": [3]}]}
-        assert cache.generation_seconds[2] == cache.generation_seconds[3] > 0
+        work = cache.step_stats(2)  # the job's time and loads, shared by its two steps
+        assert work["time/prefix_generate"] == cache.generation_seconds[3] > 0
+        assert work["tokens/history_decoded"] == sum(len(t.token_ids) for t in two) > 0
         resumed = make_cache(store, tok, lookahead=2, steps_per_call=2, pick="newest")
         try:
             resumed.restore(state)  # as a trainer resumed from a checkpoint after step 2 does

@@ -24,6 +24,10 @@ class PrefixSource(Protocol):
     def record(self, samples: Sequence[Sample]) -> None:
         """The step's finished samples (the replay source keeps them)."""
 
+    def step_stats(self, step: int) -> dict[str, float]:
+        """What generating step `step`'s prefixes took (tokens, time, weight loads); {} when the source
+        generates nothing."""
+
     def state(self) -> dict: ...
 
     def restore(self, state: dict) -> None: ...
@@ -58,6 +62,9 @@ class NoPrefixes:
 
     def take_slots(self, step: int, round: int, slots) -> list[Optional[Trajectory]]:
         return []
+
+    def step_stats(self, step: int) -> dict[str, float]:
+        return {}
 
     def record(self, samples: Sequence[Sample]) -> None:
         pass

@@ -162,6 +162,8 @@ class PrefixCache:
         self._done: dict[int, list[Trajectory]] = {}
         self.generation_seconds: dict[int, float] = {}  # a job's time, shared evenly by its steps
         self.weight_loads: dict[int, float] = {}
+        self._prompt_tokens: dict = {}  # step (or refill key) -> prompt tokens its slots prefill
+        self._work: dict = {}  # step -> what the history engines did for it (`step_stats`)
 
     def _submit(self, steps: list, snapshot: list[int], wanted: Optional[list[int]] = None,
                 refill_slots=None) -> None:
@@ -169,6 +171,7 @@ class PrefixCache:
         uids, prompt_ids, versions = [], [], []
         for step in steps:  # each step keeps its own picks: a job of several steps changes no trajectory's version
             slots = self.plan(step) if refill_slots is None else refill_slots
+            self._prompt_tokens[step] = sum(len(p) for _, p in slots)
             uids += [u for u, _ in slots]
             prompt_ids += [p for _, p in slots]
             versions += pick_versions(snapshot, len(slots), self.pick, random.Random(f"pick-{self.seed}-{step}"))
@@ -235,7 +238,26 @@ class PrefixCache:
         if first not in self._wanted.values():  # the job's last step: its versions may rotate out
             self._pending.pop(first)
             self.store.unpin(f"prefix-{first}")
-        return self._done.pop(step)
+        trajectories = self._done.pop(step)
+        self._work[step] = self._history_work(step, trajectories)
+        return trajectories
+
+    def _history_work(self, key, trajectories: list[Trajectory]) -> dict[str, float]:
+        """What the history engines did for `key`: prompt tokens prefilled, tokens decoded, and decode steps
+        (a version's generation call is as long as its longest trajectory), and its time and weight loads."""
+        longest: dict[int, int] = {}
+        for t in trajectories:
+            if t is not None and t.token_ids:
+                longest[t.versions[0]] = max(longest.get(t.versions[0], 0), len(t.token_ids))
+        return {"tokens/history_prefilled": float(self._prompt_tokens.pop(key, 0)),
+                "tokens/history_decoded": float(sum(len(t.token_ids) for t in trajectories if t is not None)),
+                "tokens/history_decode_steps": float(sum(longest.values())),
+                "history/versions_generated": float(len(longest)),
+                "time/prefix_generate": self.generation_seconds.pop(key, 0.0),
+                "history/weight_loads": self.weight_loads.pop(key, 0.0)}
+
+    def step_stats(self, step: int) -> dict[str, float]:
+        return self._work.pop(step, {})
 
     def take_slots(self, step: int, round: int, slots) -> list[Optional[Trajectory]]:
         """Generated now, after the jobs already queued (a refill is not known ahead), with the pool as it is
@@ -243,8 +265,9 @@ class PrefixCache:
         key = f"{step}-refill-{round}"
         self._submit([key], self.store.members(), refill_slots=list(slots))
         out = self.take(key)
-        self.generation_seconds[step] = self.generation_seconds.get(step, 0.0) + self.generation_seconds.pop(key)
-        self.weight_loads[step] = self.weight_loads.get(step, 0.0) + self.weight_loads.pop(key)
+        work, self._work[step] = self._work.pop(key), self._work.get(step, {})
+        for name, value in work.items():  # the refill's work counts for its step
+            self._work[step][name] = self._work[step].get(name, 0.0) + value
         return out
 
     def record(self, samples: Sequence[Sample]) -> None:

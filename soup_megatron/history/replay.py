@@ -30,6 +30,9 @@ class ReplayBuffer:
     def take_slots(self, step: int, round: int, slots) -> list[Optional[Trajectory]]:
         return self._draw(f"{step}-refill-{round}", slots)
 
+    def step_stats(self, step: int) -> dict[str, float]:
+        return {}  # past rollouts: nothing is generated
+
     def _draw(self, key: str, slots) -> list[Optional[Trajectory]]:
         rng = random.Random(f"replay-{self.seed}-{key}")
         return [rng.choice(self._by_prompt[uid]) if self._by_prompt.get(uid) else None for uid, _ in slots]

@@ -46,4 +46,7 @@ class RolloutEngine(Protocol):
     def load_weights(self, source: WeightSource, version: int) -> None:
         """Serve `version` from now on; a bad source raises and keeps the old weights."""
 
+    def stats(self) -> dict[str, float]:
+        """Counters of the last `generate` (SGLang: its input tokens and those its radix cache held)."""
+
     def close(self) -> None: ...

@@ -112,5 +112,8 @@ class LocalEngine:
         logp, _ = token_logprobs(self.model, ids, mask, temperature)
         return [logp[i, len(c) - 1: len(c) - 1 + len(t)].tolist() for i, (c, t) in enumerate(zip(contexts, targets))]
 
+    def stats(self) -> dict[str, float]:
+        return {}  # no cache to report on
+
     def close(self) -> None:
         self.model = None

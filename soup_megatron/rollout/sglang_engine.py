@@ -269,5 +269,8 @@ class SGLangEngine:
             if response.status_code != 200:
                 raise ServerError(f"{url}{path}: HTTP {response.status_code}: {response.text[:300]}")
 
+    def stats(self) -> dict[str, float]:
+        return dict(self.last_stats)
+
     def close(self) -> None:
         pass  # the servers belong to the run's ServerGroup; connections close with each call

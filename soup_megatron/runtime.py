@@ -1,0 +1,66 @@
+"""What a run stands on besides its loop, built from the config and closed in reverse order: the actor and
+the role of this process (the megatron actor's driver, or a follower rank serving its commands), the SGLang
+server groups, the on-policy, reference and colocated-history engines, and the weight sync between actor
+and engine. `train`, `bench` and `sweep` (through the trainer) and `bench actor` take their processes from
+here; the trainer is the loop of the data flow.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from .actor import build_actor
+from .config import ActorConfig, Config, samples_per_update
+from .rollout import build_engine
+from .weight_sync import WeightSync, sync_mode
+
+
+def is_follower(actor: ActorConfig) -> bool:
+    """A launcher rank (torchrun / srun) other than 0 of the megatron actor: it serves the driver's commands."""
+    if actor.backend != "megatron":
+        return False
+    from .mcore.parallel import launcher_rank
+
+    return launcher_rank() != 0
+
+
+def follow(actor: ActorConfig, model_path: str, samples: Optional[int] = None) -> int:
+    """Serve the driver's actor commands until it closes the actor; the follower's whole job."""
+    build_actor(actor, model_path, samples).follow()
+    return 0
+
+
+class Runtime:
+    """The actor, server groups, engines and weight sync of one training run in `out_dir`. `history_servers`:
+    the run's mixed samples need history servers of their own (SOUP with prefixes from checkpoints)."""
+
+    def __init__(self, cfg: Config, out_dir: Path, history_servers: bool):
+        self.servers = self.engine = self.ref_engine = self.colocated_history = None
+        self.actor = build_actor(cfg.actor, cfg.model.path, samples_per_update(cfg))
+        try:
+            if cfg.rollout.backend == "sglang":
+                from .rollout.sglang_servers import RolloutServers
+
+                self.servers = RolloutServers(cfg.rollout.sglang, cfg.model.path, out_dir,
+                                              ["policy"] + (["history"] if history_servers else []),
+                                              colocated=cfg.soup.history_placement == "colocated").start()
+            self.engine = build_engine(cfg.rollout, cfg.model.path, 0, out_dir)
+            self.weight_sync = WeightSync(sync_mode(cfg.rollout.backend, cfg.rollout.weight_sync), self.actor,
+                                          self.engine, out_dir)
+            if cfg.algo.kl_coef > 0:
+                self.ref_engine = build_engine(cfg.rollout, cfg.model.path)
+            if cfg.soup.history_placement == "colocated" and history_servers:
+                # a client of the history servers that share the policy servers' GPUs; a run that died
+                # mid-rollout may have left them paused
+                self.colocated_history = build_engine(cfg.rollout, cfg.model.path, 0, out_dir, group="history")
+                self.colocated_history.continue_generation()
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """The servers this run started, then the actor (and with it the follower ranks)."""
+        for part in (self.servers, self.actor):
+            if part is not None:
+                part.close()
