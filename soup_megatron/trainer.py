@@ -195,6 +195,7 @@ class Trainer:
         with timer("prefix_wait"):
             history = self.prefixes.take(step)
         samples, info = self._generate(step, prompts, history, "rollout", timer)
+        info.update(self.prefixes.step_stats(step))  # with the rollout: a checkpoint of it keeps them
         self.prefixes.schedule(step)  # upcoming prefixes are generated while this step trains
         return samples, info
 
@@ -543,7 +544,8 @@ class Trainer:
             seconds[key] = seconds.get(key, 0.0) + value
         record = {"step": step + 1, **info, **stats, **self.actor.step_stats(),
                   **{f"time/{k}": v for k, v in seconds.items()}}
-        record.update(self.prefixes.step_stats(step))
+        for key, value in self.prefixes.step_stats(step).items():  # what dynamic sampling's refills took
+            record[key] = record.get(key, 0.0) + value
         record["time/step"] = time.perf_counter() - started
         return record
 

@@ -175,7 +175,7 @@ def test_sweep_runs_every_variant_and_seed_and_does_not_rerun_finished_runs(tiny
     assert "train/prefix/entropy" not in results["summary"]["grpo"]  # GRPO has no prefix tokens
     table = (study_dir / "results.md").read_text()
     assert "| soup | " in table and "| grpo | 2 |" in table and (study_dir / "study.png").stat().st_size > 0
-    assert "results.md" in capsys.readouterr().out
+    assert "results.md" in capsys.readouterr().err  # logged
     # `eval --checkpoint RUN_DIR` evaluates the run's latest trainer checkpoint
     assert main(["eval", "--checkpoint", str(study_dir / "soup" / "seed1"), "--n", "1", "--k", "1",
                  "--out", str(tmp_path / "run.json"), *TINY, f"model.path={tiny_model}"]) == 0

@@ -96,8 +96,7 @@ def test_mixed_samples_share_history_trajectories_with_independent_cuts(make_con
         samples, info = trainer.rollout(step, Timer())
         history = taken[-1]
         assert len(history) == cfg.rollout.prompts_per_step * n_hist
-        work = trainer.prefixes.step_stats(step)  # what the history engines did for the step
-        assert work["tokens/history_decoded"] == sum(len(t.token_ids) for t in history)
+        assert info["tokens/history_decoded"] == sum(len(t.token_ids) for t in history)
         for i in range(cfg.rollout.prompts_per_step):
             group = samples[i * 6: (i + 1) * 6]
             assert [s.mixed for s in group] == [True] * n_mix + [False] * 2
