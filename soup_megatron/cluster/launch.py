@@ -180,6 +180,7 @@ def launch(cfg: Config, executor: str, dryrun: bool, config_note: str) -> list[s
         script = run_dir / "launch" / f"{job.name}.sbatch"
         atomic_write_text(script, job.script)
         ids[job.name] = _sbatch(script, ids.get(job.depends_on) if job.depends_on else None)
-        log.info(f"submitted {job.name}: job {ids[job.name]} (log {run_dir / 'slurm'}/"
-                 f"{cfg.launch.job_name}{'-convert' if job.name == 'convert' else ''}-{ids[job.name]}.out)")
+        # the command's output (stdout, like sbatch's): the job ids a user or a script goes on with
+        print(f"submitted {job.name}: job {ids[job.name]} (log {run_dir / 'slurm'}/"
+              f"{cfg.launch.job_name}{'-convert' if job.name == 'convert' else ''}-{ids[job.name]}.out)")
     return list(ids.values())
