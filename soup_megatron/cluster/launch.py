@@ -28,9 +28,6 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from ..config import Config, ConfigError, to_yaml
 from ..errors import SoupError
 from ..io import atomic_write_text, make_private_dir
-from ..log import get_logger
-
-log = get_logger(__name__)
 
 TEMPLATES = Path(__file__).parent / "templates"
 CONVERTED = "megatron_init"  # where the conversion job writes the starting checkpoint, inside the run dir
