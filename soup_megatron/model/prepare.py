@@ -15,8 +15,11 @@ from pathlib import Path
 from ..config import Config
 from ..data.encoding import PromptFormat
 from ..data.prompts import load_splits
+from ..log import get_logger
 from ..rollout.base import GenerationRequest
 from .hf import CheckpointError, load_tokenizer, resolve_policy_checkpoint
+
+log = get_logger(__name__)
 
 SMOKE_TOKENS = 48
 
@@ -49,7 +52,7 @@ def prepare_model(cfg: Config, progress: bool = True) -> Path:
     elif cfg.model.source == "gguf_wheel":
         from .gguf_wheel import prepare_gguf_wheel
 
-        prepare_gguf_wheel(cfg.model.gguf, out, cfg.model.dtype, print if progress else lambda _: None)
+        prepare_gguf_wheel(cfg.model.gguf, out, cfg.model.dtype, log.info if progress else lambda _: None)
     else:
         resolve_policy_checkpoint(out)  # an HF checkpoint directory, or refused with what was expected
     return out
