@@ -550,6 +550,6 @@ def changed_keys(old_yaml: str | Path, cfg: Config) -> list[str]:
         return out
 
     old = flat(OmegaConf.to_container(OmegaConf.load(old_yaml)))
-    new = flat(OmegaConf.to_container(OmegaConf.structured(cfg)))
+    new = flat(to_container(cfg))
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
             if old.get(k) != new.get(k) and not k.startswith("launch.")]

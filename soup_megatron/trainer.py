@@ -194,16 +194,18 @@ class Trainer:
         prompts = self.step_prompts(step)
         with timer("prefix_wait"):
             history = self.prefixes.take(step)
-        samples, info = self._generate(step, prompts, history, "rollout", timer)
+        samples, info = self._generate(step, prompts, history, 0, timer)
         info.update(self.prefixes.step_stats(step))  # with the rollout: a checkpoint of it keeps them
         self.prefixes.schedule(step)  # upcoming prefixes are generated while this step trains
         return samples, info
 
-    def _generate(self, step: int, prompts: list[Prompt], history: list[Optional[Trajectory]], stream: str,
+    def _generate(self, step: int, prompts: list[Prompt], history: list[Optional[Trajectory]], refill: int,
                   timer: Timer) -> tuple[list[Sample], dict]:
-        """The groups of `prompts`: mixed samples cut from `history` (n_hist slots per prompt), continued on-policy."""
+        """The groups of `prompts`: mixed samples cut from `history` (n_hist slots per prompt), continued
+        on-policy; `refill` > 0 for dynamic sampling's refill rounds, which draw their own random streams."""
         c = self.cfg
-        cut_rng = random.Random(step_seed(c.seed, step, f"cut{stream[len('rollout'):]}"))
+        suffix = f"-refill-{refill}" if refill else ""
+        cut_rng = random.Random(step_seed(c.seed, step, "cut" + suffix))
         samples, requests = [], []
         misses = 0
         cut_length = c.rollout.max_response_len if c.soup.cut_of == "max_length" else None
@@ -229,7 +231,8 @@ class Trainer:
                 requests.append(GenerationRequest(tuple(s.prompt_ids), tuple(s.response_ids),
                                                   0 if s.finish_reason else c.rollout.max_response_len - s.cut))
         with timer("rollout"), self._history_yields():
-            generations = self.engine.generate(requests, c.rollout.temperature, step_seed(c.seed, step, stream))
+            generations = self.engine.generate(requests, c.rollout.temperature,
+                                               step_seed(c.seed, step, "rollout" + suffix))
         for s, g in zip(samples, generations):
             if s.finish_reason:
                 continue
@@ -279,7 +282,7 @@ class Trainer:
             slots = [(p.uid, self.prompt_ids(p)) for p in prompts for _ in range(self.n_hist)]
             with timer("prefix_wait"):
                 history = self.prefixes.take_slots(step, rounds, slots)
-            batch, more = self._generate(step, prompts, history, f"rollout-refill-{rounds}", timer)
+            batch, more = self._generate(step, prompts, history, rounds, timer)
             self.score(batch)
             generated += batch
             for k in ("tokens/decoded", "tokens/prefilled", "mix/replay_misses"):
@@ -510,16 +513,18 @@ class Trainer:
                 self.collected = self.next_rollout.result()
             self.next_rollout = None
 
-    def _check_staleness(self, samples: list[Sample]) -> dict:
-        """Per continuation token: the trainer's version minus the version that wrote it; refused past the bound."""
-        lags = [self.actor.version - v for s in samples
-                for v, seg in zip(s.versions, s.segments) if seg == CONTINUATION]
-        if lags and max(lags) > self.cfg.rollout.async_steps:
-            raise RuntimeError(f"a continuation token written by policy version {self.actor.version - max(lags)} "
+    def _check_staleness(self, batch: TokenBatch) -> dict:
+        """Per continuation token the update trains on: the trainer's version minus the version that wrote it;
+        refused past the bound."""
+        lags = self.actor.version - batch.versions[batch.segment == CONTINUATION]
+        if not len(lags):
+            return {"staleness/max": 0.0, "staleness/mean": 0.0}
+        oldest = int(lags.max())
+        if oldest > self.cfg.rollout.async_steps:
+            raise RuntimeError(f"a continuation token written by policy version {self.actor.version - oldest} "
                                f"reached the update of version {self.actor.version}: older than rollout.async_steps="
                                f"{self.cfg.rollout.async_steps} allows")
-        return {"staleness/max": float(max(lags, default=0)),
-                "staleness/mean": float(sum(lags) / len(lags)) if lags else 0.0}
+        return {"staleness/max": float(oldest), "staleness/mean": float(lags.float().mean())}
 
     def train_step(self, step: int) -> dict:
         """One full step of the data flow; returns its metrics record (without evaluation)."""
@@ -529,12 +534,13 @@ class Trainer:
         samples, generated, info = self._score_and_select(collected, timer)  # refills use the engine: before
         self._start_next_rollout(step)  # the next step's rollout starts on it
         try:
-            staleness = self._check_staleness(samples)
             if samples:
-                stats = self.update(self.make_batch(samples), step, timer)
+                batch = self.make_batch(samples)
+                staleness = self._check_staleness(batch)
+                stats = self.update(batch, step, timer)
             else:  # dynamic sampling found no informative group: nothing to train on
                 self.actor.version = step + 1
-                stats = {"train/samples_trained": 0.0}
+                staleness, stats = {}, {"train/samples_trained": 0.0}
         finally:
             self._finish_next_rollout(timer)  # before the weights change under it
         stats.update(self._overlong_stats(samples), **staleness)
