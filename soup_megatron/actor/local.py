@@ -20,11 +20,16 @@ class LocalActor:
         self.version = 0
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
-    def _micro_batches(self, batch: TokenBatch):
-        """(rows, micro-batch trimmed to its own longest row), by actor.micro_batch_size rows or, with
+    def _plan(self, batch: TokenBatch) -> tuple[list[int], list[list[int]]]:
+        """Row lengths and micro-batches: by actor.micro_batch_size rows or, with
         actor.max_tokens_per_micro_batch, by a token budget."""
         lengths = batch.attention_mask.sum(-1).tolist()
-        for rows in plan_micro_batches(lengths, self.cfg.micro_batch_size, self.cfg.max_tokens_per_micro_batch):
+        return lengths, plan_micro_batches(lengths, self.cfg.micro_batch_size, self.cfg.max_tokens_per_micro_batch)
+
+    @staticmethod
+    def _micro_batches(batch: TokenBatch, plans: list[list[int]]):
+        """(rows, micro-batch trimmed to its own longest row) per planned micro-batch."""
+        for rows in plans:
             rows = torch.tensor(rows)
             yield rows, batch.select(rows)
 
@@ -34,7 +39,7 @@ class LocalActor:
         width = batch.input_ids.shape[1] - 1
         logp = torch.zeros(len(batch), width)
         entropy = torch.zeros(len(batch), width) if with_entropy else None
-        for rows, mb in self._micro_batches(batch):
+        for rows, mb in self._micro_batches(batch, self._plan(batch)[1]):
             lp, ent = token_logprobs(self.model, mb.input_ids, mb.attention_mask, temperature, with_entropy)
             logp[rows, : lp.shape[1]] = lp
             if with_entropy:
@@ -52,7 +57,8 @@ class LocalActor:
         total_loss = 0.0
         width = batch.segment.shape[1]
         stats = {k: torch.zeros(len(batch), width) for k in ("ratio", "clipped", "entropy")}
-        for rows, mb in self._micro_batches(batch):
+        lengths, plans = self._plan(batch)
+        for rows, mb in self._micro_batches(batch, plans):
             # entropy too: it is logged per segment
             logp, entropy = token_logprobs(self.model, mb.input_ids, mb.attention_mask, temperature, True)
             weights = aggregation_weights(loss_mask(mb.segment, loss_cfg.prefix_mode), loss_cfg.loss_agg,
@@ -69,16 +75,10 @@ class LocalActor:
         self.model.eval()
         out = {k: v.flatten() for k, v in stats.items()}
         out.update(clipped=out["clipped"] > 0, segment=batch.segment.flatten(), loss=total_loss,
-                   grad_norm=float(grad_norm),
-                   **self.padding(batch))
+                   grad_norm=float(grad_norm))
+        pad, computed = padding_share(lengths, plans)
+        out.update(padded_tokens=float(pad), computed_tokens=float(computed))
         return out
-
-    def padding(self, batch: TokenBatch) -> dict:
-        """Padding tokens and computed tokens of this batch's micro-batches."""
-        lengths = batch.attention_mask.sum(-1).tolist()
-        pad, computed = padding_share(lengths, plan_micro_batches(lengths, self.cfg.micro_batch_size,
-                                                                  self.cfg.max_tokens_per_micro_batch))
-        return {"padded_tokens": float(pad), "computed_tokens": float(computed)}
 
     def step_stats(self) -> dict[str, float]:
         return {}  # one process: nothing is sent anywhere
