@@ -15,7 +15,7 @@ setup(
         "torch>=2.4",
         "transformers>=4.57",
         "tokenizers>=0.21",
-        "omegaconf>=2.3",
+        "omegaconf>=2.4",  # Literal-typed config fields
         "math-verify>=0.8",
         "safetensors>=0.4",
         "tqdm",

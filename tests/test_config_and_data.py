@@ -32,6 +32,7 @@ from soup_megatron.reward import build_reward, exact_answer, math_equivalent
     ("data.heldout_size=0", "data.heldout_size=0 is not allowed"),
     ("model.tiny.num_kv_heads=3",
      "model.tiny.num_kv_heads=3 is not allowed; expected a divisor of model.tiny.num_heads"),
+    ("model.tiny.num_heads=0", "model.tiny.num_heads=0 is not allowed; expected >= 1"),  # before it divides
     ("rollout.weight_sync=distributed", "need CUDA servers and NCCL and are not built in this tree"),
     ("rollout.backend=vllm", "rollout.backend='vllm' is not allowed; choose one of: local, sglang"),
     ("rollout.sglang.tp=2", "unknown key 'rollout.sglang.tp'. Allowed here: python, servers_from, policy_servers"),
@@ -72,6 +73,10 @@ def test_bad_yaml_file(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("soup:\n  lookahed: 3\n")
     with pytest.raises(ConfigError, match=r"bad.yaml: unknown key 'soup.lookahed'"):
+        load_config(str(bad))
+    bad.write_text("algo:\n  loss_agg: seq_sum\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: algo.loss_agg='seq_sum' is not allowed; choose one of: "
+                                          r"token_mean, seq_mean_token_mean, seq_mean_token_sum"):
         load_config(str(bad))
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(str(tmp_path / "missing.yaml"))

@@ -267,7 +267,7 @@ def test_interleaved_schedule_gets_at_least_two_groups_of_microbatches():
 
 
 def test_megatron_config_is_validated(tiny_model):
-    with pytest.raises(ConfigError, match="actor.megatron.fp8='e5m2' is not allowed; choose one of: , e4m3, hybrid"):
+    with pytest.raises(ConfigError, match='actor.megatron.fp8=.e5m2. is not allowed; choose one of: "", e4m3, hybrid'):
         load_config("configs/tiny_cpu.yaml", ["actor.megatron.fp8=e5m2"])
     with pytest.raises(ConfigError, match="actor.megatron.tensor_parallel=0 is not allowed"):
         load_config("configs/tiny_cpu.yaml", ["actor.megatron.tensor_parallel=0"])
