@@ -43,10 +43,8 @@ SGLang, on the rollout GPUs (reported apart from the trainer; checked with rollo
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 from rich.console import Console
 from rich.table import Table
@@ -54,7 +52,7 @@ from rich.table import Table
 from .config import Config, MegatronConfig, load_config
 from .errors import SoupError, refusals_to_exit_code
 from .log import get_logger
-from .mcore.model import Architecture, UnsupportedModel, check_parallel_sizes, padded_vocab_size
+from .mcore.model import Architecture, UnsupportedModel, check_parallel_sizes, padded_vocab_size, read_architecture
 
 log = get_logger(__name__)
 
@@ -78,21 +76,6 @@ ADVICE["optimizer state"] = (ADVICE["weights"] + ", or shard the optimizer state
 
 class PlanError(SoupError, ValueError):
     """A plan that cannot be computed or does not fit."""
-
-
-def read_architecture(path: Path) -> Architecture:
-    """The model of an HF config.json, read as the megatron backend reads it."""
-    if not path.is_file():
-        raise PlanError(f"architecture file {path} does not exist (give --architecture FILE: an HF config.json)")
-    try:
-        fields = json.loads(path.read_text())
-        return Architecture.from_hf(SimpleNamespace(**fields))
-    except json.JSONDecodeError as exc:
-        raise PlanError(f"architecture file {path} is not valid JSON: {exc}") from None
-    except AttributeError as exc:
-        raise PlanError(f"architecture file {path} lacks the field {exc.name!r}") from None
-    except UnsupportedModel as exc:
-        raise PlanError(f"architecture file {path}: {exc}") from None
 
 
 @dataclass(frozen=True)

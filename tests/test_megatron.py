@@ -94,7 +94,9 @@ def test_hf_megatron_hf_round_trip_is_bit_exact(families, tmp_path, family, tp, 
 
 def test_conversion_tools_refuse_bad_input_with_clear_errors(families, tmp_path):
     bad = run("tools/convert_hf_to_megatron.py", "--hf", tmp_path / "missing", "--out", tmp_path / "x", check=False)
-    assert bad.returncode == 2 and f"{tmp_path / 'missing'}: no config.json" in bad.stderr
+    assert bad.returncode == 2 and f"{tmp_path / 'missing'} does not exist" in bad.stderr
+    bad = run("tools/convert_hf_to_megatron.py", "--hf", tmp_path, "--out", tmp_path / "x", check=False)
+    assert bad.returncode == 2 and f"{tmp_path}: no config.json" in bad.stderr
     bad = run("tools/convert_hf_to_megatron.py", "--hf", families["qwen2"], "--out", tmp_path / "x", "--tp", 3,
               check=False)
     assert bad.returncode == 2 and "tensor_parallel=3 does not divide" in bad.stderr

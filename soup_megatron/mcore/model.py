@@ -80,14 +80,26 @@ class Architecture:
 
 
 def read_architecture(path: Path) -> Architecture:
-    """The architecture of an HF checkpoint directory."""
+    """The architecture of an HF checkpoint, from its directory or from its config.json alone (what the
+    planners are given), read by transformers' AutoConfig: every default is the one the checkpoint loads with."""
     from transformers import AutoConfig
 
     from ..model.hf import CheckpointError
 
-    if not (Path(path) / "config.json").is_file():
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist (an HF checkpoint directory or its config.json is expected)")
+    config_file = path / "config.json" if path.is_dir() else path
+    if not config_file.is_file():
         raise CheckpointError(f"{path}: no config.json (an HF checkpoint directory is expected)")
-    return Architecture.from_hf(AutoConfig.from_pretrained(path))
+    try:
+        hf_config = AutoConfig.from_pretrained(config_file)
+    except (OSError, ValueError) as exc:  # not JSON; no or an unknown model_type
+        raise CheckpointError(f"{config_file}: not an HF model config: {str(exc).splitlines()[0]}") from None
+    try:
+        return Architecture.from_hf(hf_config)
+    except UnsupportedModel as exc:
+        raise UnsupportedModel(f"{config_file}: {exc}") from None
 
 
 def padded_vocab_size(vocab_size: int, cfg: MegatronConfig) -> int:
