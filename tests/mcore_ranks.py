@@ -32,7 +32,7 @@ def logits_differences(model_dirs: list[str], tp: int) -> dict:
     from transformers import AutoModelForCausalLM
 
     from soup_megatron.mcore import checkpoint, parallel
-    from soup_megatron.mcore.model import build_model, padded_vocab_size, read_architecture
+    from soup_megatron.mcore.model import build_gpt_model, padded_vocab_size, read_architecture
     from soup_megatron.mcore.weights import chunk_params
 
     mc = MegatronConfig(tensor_parallel=tp)
@@ -40,7 +40,7 @@ def logits_differences(model_dirs: list[str], tp: int) -> dict:
     out = {}
     for d in model_dirs:
         arch = read_architecture(Path(d))
-        model = build_model(arch, mc)
+        model = build_gpt_model(arch, mc)
         checkpoint.load_hf_into([model], [chunk_params(arch, range(arch.num_layers), True, True, False)], arch,
                                 Path(d), layout, padded_vocab_size(arch.vocab_size, mc))
         ids = torch.randint(0, arch.vocab_size, (3, 21), generator=torch.Generator().manual_seed(0))

@@ -36,7 +36,7 @@ def last_boxed(text: str) -> Optional[str]:
 
 
 @dataclass(frozen=True)
-class Layout:
+class FileLayout:
     name: str
     prompt_key: str
     answer_key: str
@@ -72,11 +72,11 @@ def _after_hashes(path: Path, lineno: int, row: dict, key: str) -> str:
 
 # detection order matters: a MATH-500 row also has `solution`, a Minerva row has no `answer`
 LAYOUTS = [
-    Layout("olympiadbench", "question", "final_answer", _answer_list),
-    Layout("gsm8k", "question", "answer", _after_hashes),
-    Layout("problem", "problem", "answer", field_text),
-    Layout("minerva", "problem", "solution", _boxed_solution),
-    Layout("prompt", "prompt", "answer", field_text),
+    FileLayout("olympiadbench", "question", "final_answer", _answer_list),
+    FileLayout("gsm8k", "question", "answer", _after_hashes),
+    FileLayout("problem", "problem", "answer", field_text),
+    FileLayout("minerva", "problem", "solution", _boxed_solution),
+    FileLayout("prompt", "prompt", "answer", field_text),
 ]
 LAYOUT_NAMES = ("auto", *(lay.name for lay in LAYOUTS))
 
@@ -87,7 +87,7 @@ def _lower_keys(path: Path, lineno: int, row: object) -> dict:
     return {str(k).lower(): v for k, v in row.items()}
 
 
-def detect_layout(path: Path, lineno: int, row: dict) -> Layout:
+def detect_layout(path: Path, lineno: int, row: dict) -> FileLayout:
     for layout in LAYOUTS:
         if layout.prompt_key in row and layout.answer_key in row:
             return layout
@@ -108,8 +108,8 @@ def load_eval_set(path: str | Path, layout: str = "auto", template: str = "{prom
     named = next((lay for lay in LAYOUTS if lay.name == layout), None)
     if prompt_field or answer_field:  # the named layout's (or plain) answer reading, on the given fields
         base = named or LAYOUTS[-1]
-        chosen = Layout("fields", (prompt_field or base.prompt_key).lower(), (answer_field or base.answer_key).lower(),
-                        base.answer)
+        chosen = FileLayout("fields", (prompt_field or base.prompt_key).lower(),
+                            (answer_field or base.answer_key).lower(), base.answer)
     else:
         chosen = named or detect_layout(path, *rows[0])
     prompts = []

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from ..model.hf import CheckpointError, copy_side_files
+from ..model.hf import CheckpointError, HFReader, copy_side_files
 from .model import Architecture
 from .parallel import Layout
 from .weights import ParamMap, hf_names, iter_local, stage_params, to_hf, to_megatron
@@ -29,24 +29,6 @@ DIST_MARKER = "soup_megatron.json"  # written last into a distributed checkpoint
 HF_CONFIG_DIR = "hf_config"  # HF config and tokenizer files inside a distributed checkpoint, for exports
 # the distributed optimizer's state saved per parameter, so it loads under another TP/PP/DP layout
 OPTIMIZER_LAYOUT = {"distrib_optim_sharding_type": "dp_reshardable"}
-
-
-class HFReader:
-    """Lazy access to the tensors of an HF checkpoint directory (single or sharded safetensors)."""
-
-    def __init__(self, path: Path):
-        from safetensors import safe_open
-
-        files = sorted(Path(path).glob("*.safetensors"))
-        if not files:
-            raise CheckpointError(f"{path}: no *.safetensors weights")
-        self.handles = [safe_open(str(f), framework="pt") for f in files]
-        self.where = {name: h for h in self.handles for name in h.keys()}
-
-    def get(self, name: str) -> torch.Tensor:
-        if name not in self.where:
-            raise CheckpointError(f"HF checkpoint has no tensor {name!r} (is it the architecture config.json says?)")
-        return self.where[name].get_tensor(name)
 
 
 def load_hf_into(models: list, params: list[list[ParamMap]], arch: Architecture, hf_dir: Path, layout: Layout,

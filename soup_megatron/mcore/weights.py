@@ -94,13 +94,13 @@ def model_ends(stage: int, stages: int, chunk: int, chunks: int) -> tuple[bool, 
 def build_chunks(arch: Architecture, mc, layout) -> tuple[list, list[list[ParamMap]]]:
     """This rank's model chunks (one per virtual pipeline stage; a single one without interleaving, each
     holding its tensor-parallel slices) and their weight maps."""
-    from .model import build_model, transformer_engine_available
+    from .model import build_gpt_model, transformer_engine_available
 
     te_spec = transformer_engine_available()
     models, params = [], []
     for chunk in range(layout.vp):
         first, last = model_ends(layout.pp_rank, layout.pp, chunk, layout.vp)
-        models.append(build_model(arch, mc, pre_process=first, post_process=last,
+        models.append(build_gpt_model(arch, mc, pre_process=first, post_process=last,
                                   vp_stage=chunk if layout.vp > 1 else None))
         params.append(stage_params(arch, layout.pp_rank, layout.pp, te_spec, chunk, layout.vp))
     return models, params

@@ -92,18 +92,32 @@ def pad_token_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """All tensors of an HF checkpoint directory (single or sharded safetensors)."""
-    from safetensors.torch import load_file
+class HFReader:
+    """Lazy access to the tensors of an HF checkpoint directory (single or sharded safetensors): a tensor is
+    read when asked for, so a rank loads only the slices it holds."""
 
-    path = Path(path)
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"{path}: no *.safetensors weights")
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        state.update(load_file(f))
-    return state
+    def __init__(self, path: str | Path):
+        from safetensors import safe_open
+
+        files = sorted(Path(path).glob("*.safetensors"))
+        if not files:
+            raise CheckpointError(f"{path}: no *.safetensors weights")
+        self.handles = [safe_open(str(f), framework="pt") for f in files]
+        self.where = {name: h for h in self.handles for name in h.keys()}
+
+    def names(self) -> list[str]:
+        return list(self.where)
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.where:
+            raise CheckpointError(f"HF checkpoint has no tensor {name!r} (is it the architecture config.json says?)")
+        return self.where[name].get_tensor(name)
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of an HF checkpoint directory."""
+    reader = HFReader(path)
+    return {name: reader.get(name) for name in reader.names()}
 
 
 def load_weights_into(model, source: Path | Mapping[str, torch.Tensor]) -> None:

@@ -32,7 +32,7 @@ def build_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS)
 
 
-def build_model(cfg: Config, vocab_size: int, eos_id: int):
+def build_tiny_model(cfg: Config, vocab_size: int, eos_id: int):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     t = cfg.model.tiny
@@ -81,7 +81,7 @@ def prepare_tiny_model(cfg: Config, progress: bool = True) -> Path:
                           "data.source=arithmetic and data.arithmetic.style=worked (or prepare another model.source)")
     out = Path(cfg.model.path)
     tokenizer = build_tokenizer()
-    model = build_model(cfg, len(tokenizer), tokenizer.eos_token_id)
+    model = build_tiny_model(cfg, len(tokenizer), tokenizer.eos_token_id)
     t = cfg.model.tiny
     a = cfg.data.arithmetic
     train = make_split("train", cfg.data.train_size, cfg.seed, a.min_terms, a.max_terms, a.max_operand)
