@@ -132,6 +132,7 @@ def _engine_throughput(cfg: Config, reps: int, tmp: str) -> Table:
     from .rollout import build_engine
     from .rollout.base import GenerationRequest
     from .rollout.sglang_servers import RolloutServers
+    from .runtime import in_process_engine
 
     fmt = PromptFormat.of(load_tokenizer(cfg.model.path), cfg.data, cfg.model.path)
     prompts = prompts_for_step(load_splits(cfg.data, cfg.seed)[0], 0, cfg.rollout.prompts_per_step, cfg.seed)
@@ -139,7 +140,7 @@ def _engine_throughput(cfg: Config, reps: int, tmp: str) -> Table:
                 for p in prompts for _ in range(cfg.rollout.group_size)]
     servers = RolloutServers(cfg.rollout.sglang, cfg.model.path, Path(tmp), ["policy"]).start()
     try:
-        engines = {"in-process": build_engine(replace(cfg.rollout, backend="local"), cfg.model.path),
+        engines = {"in-process": in_process_engine(cfg.rollout, cfg.model.path),
                    "SGLang (1 server)": build_engine(cfg.rollout, cfg.model.path, 0, tmp)}
         seconds: dict[str, list[float]] = {n: [] for n in engines}
         tokens: dict[str, list[int]] = {n: [] for n in engines}

@@ -76,7 +76,7 @@ def cmd_eval(args) -> int:
     from .io import atomic_write_json
     from .model.hf import load_tokenizer, newline_token_ids, resolve_policy_checkpoint
     from .reward import build_reward
-    from .rollout import build_engine
+    from .runtime import in_process_engine
 
     cfg = load_config(args.config, args.overrides)
     ks = _int_list("--k", args.k)
@@ -96,11 +96,11 @@ def cmd_eval(args) -> int:
     fmt = PromptFormat.of(tokenizer, cfg.data, path)
     sampling = Sampling(args.max_new_tokens or cfg.rollout.max_response_len, cfg.rollout.temperature, cfg.seed,
                         args.batch)
-    engine = build_engine(_local(cfg.rollout), path)
+    engine = in_process_engine(cfg.rollout, path, "eval")
     soup = None
     if args.prefix_checkpoint:
         prefix_path = resolve_policy_checkpoint(args.prefix_checkpoint)
-        soup = SoupInference(build_engine(_local(cfg.rollout), prefix_path), cfg.soup.cut_min, cfg.soup.cut_max,
+        soup = SoupInference(in_process_engine(cfg.rollout, prefix_path), cfg.soup.cut_min, cfg.soup.cut_max,
                              cfg.soup.cut_at,
                              newline_token_ids(tokenizer) if cfg.soup.cut_at == "line" else frozenset(),
                              sampling.max_new_tokens if cfg.soup.cut_of == "max_length" else None)
@@ -160,13 +160,6 @@ def cmd_bench(args) -> int:
         for table in tables:
             print_table(table)
     return 0
-
-
-def _local(rollout):
-    """`eval` runs its engines in-process: SGLang servers belong to a training run (its run directory)."""
-    if rollout.backend != "local":
-        log.warning(f"eval: rollout.backend={rollout.backend} serves training runs; evaluating in-process")
-    return replace(rollout, backend="local")
 
 
 def cmd_launch(args) -> int:

@@ -250,14 +250,14 @@ def _calibrate(cfg: Config, reps: int) -> tuple[Throughput, list[tuple[float, ..
     from .data.encoding import PromptFormat
     from .data.prompts import load_splits, prompts_for_step
     from .model.hf import load_tokenizer
-    from .rollout import build_engine
     from .rollout.base import GenerationRequest
+    from .runtime import in_process_engine
 
     r = cfg.rollout
     fmt = PromptFormat.of(load_tokenizer(cfg.model.path), cfg.data, cfg.model.path)
     prompts = [fmt.prompt_ids(p.text) for p in prompts_for_step(load_splits(cfg.data, cfg.seed)[0], 0,
                                                                      r.prompts_per_step, cfg.seed)]
-    engine = build_engine(replace(r, backend="local"), cfg.model.path)
+    engine = in_process_engine(r, cfg.model.path)
     n, L = r.prompts_per_step * r.group_size, r.max_response_len
     filler = engine.generate([GenerationRequest(prompts[0], (), L)], r.temperature, 0)[0].token_ids[: L // 2]
     shapes = [(1, L, 0), (n // 4, L, 0), (n, L, 0), (n, L // 4, 0), (n, 1, len(filler)), (n // 2, L // 2, len(filler))]

@@ -2,17 +2,20 @@
 the role of this process (the megatron actor's driver, or a follower rank serving its commands), the SGLang
 server groups, the on-policy, reference and colocated-history engines, and the weight sync between actor
 and engine. `train`, `bench` and `sweep` (through the trainer) and `bench actor` take their processes from
-here; the trainer is the loop of the data flow.
+here, and `eval`, `sweep`'s final evaluation and the benchmarks take their in-process engines from
+`in_process_engine`; the trainer is the loop of the data flow.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
 from .actor import build_actor
-from .config import ActorConfig, Config, samples_per_update
-from .rollout import build_engine
+from .config import ActorConfig, Config, RolloutConfig, samples_per_update
+from .log import get_logger
+from .rollout import RolloutEngine, build_engine
 from .weight_sync import WeightSync, sync_mode
 
 
@@ -29,6 +32,16 @@ def follow(actor: ActorConfig, model_path: str, samples: Optional[int] = None) -
     """Serve the driver's actor commands until it closes the actor; the follower's whole job."""
     build_actor(actor, model_path, samples).follow()
     return 0
+
+
+def in_process_engine(rollout: RolloutConfig, model_path: str | Path, purpose: str = "") -> RolloutEngine:
+    """An engine in this process on `model_path`, whatever rollout.backend says: SGLang servers belong to a
+    training run (they live in its run directory), and evaluations and measurements run after or without one.
+    `purpose` names the caller in the note logged when the config asked for SGLang."""
+    if rollout.backend != "local" and purpose:
+        get_logger(__name__).warning(f"{purpose}: rollout.backend={rollout.backend} serves training runs; "
+                                     "generating in-process")
+    return build_engine(replace(rollout, backend="local"), model_path)
 
 
 class Runtime:

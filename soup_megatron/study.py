@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 import statistics
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -103,7 +103,7 @@ def train_and_evaluate(study: StudyConfig, variant: str, seed: int) -> dict:
     from .evaluate import Sampling, evaluate
     from .model.hf import load_tokenizer, resolve_policy_checkpoint
     from .reward import build_reward
-    from .rollout import build_engine
+    from .runtime import in_process_engine
     from .trainer import Trainer
 
     cfg = run_config(study, variant, seed)
@@ -117,7 +117,7 @@ def train_and_evaluate(study: StudyConfig, variant: str, seed: int) -> dict:
     Trainer(cfg).run()
     started = time.perf_counter()
     policy = resolve_policy_checkpoint(out)
-    engine = build_engine(replace(cfg.rollout, backend="local"), policy)  # the run's servers are gone
+    engine = in_process_engine(cfg.rollout, policy)  # the run's servers are gone
     fmt = PromptFormat.of(load_tokenizer(policy), cfg.data, policy)
     try:
         final = evaluate(engine, fmt, load_splits(cfg.data, cfg.seed)[1], build_reward(cfg.reward),
