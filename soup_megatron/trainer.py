@@ -59,7 +59,7 @@ from .history.store import CheckpointStore
 from .io import atomic_dir, atomic_write_json, atomic_write_text, make_private_dir, read_json, remove_tmp_leftovers
 from .log import get_logger
 from .metrics import MetricsLog, WandbSettings, plot_curves
-from .model.hf import CheckpointError, load_tokenizer, newline_token_ids, pad_token_id
+from .model.hf import CheckpointError, load_tokenizer, newline_token_ids, pad_rows, pad_token_id
 from .reward import build_reward
 from .rollout.base import GenerationRequest
 from .runtime import Runtime
@@ -321,17 +321,13 @@ class Trainer:
     def make_batch(self, samples: list[Sample]) -> TokenBatch:
         """Samples as tensors. With algo.overlong_filter a response the length limit cut keeps its tokens but no
         segment tags, so it has no trained token (no loss, not counted)."""
-        width = max(len(s.prompt_ids) + len(s.response_ids) for s in samples)
-        n = len(samples)
-        ids = torch.full((n, width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((n, width), dtype=torch.long)
+        ids, mask = pad_rows([s.prompt_ids + s.response_ids for s in samples], self.pad_id)
+        n, width = ids.shape
         segment = torch.full((n, width - 1), PROMPT, dtype=torch.long)
         behaviour = torch.zeros((n, width - 1))
         versions = torch.full((n, width - 1), -1, dtype=torch.long)
         for i, s in enumerate(samples):
             p, r = len(s.prompt_ids), len(s.response_ids)
-            ids[i, : p + r] = torch.tensor(s.prompt_ids + s.response_ids)
-            mask[i, : p + r] = 1
             if not (self.cfg.algo.overlong_filter and s.finish_reason == "length"):
                 segment[i, p - 1: p - 1 + r] = torch.tensor(s.segments, dtype=torch.long)
             behaviour[i, p - 1: p - 1 + r] = torch.tensor(s.behaviour_logp)

@@ -15,6 +15,7 @@ from tqdm import tqdm
 from ..config import Config, ConfigError
 from ..data.arithmetic import make_split, parse_terms, worked_solution
 from ..io import atomic_dir
+from .hf import pad_rows
 
 EOS = "<|endoftext|>"
 
@@ -64,13 +65,8 @@ def sft_batches(tokenizer, examples: list[tuple[str, str]], batch_size: int, ste
         encoded.append((p + r, [-100] * len(p) + r))
     for _ in range(steps):
         idx = torch.randint(len(encoded), (batch_size,), generator=gen).tolist()
-        width = max(len(encoded[i][0]) for i in idx)
-        ids = torch.full((batch_size, width), eos)
-        labels = torch.full((batch_size, width), -100)
-        for row, i in enumerate(idx):
-            seq, lab = encoded[i]
-            ids[row, : len(seq)] = torch.tensor(seq)
-            labels[row, : len(lab)] = torch.tensor(lab)
+        ids, _ = pad_rows([encoded[i][0] for i in idx], eos)
+        labels, _ = pad_rows([encoded[i][1] for i in idx], -100)
         yield ids, labels
 
 

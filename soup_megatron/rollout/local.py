@@ -17,8 +17,8 @@ from ..model.hf import (
     load_model,
     load_tokenizer,
     load_weights_into,
+    pad_rows,
     pad_token_id,
-    right_pad,
     stop_token_ids,
     token_logprobs,
 )
@@ -50,12 +50,7 @@ class LocalEngine:
     def _generate_batch(self, requests, temperature: float, gen: torch.Generator) -> list[Generation]:
         n = len(requests)
         contexts = [list(r.prompt_ids) + list(r.prefix_ids) for r in requests]
-        width = max(len(c) for c in contexts)
-        ids = torch.full((n, width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((n, width), dtype=torch.long)
-        for i, c in enumerate(contexts):  # left padding: every row's next token sits in the last column
-            ids[i, width - len(c):] = torch.tensor(c)
-            mask[i, width - len(c):] = 1
+        ids, mask = pad_rows(contexts, self.pad_id, left=True)  # every row's next token in the last column
         budget = torch.tensor([r.max_new_tokens for r in requests])
         results = [Generation([], [], "length", self.version) for _ in requests]
         active = torch.arange(n)[budget > 0]
@@ -108,7 +103,7 @@ class LocalEngine:
     def score(self, contexts: Sequence[Sequence[int]], targets: Sequence[Sequence[int]],
               temperature: float) -> list[list[float]]:
         rows = [list(c) + list(t) for c, t in zip(contexts, targets)]
-        ids, mask = right_pad(rows, self.pad_id)
+        ids, mask = pad_rows(rows, self.pad_id)
         logp, _ = token_logprobs(self.model, ids, mask, temperature)
         return [logp[i, len(c) - 1: len(c) - 1 + len(t)].tolist() for i, (c, t) in enumerate(zip(contexts, targets))]
 
