@@ -26,7 +26,6 @@ resume trains on it.
 from __future__ import annotations
 
 import contextlib
-import os
 import random
 import shutil
 import time
@@ -64,7 +63,7 @@ from .reward import build_reward
 from .rollout.base import GenerationRequest
 from .runtime import Runtime
 from .sample import CONTINUATION, PREFIX, PROMPT, Sample, Trajectory
-from .shutdown import stop_requested
+from .shutdown import refuse_restart_without_checkpoints, stop_asked
 
 log = get_logger(__name__)
 
@@ -95,24 +94,13 @@ class Collected:
     seconds: dict[str, float]
 
 
-def _refuse_restart_without_checkpoints(ckpt_root: Path) -> None:
-    """A requeued Slurm job whose run directory lost its checkpoints must not quietly start over."""
-    restart = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
-    if restart > 0 and not ckpt_root.is_dir():
-        raise CheckpointError(
-            f"this is restart {restart} of Slurm job {os.environ.get('SLURM_JOB_ID', '?')}, but {ckpt_root} does not "
-            "exist: the run's checkpoints vanished (deleted, or the file system is not mounted on this node); "
-            "refusing to start over from step 0. Restore the directory, or submit a new run to start fresh")
-
-
 class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.out = make_private_dir(cfg.trainer.out_dir)  # checkpoints and server keys: the user's own
         self.ckpt_root = self.out / "checkpoints"
-        _refuse_restart_without_checkpoints(self.ckpt_root)
+        refuse_restart_without_checkpoints(self.ckpt_root)
         self.ckpt_root.mkdir(exist_ok=True)
-        self.stop_file = self.out / "STOP"  # written by the Slurm job script on USR1 (see stop_requested)
         remove_tmp_leftovers(self.ckpt_root)
         self.train_prompts, self.heldout = load_splits(cfg.data, cfg.seed)  # cheap checks of inputs first
         self.reward_fn = build_reward(cfg.reward)
@@ -570,7 +558,7 @@ class Trainer:
                     last_eval = self.evaluate(step + 1)
                     record.update(last_eval, **{"time/eval": time.perf_counter() - started})
                 self.metrics.log(record)
-                stop = not last and (stop_requested.is_set() or self.stop_file.exists())
+                stop = not last and stop_asked(self.out)
                 if last or stop or (step + 1) % c.trainer.save_interval == 0:
                     self.save_checkpoint(step + 1)
                 bar.set_postfix(reward=f"{record['reward_mean']:.2f}",

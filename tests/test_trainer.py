@@ -334,3 +334,19 @@ def test_sigterm_leaves_no_process_behind(tiny_model, tmp_path):
     time.sleep(0.5)
     left = [pid for pid in children if alive(pid)]
     assert not left, f"processes left running after SIGTERM: {left}"
+
+
+def test_a_stop_is_asked_by_the_job_scripts_file_and_a_requeue_without_checkpoints_is_refused(tmp_path, monkeypatch):
+    from soup_megatron.shutdown import STOP_FILE, refuse_restart_without_checkpoints, stop_asked
+
+    assert not stop_asked(tmp_path)
+    (tmp_path / STOP_FILE).touch()
+    assert stop_asked(tmp_path)
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    refuse_restart_without_checkpoints(tmp_path / "checkpoints")  # a first start: nothing to resume yet
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    with pytest.raises(CheckpointError, match="restart 2 of Slurm job 77, but .*checkpoints does not exist"):
+        refuse_restart_without_checkpoints(tmp_path / "checkpoints")
+    (tmp_path / "checkpoints").mkdir()
+    refuse_restart_without_checkpoints(tmp_path / "checkpoints")
