@@ -171,11 +171,10 @@ def assert_parity(r: dict, sp: bool, nothing_sharded: bool) -> None:
     assert r["names_only_local"] == ["lm_head.weight"] and r["names_only_megatron"] == []  # tied: HF files omit it
 
 
+@pytest.mark.slow  # 74 s each; the default tier's parity tests run the actor on two ranks
 @pytest.mark.parametrize("layout, converted_with", [
-    (["tensor_parallel=2"], "--pp"), pytest.param(["pipeline_parallel=2"], "--tp", marks=pytest.mark.slow),
-    pytest.param(["pipeline_parallel=2", "virtual_pipeline=2"], "--pp", marks=pytest.mark.slow),
-    pytest.param(["context_parallel=2"], "--tp", marks=pytest.mark.slow),
-    pytest.param([], "--tp", marks=pytest.mark.slow)],
+    (["tensor_parallel=2"], "--pp"), (["pipeline_parallel=2"], "--tp"),
+    (["pipeline_parallel=2", "virtual_pipeline=2"], "--pp"), (["context_parallel=2"], "--tp"), ([], "--tp")],
     ids=["tensor", "pipeline", "interleaved", "context", "data"])
 def test_soup_run_with_megatron_actor_on_two_ranks(tiny_model_kv2, tiny_model_4_layers, tmp_path, layout,
                                                    converted_with):

@@ -356,6 +356,7 @@ def test_soup_run_on_sglang_trains_syncs_and_cleans_up(tiny_model, tmp_path, pla
     assert not any(f":{u.rsplit(':', 1)[1]} " in _listening_ports() for u in info["urls"])
 
 
+@pytest.mark.slow  # 67 s: moved to keep the default tier under 15 min on 2 cores
 def test_sigterm_ends_every_process_the_run_started(tiny_model, tmp_path):
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "soup_megatron.cli", "train", *_sglang_overrides(tiny_model, out),
