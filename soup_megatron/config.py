@@ -363,7 +363,7 @@ class ActorConfig(Section):
         yield ("max_tokens_per_micro_batch", self.max_tokens_per_micro_batch >= 0,
                ">= 0 (0 = micro-batches of actor.micro_batch_size rows)")
         yield ("max_tokens_per_micro_batch", self.max_tokens_per_micro_batch == 0 or self.backend == "local"
-               or self.megatron.virtual_pipeline == 1,
+               or self.megatron.virtual_pipeline <= 1,
                "0 with actor.megatron.virtual_pipeline > 1 (the interleaved schedule needs its micro-batches in "
                "multiples of pipeline_parallel)")
 
@@ -524,7 +524,9 @@ def _merge(base, layer, source: str):
         choices = _choices(key)
         if choices:
             allowed = ", ".join(c or '""' for c in choices)
-            refusal = _refuse(key, OmegaConf.select(layer, key), f"choose one of: {allowed}")
+            value = OmegaConf.select(layer, key)
+            quote = " (YAML reads off, on, yes and no as booleans: quote the word)" if isinstance(value, bool) else ""
+            refusal = _refuse(key, value, f"choose one of: {allowed}{quote}")
             raise ConfigError(f"{source}: {refusal}") from None
         raise ConfigError(f"{source}: bad value for '{key}': {msg}") from None
 

@@ -63,8 +63,8 @@ from rich.table import Table
 from .algo.mixing import mixed_count
 from .config import Config, load_config
 from .errors import refusals_to_exit_code
-from .mcore.model import padded_vocab_size
-from .plan_memory import PlanError, parameter_counts, read_architecture, sglang_budget
+from .mcore.model import padded_vocab_size, read_architecture
+from .plan_memory import PlanError, parameter_counts, sglang_budget
 
 H100_BANDWIDTH = 3.35e12  # bytes/s
 H100_BF16_FLOPS = 989e12

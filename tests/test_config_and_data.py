@@ -35,6 +35,7 @@ from soup_megatron.reward import build_reward, exact_answer, math_equivalent
     ("model.tiny.num_heads=0", "model.tiny.num_heads=0 is not allowed; expected >= 1"),  # before it divides
     ("rollout.weight_sync=distributed", "need CUDA servers and NCCL and are not built in this tree"),
     ("rollout.backend=vllm", "rollout.backend='vllm' is not allowed; choose one of: local, sglang"),
+    ("trainer.wandb=off", "choose one of: off, offline, online (YAML reads off, on, yes and no as booleans"),
     ("rollout.sglang.tp=2", "unknown key 'rollout.sglang.tp'. Allowed here: python, servers_from, policy_servers"),
 ])
 def test_bad_overrides_are_refused(override, message):

@@ -117,9 +117,16 @@ def plan(capsys, *args):
     return code, out.out, out.err
 
 
-def test_refusals(capsys):
+def test_refusals(capsys, tmp_path):
     code, _, err = plan(capsys, "--architecture", "configs/architectures/missing.json")
     assert code == 2 and "configs/architectures/missing.json does not exist" in err
+
+    (tmp_path / "broken.json").write_text('{"model_type": "llama",')
+    code, _, err = plan(capsys, "--architecture", str(tmp_path / "broken.json"))
+    assert code == 2 and f"{tmp_path / 'broken.json'}: not an HF model config" in err
+    (tmp_path / "gpt2.json").write_text('{"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}')
+    code, _, err = plan(capsys, "--architecture", str(tmp_path / "gpt2.json"))
+    assert code == 2 and f"{tmp_path / 'gpt2.json'}: model_type 'gpt2'" in err and "not supported" in err
 
     code, _, err = plan(capsys, "model.path=/nowhere")
     assert code == 2 and "/nowhere/config.json does not exist" in err

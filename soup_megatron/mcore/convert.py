@@ -23,7 +23,7 @@ from ..config import MegatronConfig
 from ..errors import refusals_to_exit_code
 from ..io import TMP_MARK, atomic_dir
 from ..log import get_logger
-from ..model.hf import CheckpointError
+from ..model.hf import CheckpointError, HFReader
 from . import checkpoint, parallel
 from .model import Architecture, check_parallel_sizes, padded_vocab_size, read_architecture
 from .weights import build_chunks
@@ -32,8 +32,8 @@ log = get_logger(__name__)
 
 
 def _checkpoint_dtype(hf: Path) -> str:
-    reader = checkpoint.HFReader(hf)
-    dtype = reader.get(next(iter(reader.where))).dtype
+    reader = HFReader(hf)
+    dtype = reader.get(reader.names()[0]).dtype
     if dtype not in (torch.float32, torch.bfloat16):
         raise CheckpointError(f"{hf}: weights are {dtype}; float32 and bfloat16 are supported")
     return "bfloat16" if dtype == torch.bfloat16 else "float32"

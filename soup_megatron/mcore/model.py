@@ -261,7 +261,7 @@ def layer_spec(arch: Architecture, cfg: MegatronConfig, use_te: bool):
 
 
 def build_gpt_model(arch: Architecture, cfg: MegatronConfig, pre_process: bool = True, post_process: bool = True,
-                vp_stage: int | None = None):
+                    vp_stage: int | None = None):
     """One model chunk of this rank (its pipeline stage, its tensor-parallel slices)."""
     from megatron.core.models.gpt import GPTModel
 

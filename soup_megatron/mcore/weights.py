@@ -101,7 +101,7 @@ def build_chunks(arch: Architecture, mc, layout) -> tuple[list, list[list[ParamM
     for chunk in range(layout.vp):
         first, last = model_ends(layout.pp_rank, layout.pp, chunk, layout.vp)
         models.append(build_gpt_model(arch, mc, pre_process=first, post_process=last,
-                                  vp_stage=chunk if layout.vp > 1 else None))
+                                      vp_stage=chunk if layout.vp > 1 else None))
         params.append(stage_params(arch, layout.pp_rank, layout.pp, te_spec, chunk, layout.vp))
     return models, params
 
