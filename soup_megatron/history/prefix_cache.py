@@ -265,9 +265,9 @@ class PrefixCache:
         key = f"{step}-refill-{round}"
         self._submit([key], self.store.members(), refill_slots=list(slots))
         out = self.take(key)
-        work, self._work[step] = self._work.pop(key), self._work.get(step, {})
-        for name, value in work.items():  # the refill's work counts for its step
-            self._work[step][name] = self._work[step].get(name, 0.0) + value
+        totals = self._work.setdefault(step, {})
+        for name, value in self._work.pop(key).items():  # the refill's work counts for its step
+            totals[name] = totals.get(name, 0.0) + value
         return out
 
     def record(self, samples: Sequence[Sample]) -> None:
