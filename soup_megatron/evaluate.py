@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 from .algo.mixing import cut_point
 from .config import ConfigError
 from .data.encoding import PromptFormat
-from .data.prompts import Prompt
+from .data.prompt import Prompt
 from .reward import RewardFn
 from .rollout.base import Generation, GenerationRequest, RolloutEngine
 

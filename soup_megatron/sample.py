@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .data.prompts import Prompt
+from .data.prompt import Prompt
 
 PROMPT, PREFIX, CONTINUATION = 0, 1, 2
 SEGMENT_NAMES = {PREFIX: "prefix", CONTINUATION: "continuation"}

@@ -13,7 +13,7 @@ from __future__ import annotations
 import random
 import zlib
 
-from .prompts import DataError, Prompt
+from .prompt import DataError, Prompt
 
 ANSWER_PREFIX = "A: "
 

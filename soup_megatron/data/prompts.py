@@ -9,22 +9,11 @@ from __future__ import annotations
 import functools
 import json
 import random
-from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import DataConfig
-from ..errors import SoupError
-
-
-class DataError(SoupError, ValueError):
-    """A data file or row that cannot be used."""
-
-
-@dataclass(frozen=True)
-class Prompt:
-    uid: str  # stable id: replay buffers and prefix caches are keyed by it
-    text: str  # already laid out by data.template
-    answer: str
+from .arithmetic import make_split
+from .prompt import DataError, Prompt
 
 
 def read_rows(path: Path) -> list[tuple[int, object]]:
@@ -85,8 +74,6 @@ def load_splits(cfg: DataConfig, seed: int) -> tuple[list[Prompt], list[Prompt]]
     if cfg.source == "file":
         return (load_file(cfg.train_path, cfg.prompt_field, cfg.answer_field, cfg.template),
                 load_file(cfg.heldout_path, cfg.prompt_field, cfg.answer_field, cfg.template))
-    from .arithmetic import make_split
-
     a = cfg.arithmetic
     return tuple(  # type: ignore[return-value]
         [Prompt(p.uid, cfg.template.replace("{prompt}", p.text), p.answer)
