@@ -10,7 +10,7 @@ from pathlib import Path
 from .config import ConfigError, load_config, samples_per_update
 from .errors import refusals_to_exit_code
 from .log import get_logger, setup_logging
-from .shutdown import exit_on_signals
+from .train.shutdown import exit_on_signals
 
 log = get_logger(__name__)
 
@@ -48,8 +48,8 @@ def cmd_prepare(args) -> int:
 
 def cmd_train(args) -> int:
     from .metrics import read_metrics
-    from .runtime import follow, is_follower
-    from .trainer import Trainer
+    from .train.runtime import follow, is_follower
+    from .train.trainer import Trainer
 
     cfg = load_config(args.config, args.overrides)
     if is_follower(cfg.actor):  # a torchrun / srun rank that serves the driver's (rank 0's) actor commands
@@ -76,7 +76,7 @@ def cmd_eval(args) -> int:
     from .io import atomic_write_json
     from .model.hf import load_tokenizer, newline_token_ids, resolve_policy_checkpoint
     from .reward import build_reward
-    from .runtime import in_process_engine
+    from .train.runtime import in_process_engine
 
     cfg = load_config(args.config, args.overrides)
     ks = _int_list("--k", args.k)
@@ -133,7 +133,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from .study import load_study, run_study
+    from .experiments.study import load_study, run_study
 
     study = load_study(args.config, args.overrides)
     run_study(study)
@@ -144,7 +144,7 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench import BENCHMARKS, print_table
+    from .experiments.bench import BENCHMARKS, print_table
 
     if args.steps <= args.warmup:
         raise ConfigError(f"--steps {args.steps} must be larger than --warmup {args.warmup}")

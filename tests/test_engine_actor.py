@@ -144,7 +144,7 @@ def test_every_export_is_a_complete_checkpoint(tiny_chat_model, make_config, tmp
     generation config; `eval` with the chat template runs on a history member."""
     from soup_megatron.cli import main
     from soup_megatron.model.hf import HF_SIDE_FILES
-    from soup_megatron.trainer import Trainer
+    from soup_megatron.train.trainer import Trainer
 
     side_files = {name for name in HF_SIDE_FILES if (tiny_chat_model / name).is_file()}
     assert {"chat_template.jinja", "generation_config.json", "tokenizer.json", "config.json"} <= side_files

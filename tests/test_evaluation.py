@@ -13,8 +13,8 @@ from soup_megatron.config import ConfigError
 from soup_megatron.data.eval_sets import last_boxed, load_eval_set
 from soup_megatron.data.prompts import DataError
 from soup_megatron.evaluate import pass_at_k
+from soup_megatron.experiments.study import load_study, run_study
 from soup_megatron.reward import math_equivalent
-from soup_megatron.study import load_study, run_study
 
 from .conftest import TINY
 
@@ -182,9 +182,10 @@ def test_sweep_runs_every_variant_and_seed_and_does_not_rerun_finished_runs(tiny
     assert json.loads((tmp_path / "run.json").read_text())["checkpoint"].endswith("step_000002/actor/model")
 
     # finished runs are read back, not trained again
-    import soup_megatron.trainer
+    import soup_megatron.train.trainer
 
-    monkeypatch.setattr(soup_megatron.trainer, "Trainer", lambda cfg: pytest.fail("a finished run was trained again"))
+    monkeypatch.setattr(soup_megatron.train.trainer, "Trainer",
+                        lambda cfg: pytest.fail("a finished run was trained again"))
     assert run_study(load_study(path)) == results["runs"]
     # ... unless its config changed, which is refused with the keys named
     changed = _study_file(tmp_path, tiny_model, {"grpo": ["soup.mix_fraction=0"], "soup": []},

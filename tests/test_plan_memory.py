@@ -8,7 +8,7 @@ import pytest
 
 from soup_megatron.config import MegatronConfig
 from soup_megatron.mcore.model import padded_vocab_size
-from soup_megatron.plan_memory import (
+from soup_megatron.planning.memory import (
     bytes_per_parameter,
     layer_activation_bytes,
     main,

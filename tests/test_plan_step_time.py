@@ -5,7 +5,7 @@ import json
 import pytest
 
 from soup_megatron.config import load_config
-from soup_megatron.plan_step_time import Throughput, Workload, expected_workload, main, step_seconds
+from soup_megatron.planning.step_time import Throughput, Workload, expected_workload, main, step_seconds
 
 QWEN = "configs/architectures/qwen2.5-math-7b.json"
 T = Throughput(tau0=0.01, tau1=0.001, prefill_tps=1000.0, train_s_per_unit=0.01, sync_s=5.0, load_s=2.0)

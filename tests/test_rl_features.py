@@ -19,7 +19,7 @@ from soup_megatron.metrics import read_metrics
 from soup_megatron.sample import CONTINUATION as C
 from soup_megatron.sample import PREFIX as P
 from soup_megatron.sample import PROMPT as Q
-from soup_megatron.trainer import Timer, Trainer
+from soup_megatron.train.trainer import Timer, Trainer
 
 HALF_CONSTANT = "reward.function=tests.helpers:half_constant_reward"
 

@@ -13,7 +13,7 @@ import torch
 from soup_megatron.metrics import read_metrics
 from soup_megatron.model.hf import CheckpointError, read_state_dict
 from soup_megatron.sample import CONTINUATION, PREFIX
-from soup_megatron.trainer import Timer, Trainer
+from soup_megatron.train.trainer import Timer, Trainer
 
 from .helpers import alive, child_pids
 
@@ -167,7 +167,7 @@ def test_samples_with_zero_advantage_get_no_pass_and_change_nothing(make_config)
     """Groups whose rewards were all equal have advantage 0, so their loss is zero: the trainer does not run
     them, and the update (whose loss weights still count them) equals training every sample."""
     from soup_megatron.actor import build_actor
-    from soup_megatron.trainer import step_seed
+    from soup_megatron.train.trainer import step_seed
 
     cfg = make_config("trainer.steps=0", "algo.minibatches=2", "soup.lookahead=0")
     trainer = Trainer(cfg)
@@ -337,7 +337,7 @@ def test_sigterm_leaves_no_process_behind(tiny_model, tmp_path):
 
 
 def test_a_stop_is_asked_by_the_job_scripts_file_and_a_requeue_without_checkpoints_is_refused(tmp_path, monkeypatch):
-    from soup_megatron.shutdown import STOP_FILE, refuse_restart_without_checkpoints, stop_asked
+    from soup_megatron.train.shutdown import STOP_FILE, refuse_restart_without_checkpoints, stop_asked
 
     assert not stop_asked(tmp_path)
     (tmp_path / STOP_FILE).touch()

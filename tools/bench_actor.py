@@ -6,7 +6,7 @@ model and batch, in one run (see `soup_megatron/bench.py`; `soup-megatron bench`
 
 import sys
 
-from soup_megatron.bench import tool_main
+from soup_megatron.experiments.bench import tool_main
 
 if __name__ == "__main__":
     sys.exit(tool_main("actor", __doc__))

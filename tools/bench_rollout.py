@@ -7,7 +7,7 @@ model (see `soup_megatron/bench.py`). Needs the SGLang venv (`bash tools/setup_s
 
 import sys
 
-from soup_megatron.bench import tool_main
+from soup_megatron.experiments.bench import tool_main
 
 if __name__ == "__main__":
     sys.exit(tool_main("rollout", __doc__))

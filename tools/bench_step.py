@@ -6,7 +6,7 @@
 
 import sys
 
-from soup_megatron.bench import tool_main
+from soup_megatron.experiments.bench import tool_main
 
 if __name__ == "__main__":
     sys.exit(tool_main("step", __doc__))

@@ -8,7 +8,7 @@ KV budget; exits 2 with the biggest term and what to change when the plan does n
 
 import sys
 
-from soup_megatron.plan_memory import main
+from soup_megatron.planning.memory import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -9,7 +9,7 @@ sources: `soup_megatron/plan_step_time.py`); `--validate` compares the model wit
 
 import sys
 
-from soup_megatron.plan_step_time import main
+from soup_megatron.planning.step_time import main
 
 if __name__ == "__main__":
     sys.exit(main())

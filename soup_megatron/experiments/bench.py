@@ -26,12 +26,12 @@ from typing import Optional
 from rich.console import Console
 from rich.table import Table
 
-from .config import Config, ConfigError, load_config
-from .errors import refusals_to_exit_code
-from .io import atomic_write_text
-from .log import get_logger
-from .shutdown import exit_on_signals
-from .trainer import Trainer
+from ..config import Config, ConfigError, load_config
+from ..errors import refusals_to_exit_code
+from ..io import atomic_write_text
+from ..log import get_logger
+from ..train.shutdown import exit_on_signals
+from ..train.trainer import Trainer
 
 log = get_logger(__name__)
 
@@ -126,13 +126,13 @@ def bench_step(config: str, steps: int, warmup: int, overrides: list[str],
 
 def _engine_throughput(cfg: Config, reps: int, tmp: str) -> Table:
     """Tokens/s of the in-process engine and of one SGLang server on the same requests, alternating."""
-    from .data.encoding import PromptFormat
-    from .data.prompts import load_splits, prompts_for_step
-    from .model.hf import load_tokenizer
-    from .rollout import build_engine
-    from .rollout.base import GenerationRequest
-    from .rollout.sglang_servers import RolloutServers
-    from .runtime import in_process_engine
+    from ..data.encoding import PromptFormat
+    from ..data.prompts import load_splits, prompts_for_step
+    from ..model.hf import load_tokenizer
+    from ..rollout import build_engine
+    from ..rollout.base import GenerationRequest
+    from ..rollout.sglang_servers import RolloutServers
+    from ..train.runtime import in_process_engine
 
     fmt = PromptFormat.of(load_tokenizer(cfg.model.path), cfg.data, cfg.model.path)
     prompts = prompts_for_step(load_splits(cfg.data, cfg.seed)[0], 0, cfg.rollout.prompts_per_step, cfg.seed)
@@ -197,8 +197,8 @@ def _actor_batch(cfg: Config, vocab_size: int):
     response length, advantages of both signs."""
     import torch
 
-    from .actor.base import TokenBatch
-    from .sample import CONTINUATION, PREFIX
+    from ..actor.base import TokenBatch
+    from ..sample import CONTINUATION, PREFIX
 
     n = cfg.rollout.prompts_per_step * cfg.rollout.group_size
     width = 16 + cfg.rollout.max_response_len
@@ -214,10 +214,10 @@ def _actor_batch(cfg: Config, vocab_size: int):
 
 def bench_actor(config: str, steps: int, warmup: int, overrides: list[str]) -> list[Table]:
     """Megatron actor against the local actor: log-prob pass and training pass, alternating."""
-    from .actor import build_actor
-    from .algo.loss import LossConfig
-    from .model.hf import load_tokenizer
-    from .runtime import follow, is_follower
+    from ..actor import build_actor
+    from ..algo.loss import LossConfig
+    from ..model.hf import load_tokenizer
+    from ..train.runtime import follow, is_follower
 
     _check_steps(steps, warmup)
     cfg = load_config(config, overrides)

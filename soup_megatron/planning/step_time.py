@@ -60,11 +60,11 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from .algo.mixing import mixed_count
-from .config import Config, load_config
-from .errors import refusals_to_exit_code
-from .mcore.model import padded_vocab_size, read_architecture
-from .plan_memory import PlanError, parameter_counts, sglang_budget
+from ..algo.mixing import mixed_count
+from ..config import Config, load_config
+from ..errors import refusals_to_exit_code
+from ..mcore.model import padded_vocab_size, read_architecture
+from .memory import PlanError, parameter_counts, sglang_budget
 
 H100_BANDWIDTH = 3.35e12  # bytes/s
 H100_BF16_FLOPS = 989e12
@@ -247,11 +247,11 @@ def calibrate_cpu(cfg: Config, threads: int = 0, reps: int = 2) -> tuple[Through
 def _calibrate(cfg: Config, reps: int) -> tuple[Throughput, list[tuple[float, ...]]]:
     import torch
 
-    from .data.encoding import PromptFormat
-    from .data.prompts import load_splits, prompts_for_step
-    from .model.hf import load_tokenizer
-    from .rollout.base import GenerationRequest
-    from .runtime import in_process_engine
+    from ..data.encoding import PromptFormat
+    from ..data.prompts import load_splits, prompts_for_step
+    from ..model.hf import load_tokenizer
+    from ..rollout.base import GenerationRequest
+    from ..train.runtime import in_process_engine
 
     r = cfg.rollout
     fmt = PromptFormat.of(load_tokenizer(cfg.model.path), cfg.data, cfg.model.path)
@@ -340,7 +340,7 @@ def validate(records_path: Path, cfg: Config) -> list[Table]:
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="plan_step_time.py", description=__doc__.splitlines()[0],
-                                     epilog="formulas, defaults and their sources: soup_megatron/plan_step_time.py")
+                                     epilog="formulas, defaults and their sources: soup_megatron/planning/step_time.py")
     parser.add_argument("--config", required=True, help="run configuration (YAML)")
     parser.add_argument("--architecture", type=Path, help="HF config.json (default: <model.path>/config.json)")
     parser.add_argument("--prompt-len", type=float, default=200.0, help="mean prompt tokens (default 200)")

@@ -12,10 +12,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
-from .actor import build_actor
-from .config import ActorConfig, Config, RolloutConfig, samples_per_update
-from .log import get_logger
-from .rollout import RolloutEngine, build_engine
+from ..actor import build_actor
+from ..config import ActorConfig, Config, RolloutConfig, samples_per_update
+from ..log import get_logger
+from ..rollout import RolloutEngine, build_engine
 from .weight_sync import WeightSync, sync_mode
 
 
@@ -23,7 +23,7 @@ def is_follower(actor: ActorConfig) -> bool:
     """A launcher rank (torchrun / srun) other than 0 of the megatron actor: it serves the driver's commands."""
     if actor.backend != "megatron":
         return False
-    from .mcore.parallel import launcher_rank
+    from ..mcore.parallel import launcher_rank
 
     return launcher_rank() != 0
 
@@ -53,7 +53,7 @@ class Runtime:
         self.actor = build_actor(cfg.actor, cfg.model.path, samples_per_update(cfg))
         try:
             if cfg.rollout.backend == "sglang":
-                from .rollout.sglang_servers import RolloutServers
+                from ..rollout.sglang_servers import RolloutServers
 
                 self.servers = RolloutServers(cfg.rollout.sglang, cfg.model.path, out_dir,
                                               ["policy"] + (["history"] if history_servers else []),

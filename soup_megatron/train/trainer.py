@@ -39,30 +39,30 @@ from typing import Optional
 import torch
 from tqdm import tqdm
 
-from .actor.base import TokenBatch, with_filler_rows
-from .algo.advantage import group_advantages
-from .algo.dynamic_sampling import informative_groups, refill_prompts
-from .algo.loss import LossConfig, LossScale, zero_loss_rows
-from .algo.mixing import cut_point, history_length, mixed_count
-from .algo.overlong import overlong_penalty
-from .algo.rollout_correction import correction_stats, rollout_correction
-from .algo.stats import mean_over_updates, segment_stats
-from .config import Config, changed_keys, to_container, to_yaml
-from .data.encoding import PromptFormat
-from .data.prompts import Prompt, load_splits, prompts_for_step
-from .evaluate import heldout_metrics
-from .history.base import NoPrefixes
-from .history.prefix_cache import PrefixCache
-from .history.replay import ReplayBuffer
-from .history.store import CheckpointStore
-from .io import atomic_dir, atomic_write_json, atomic_write_text, make_private_dir, read_json, remove_tmp_leftovers
-from .log import get_logger
-from .metrics import MetricsLog, WandbSettings, plot_curves
-from .model.hf import CheckpointError, load_tokenizer, newline_token_ids, pad_rows, pad_token_id
-from .reward import build_reward
-from .rollout.base import GenerationRequest
+from ..actor.base import TokenBatch, with_filler_rows
+from ..algo.advantage import group_advantages
+from ..algo.dynamic_sampling import informative_groups, refill_prompts
+from ..algo.loss import LossConfig, LossScale, zero_loss_rows
+from ..algo.mixing import cut_point, history_length, mixed_count
+from ..algo.overlong import overlong_penalty
+from ..algo.rollout_correction import correction_stats, rollout_correction
+from ..algo.stats import mean_over_updates, segment_stats
+from ..config import Config, changed_keys, to_container, to_yaml
+from ..data.encoding import PromptFormat
+from ..data.prompts import Prompt, load_splits, prompts_for_step
+from ..evaluate import heldout_metrics
+from ..history.base import NoPrefixes
+from ..history.prefix_cache import PrefixCache
+from ..history.replay import ReplayBuffer
+from ..history.store import CheckpointStore
+from ..io import atomic_dir, atomic_write_json, atomic_write_text, make_private_dir, read_json, remove_tmp_leftovers
+from ..log import get_logger
+from ..metrics import MetricsLog, WandbSettings, plot_curves
+from ..model.hf import CheckpointError, load_tokenizer, newline_token_ids, pad_rows, pad_token_id
+from ..reward import build_reward
+from ..rollout.base import GenerationRequest
+from ..sample import CONTINUATION, PREFIX, PROMPT, Sample, Trajectory
 from .runtime import Runtime
-from .sample import CONTINUATION, PREFIX, PROMPT, Sample, Trajectory
 from .shutdown import refuse_restart_without_checkpoints, stop_asked
 
 log = get_logger(__name__)

@@ -20,10 +20,10 @@ from typing import Optional
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .config import Config, ConfigError, changed_keys, load_config
-from .io import atomic_write_json, atomic_write_text, read_json
-from .log import get_logger
-from .metrics import read_metrics
+from ..config import Config, ConfigError, changed_keys, load_config
+from ..io import atomic_write_json, atomic_write_text, read_json
+from ..log import get_logger
+from ..metrics import read_metrics
 
 log = get_logger(__name__)
 
@@ -98,13 +98,13 @@ def run_dir(study: StudyConfig, variant: str, seed: int) -> Path:
 
 def train_and_evaluate(study: StudyConfig, variant: str, seed: int) -> dict:
     """One run: train (resuming if it was stopped), evaluate the final policy, write result.json."""
-    from .data.encoding import PromptFormat
-    from .data.prompts import load_splits
-    from .evaluate import Sampling, evaluate
-    from .model.hf import load_tokenizer, resolve_policy_checkpoint
-    from .reward import build_reward
-    from .runtime import in_process_engine
-    from .trainer import Trainer
+    from ..data.encoding import PromptFormat
+    from ..data.prompts import load_splits
+    from ..evaluate import Sampling, evaluate
+    from ..model.hf import load_tokenizer, resolve_policy_checkpoint
+    from ..reward import build_reward
+    from ..train.runtime import in_process_engine
+    from ..train.trainer import Trainer
 
     cfg = run_config(study, variant, seed)
     out = Path(cfg.trainer.out_dir)

@@ -49,10 +49,10 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from .config import Config, MegatronConfig, load_config
-from .errors import SoupError, refusals_to_exit_code
-from .log import get_logger
-from .mcore.model import Architecture, UnsupportedModel, check_parallel_sizes, padded_vocab_size, read_architecture
+from ..config import Config, MegatronConfig, load_config
+from ..errors import SoupError, refusals_to_exit_code
+from ..log import get_logger
+from ..mcore.model import Architecture, UnsupportedModel, check_parallel_sizes, padded_vocab_size, read_architecture
 
 log = get_logger(__name__)
 
@@ -297,7 +297,7 @@ def positive_int(text: str) -> int:
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="plan_memory.py", description=__doc__.splitlines()[0],
-                                     epilog="formulas and their sources: soup_megatron/plan_memory.py")
+                                     epilog="formulas and their sources: soup_megatron/planning/memory.py")
     parser.add_argument("--config", required=True, help="run configuration (YAML)")
     parser.add_argument("--architecture", type=Path,
                         help="HF config.json of the model (default: <model.path>/config.json)")

@@ -15,9 +15,9 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from .actor.base import Actor
-from .io import atomic_dir
-from .rollout.base import RolloutEngine
+from ..actor.base import Actor
+from ..io import atomic_dir
+from ..rollout.base import RolloutEngine
 
 
 def sync_mode(backend: str, mode: str) -> str:

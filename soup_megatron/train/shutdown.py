@@ -23,7 +23,7 @@ def stop_asked(run_dir: Path) -> bool:
 
 def refuse_restart_without_checkpoints(ckpt_root: Path) -> None:
     """A requeued Slurm job whose run directory lost its checkpoints must not quietly start over."""
-    from .model.hf import CheckpointError
+    from ..model.hf import CheckpointError
 
     restart = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
     if restart > 0 and not ckpt_root.is_dir():
