@@ -19,7 +19,8 @@ from soup_megatron.metrics import read_metrics
 from soup_megatron.sample import CONTINUATION as C
 from soup_megatron.sample import PREFIX as P
 from soup_megatron.sample import PROMPT as Q
-from soup_megatron.train.trainer import Timer, Trainer
+from soup_megatron.train.stage import Timer
+from soup_megatron.train.trainer import Trainer
 
 HALF_CONSTANT = "reward.function=tests.helpers:half_constant_reward"
 
@@ -37,11 +38,11 @@ def test_soft_overlong_penalty_by_hand():
 
 def test_overlong_filter_zeroes_exactly_the_truncated_responses_loss(make_config):
     plain = Trainer(make_config("trainer.steps=1", out="plain"))
-    samples, _ = plain.rollout(0, Timer())
-    plain.score(samples)
+    samples, _ = plain.collector.rollout(0, Timer())
+    plain.collector.score(samples)
     plain.close()
     trainer = Trainer(make_config("trainer.steps=1", "algo.overlong_filter=true"))
-    filtered, unfiltered = trainer.make_batch(samples), plain.make_batch(samples)
+    filtered, unfiltered = trainer.updater.make_batch(samples), plain.updater.make_batch(samples)
     trainer.close()
     cut = torch.tensor([s.finish_reason == "length" for s in samples])
     assert 0 < int(cut.sum()) < len(samples), "the test needs truncated and finished responses"
@@ -136,8 +137,8 @@ def test_dynamic_sampling_never_trains_on_an_all_equal_group(make_config, mode):
                       *mode)
     trainer = Trainer(cfg)
     captured = []
-    original = trainer.make_batch
-    trainer.make_batch = lambda samples: captured.append(samples) or original(samples)
+    original = trainer.updater.make_batch
+    trainer.updater.make_batch = lambda samples: captured.append(samples) or original(samples)
     trainer.run()
     rows = read_metrics(cfg.trainer.out_dir + "/metrics.jsonl")[1:]
     g = cfg.rollout.group_size
@@ -297,13 +298,13 @@ def test_one_step_off_keeps_every_token_within_the_bound(make_config, mode):
                       "algo.rollout_correction=tis", *mode)
     trainer = Trainer(cfg)
     seen = []
-    original = trainer.make_batch
+    original = trainer.updater.make_batch
 
     def capture(samples):  # at the update: the actor's version and the continuation tokens' versions
         seen.append((trainer.actor.version, {v for s in samples for v, seg in zip(s.versions, s.segments) if seg == C}))
         return original(samples)
 
-    trainer.make_batch = capture
+    trainer.updater.make_batch = capture
     trainer.run()
     rows = read_metrics(cfg.trainer.out_dir + "/metrics.jsonl")[1:]
     assert seen[0] == (0, {0})  # the first step has nothing ahead: collected on the spot

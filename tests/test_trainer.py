@@ -13,7 +13,8 @@ import torch
 from soup_megatron.metrics import read_metrics
 from soup_megatron.model.hf import CheckpointError, read_state_dict
 from soup_megatron.sample import CONTINUATION, PREFIX
-from soup_megatron.train.trainer import Timer, Trainer
+from soup_megatron.train.stage import Timer
+from soup_megatron.train.trainer import Trainer
 
 from .helpers import alive, child_pids
 
@@ -38,8 +39,8 @@ def test_modes_train_with_provenance(make_config, mode):
     cfg = make_config("trainer.steps=3", "trainer.eval_interval=0", *MODES[mode])
     trainer = Trainer(cfg)
     captured = []
-    original = trainer.make_batch
-    trainer.make_batch = lambda samples: captured.append(samples) or original(samples)
+    original = trainer.updater.make_batch
+    trainer.updater.make_batch = lambda samples: captured.append(samples) or original(samples)
     summary = trainer.run()
     rows = read_metrics(cfg.trainer.out_dir + "/metrics.jsonl")
     assert [r["step"] for r in rows] == [0, 1, 2, 3]
@@ -93,7 +94,7 @@ def test_mixed_samples_share_history_trajectories_with_independent_cuts(make_con
     trainer.prefixes.take = lambda step: taken.append(take(step)) or taken[-1]
     cuts = []
     for step in range(2):
-        samples, info = trainer.rollout(step, Timer())
+        samples, info = trainer.collector.rollout(step, Timer())
         history = taken[-1]
         assert len(history) == cfg.rollout.prompts_per_step * n_hist
         assert info["tokens/history_decoded"] == sum(len(t.token_ids) for t in history)
@@ -126,7 +127,7 @@ def test_cut_of_max_length_stops_history_at_the_furthest_cut(make_config):
     taken = []
     take = trainer.prefixes.take
     trainer.prefixes.take = lambda step: taken.append(take(step)) or taken[-1]
-    samples, _ = trainer.rollout(0, Timer())
+    samples, _ = trainer.collector.rollout(0, Timer())
     history = taken[0]
     assert all(len(t.token_ids) <= 12 for t in history)
     assert any(not t.finished for t in history), "every trajectory ended early: the cap was never exercised"
@@ -155,7 +156,7 @@ def test_chat_template_prompt_ids_in_training_prefixes_and_evaluation(tiny_chat_
     seen = []
     generate = trainer.engine.generate
     trainer.engine.generate = lambda reqs, *args: seen.extend(reqs) or generate(reqs, *args)
-    assert {ids for _, ids in trainer.plan(1)} <= expected
+    assert {ids for _, ids in trainer.prompts.history_slots(1)} <= expected
     trainer.run()
     evaluation = cfg.data.heldout_size * (1 + cfg.trainer.eval_pass_samples)  # at the start and at the end
     assert len(seen) == cfg.rollout.prompts_per_step * cfg.rollout.group_size + 2 * evaluation
@@ -167,27 +168,27 @@ def test_samples_with_zero_advantage_get_no_pass_and_change_nothing(make_config)
     """Groups whose rewards were all equal have advantage 0, so their loss is zero: the trainer does not run
     them, and the update (whose loss weights still count them) equals training every sample."""
     from soup_megatron.actor import build_actor
-    from soup_megatron.train.trainer import step_seed
+    from soup_megatron.train.stage import step_seed
 
     cfg = make_config("trainer.steps=0", "algo.minibatches=2", "soup.lookahead=0")
     trainer = Trainer(cfg)
-    samples, _ = trainer.rollout(0, Timer())
-    trainer.score(samples)
-    batch = trainer.make_batch(samples)
+    samples, _ = trainer.collector.rollout(0, Timer())
+    trainer.collector.score(samples)
+    batch = trainer.updater.make_batch(samples)
     g = cfg.rollout.group_size
     batch.advantages[: 2 * g] = 0.0  # two of the four groups
     reference = build_actor(cfg.actor, cfg.model.path)
-    full = trainer.make_batch(samples)
+    full = trainer.updater.make_batch(samples)
     full.advantages = batch.advantages.clone()
     full.old_logp, _ = reference.logprobs(full, cfg.rollout.temperature)
     ran = []
     train = trainer.actor.train_minibatch
     trainer.actor.train_minibatch = lambda mb, *args: ran.append(len(mb)) or train(mb, *args)
-    stats = trainer.update(batch, 0, Timer())
+    stats = trainer.updater.update(batch, 0, Timer())
     order = torch.randperm(len(full), generator=torch.Generator().manual_seed(step_seed(cfg.seed, 0, "minibatch")))
     size = len(full) // 2
     for m in range(2):
-        reference.train_minibatch(full.select(order[m * size: (m + 1) * size]), trainer.loss_cfg,
+        reference.train_minibatch(full.select(order[m * size: (m + 1) * size]), trainer.updater.loss_cfg,
                                   cfg.rollout.temperature)
     assert sum(ran) == len(full) - 2 * g and stats["train/zero_loss_samples"] == 2 * g
     assert stats["train/samples_trained"] == len(full) - 2 * g and stats["train/updates_skipped"] == 0
@@ -196,7 +197,7 @@ def test_samples_with_zero_advantage_get_no_pass_and_change_nothing(make_config)
     before = {k: v.clone() for k, v in trainer.actor.model.state_dict().items()}
     batch.advantages[:] = 0.0  # nothing to learn: no pass, no optimizer step (Adam's momentum would move weights)
     ran.clear()
-    stats = trainer.update(batch, 1, Timer())
+    stats = trainer.updater.update(batch, 1, Timer())
     assert ran == [] and stats["train/updates_skipped"] == 2 and "logp_gap/mean" not in stats
     assert all(torch.equal(v, trainer.actor.model.state_dict()[k]) for k, v in before.items())
     trainer.close()
