@@ -2,7 +2,8 @@
 
 Data flow, one package per stage: data/ (prompts) -> history/ (historical checkpoints, prefixes)
 -> rollout/ (continuations) -> reward.py -> algo/ (advantage, token-ratio loss) -> actor/ (update)
--> trainer.py (weight sync, history rotation, checkpoints).
+-> train/ (the loop of those stages, weight sync, history rotation, checkpoints). Beside the flow:
+evaluate.py, experiments/ (study, benchmarks), planning/ (memory and step time before a GPU is booked).
 """
 
 from transformers.utils import logging as _hf_logging
