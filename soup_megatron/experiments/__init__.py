@@ -1,0 +1,1 @@
+"""Runs that compare: the study of variants over seeds (study.py) and the benchmarks (bench.py)."""
