@@ -1,5 +1,7 @@
-"""Small things tests share: a custom reward function (imported by path), process inspection."""
+"""Small things tests share: a custom reward function (imported by path), process inspection, waiting for
+an observable event (never a fixed sleep before an assertion about state)."""
 
+import time
 from pathlib import Path
 
 
@@ -39,3 +41,13 @@ def descendant_pids(parent: int) -> list[int]:
         out += kids
         todo += kids
     return out
+
+
+def wait_until(condition, timeout: float = 60.0, poll: float = 0.05) -> bool:
+    """True as soon as `condition()` holds, False if it still does not after `timeout` seconds."""
+    deadline = time.time() + timeout
+    while not condition():
+        if time.time() >= deadline:
+            return False
+        time.sleep(poll)
+    return True

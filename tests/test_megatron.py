@@ -310,10 +310,9 @@ def test_sigterm_to_torchrun_ends_every_rank(tiny_model_kv2, tmp_path):
     """Slurm's preemption and scancel send SIGTERM: torchrun passes it to its ranks, the driver unwinds
     (prefix worker, logs), and the follower rank, left without its driver, exits too: nothing stays."""
     import signal
-    import time
 
     from tests.conftest import TINY
-    from tests.helpers import alive, descendant_pids
+    from tests.helpers import alive, descendant_pids, wait_until
 
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
@@ -322,12 +321,10 @@ def test_sigterm_to_torchrun_ends_every_rank(tiny_model_kv2, tmp_path):
                              "actor.backend=megatron", "actor.megatron.tensor_parallel=2", "trainer.steps=200"],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics = out / "metrics.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
-        time.sleep(0.2)
+    assert wait_until(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 2, timeout=300)
     started = descendant_pids(proc.pid)
     assert len(started) >= 3, started  # two ranks and the driver's prefix worker
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=120)
-    time.sleep(1)
-    assert not [pid for pid in started if alive(pid)]
+    assert wait_until(lambda: not [pid for pid in started if alive(pid)], timeout=30), \
+        [pid for pid in started if alive(pid)]

@@ -1,7 +1,5 @@
 """The prefix cache fills ahead of the trainer, pins what it reads, and is deterministic."""
 
-import time
-
 import pytest
 
 from soup_megatron.config import RolloutConfig
@@ -10,6 +8,8 @@ from soup_megatron.history.replay import ReplayBuffer
 from soup_megatron.history.store import CheckpointStore
 from soup_megatron.model.hf import load_tokenizer
 from soup_megatron.rollout import build_engine
+
+from .helpers import wait_until
 
 
 def make_store(tmp_path, tiny_model, keep):
@@ -30,15 +30,6 @@ def make_cache(store, tok, **kw):
     defaults = dict(lookahead=0, pick="uniform", seed=3, max_new_tokens=16, temperature=1.0,
                     rollout=RolloutConfig(threads=1))
     return PrefixCache(store, plan_for(tok), **{**defaults, **kw})
-
-
-def wait_until(cond, timeout=60.0):
-    end = time.time() + timeout
-    while time.time() < end:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def test_lookahead_fills_ahead_of_time_and_is_deterministic(tmp_path, tiny_model):

@@ -23,7 +23,7 @@ from soup_megatron.rollout.sglang_engine import SGLangEngine
 from soup_megatron.rollout.sglang_servers import RolloutServers, ServerError, free_port, live_processes_in_group
 
 from .conftest import ROOT, TINY
-from .helpers import alive, child_pids
+from .helpers import alive, child_pids, wait_until
 
 SGLANG_PYTHON = ROOT / ".venv-sglang" / "bin" / "python"
 
@@ -223,35 +223,56 @@ def test_a_groups_requests_stay_on_one_server_and_hit_its_radix_cache(tiny_model
 def test_a_paused_history_server_holds_its_requests_and_loses_none(servers, tiny_model):
     """soup.history_placement=colocated pauses the history servers (in place) while the on-policy rollout
     runs: requests in flight and requests sent during the pause wait, then finish; the server saw each
-    request once (no retry, nothing lost or sent twice)."""
+    request once (no retry, nothing lost or sent twice).
+
+    Work in flight by construction, not by timing: SGLang's /slow_down makes every forward pass sleep 0.1 s
+    and log "Scheduler.run_batch sleep", so the test pauses once the server has begun the first requests'
+    forward passes, long before 24 responses can be done, and sees from the same log line that no forward
+    pass runs while it is paused."""
     run_dir, _ = servers
     tok = load_tokenizer(tiny_model)
     engine = engine_for(run_dir, "history")
+    info = json.loads((run_dir / "servers" / "history.json").read_text())
+    headers = {"Authorization": f"Bearer {info['api_key']}"}
     log = run_dir / "servers" / "history-0.log"
     reqs = [GenerationRequest(p, (), 64) for p in prompts(tok, 24)]
     results = {}
-    sent_before = log.read_text().count("POST /generate")
-    first = threading.Thread(target=lambda: results.setdefault("first", engine.generate(reqs, 1.0, 7)))
-    first.start()
-    time.sleep(0.5)
-    assert first.is_alive(), "the generation finished before it could be paused"
-    engine.pause_generation()
+
+    def forwards() -> int:
+        return log.read_text().count("Scheduler.run_batch sleep")
+
+    def slow_down(seconds: float) -> None:  # 0 ends it
+        r = httpx.post(info["urls"][0] + "/slow_down", json={"forward_sleep_time": seconds}, headers=headers,
+                       timeout=30)
+        assert r.status_code == 200, r.text
+
+    sent_before, forwards_before = log.read_text().count("POST /generate"), forwards()
+    slow_down(0.1)
     try:
-        second = threading.Thread(target=lambda: results.setdefault("second", engine.generate(reqs[:4], 1.0, 8)))
-        second.start()
-        time.sleep(4.0)
-        assert first.is_alive() and second.is_alive(), "a paused server went on generating"
+        first = threading.Thread(target=lambda: results.setdefault("first", engine.generate(reqs, 1.0, 7)))
+        first.start()
+        assert wait_until(lambda: forwards() > forwards_before, poll=0.02), "no forward pass of the first requests"
+        engine.pause_generation()
+        try:
+            assert first.is_alive(), "the generation finished before it could be paused"
+            paused_at = forwards()
+            second = threading.Thread(target=lambda: results.setdefault("second", engine.generate(reqs[:4], 1.0, 8)))
+            second.start()
+            time.sleep(2.0)  # twenty forward passes' time: a server that went on would have logged them
+            assert forwards() <= paused_at + 1, "a paused server went on generating"  # the pass under way may end
+            assert first.is_alive() and second.is_alive(), "a paused server answered"
+        finally:
+            engine.continue_generation()
     finally:
-        engine.continue_generation()
+        slow_down(0)  # the module's server serves the other tests at full speed
     first.join(120)
     second.join(120)
     for gens in (results["first"], results["second"]):
         assert all(g.token_ids and len(g.token_ids) == len(g.logprobs) for g in gens)
         assert all(g.finish_reason == "stop" or len(g.token_ids) == 64 for g in gens)  # finished, not cut short
     assert len(results["first"]) == 24 and len(results["second"]) == 4
-    deadline = time.time() + 10  # the access log line may lag the response a little
-    while log.read_text().count("POST /generate") - sent_before < 28 and time.time() < deadline:
-        time.sleep(0.2)
+    # the access log line may lag the response a little
+    wait_until(lambda: log.read_text().count("POST /generate") - sent_before >= 28, timeout=10)
     assert log.read_text().count("POST /generate") - sent_before == 28
 
 
@@ -362,21 +383,19 @@ def test_sigterm_ends_every_process_the_run_started(tiny_model, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "soup_megatron.cli", "train", *_sglang_overrides(tiny_model, out),
                              "trainer.steps=200", "trainer.eval_interval=0"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 600
-    while time.time() < deadline and not (out / "metrics.jsonl").is_file():
-        assert proc.poll() is None, proc.stderr.read()[-3000:]
-        time.sleep(1)
-    time.sleep(3)
+    # the servers are up and the run has begun: step 0's evaluation is in metrics.jsonl
+    assert wait_until(lambda: proc.poll() is not None or (out / "metrics.jsonl").is_file(), timeout=600)
+    assert proc.poll() is None, proc.stderr.read()[-3000:]
     pids = _started_pids(out)
     assert pids and all(live_processes_in_group(pid) for pid in pids)
-    children = child_pids(proc.pid)  # the prefix worker, the servers' launchers
-    assert len(children) >= 3
+    # the prefix worker and the servers' launchers
+    assert wait_until(lambda: len(child_pids(proc.pid)) >= 3, timeout=60), child_pids(proc.pid)
+    children = child_pids(proc.pid)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(120) != 0
     assert not any(live_processes_in_group(pid) for pid in pids)
-    deadline = time.time() + 10  # multiprocessing's resource tracker leaves once it reads EOF from the run
-    while [pid for pid in children if alive(pid)] and time.time() < deadline:
-        time.sleep(0.2)
+    # multiprocessing's resource tracker leaves once it reads EOF from the run
+    wait_until(lambda: not [pid for pid in children if alive(pid)], timeout=10)
     left = {pid: Path(f"/proc/{pid}/cmdline").read_bytes()[:200] for pid in children if alive(pid)}
     assert not left, f"processes left running after SIGTERM: {left}"
     assert not [line for line in _listening_ports().splitlines()
@@ -398,10 +417,7 @@ def test_servers_end_when_the_run_is_killed(tiny_model, tmp_path):
     assert pids and all(live_processes_in_group(pid) for pid in pids)
     owner.kill()
     owner.wait()
-    deadline = time.time() + 60
-    while time.time() < deadline and any(live_processes_in_group(pid) for pid in pids):
-        time.sleep(0.5)
-    assert not any(live_processes_in_group(pid) for pid in pids)
+    assert wait_until(lambda: not any(live_processes_in_group(pid) for pid in pids), timeout=60)
 
 
 def test_managed_servers_are_placed_on_their_own_gpus(tmp_path):

@@ -14,6 +14,7 @@ import torch
 
 from soup_megatron.model.hf import read_state_dict
 from tests.conftest import TINY
+from tests.helpers import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -161,13 +162,11 @@ def test_preempted_run_resumes_to_the_same_final_state(tiny_model_kv2, tmp_path)
     while not (latest.is_file() and latest.read_text().strip() >= "step_000003") and time.time() < deadline:
         time.sleep(0.2)
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
-    deadline = time.time() + 300
-    while time.time() < deadline:  # requeued jobs wait (BeginTime); start it again now
-        if "requeueing job" in log_of(out):
-            time.sleep(2)
-            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True)
-            break
-        time.sleep(0.5)
+    # the job script requeues itself; a requeued job waits for its BeginTime: once it is back in the queue,
+    # start it again now
+    assert wait_until(lambda: "requeueing job" in log_of(out) and squeue_state(job) == "PENDING", timeout=300), \
+        log_of(out)
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True)
     assert wait_done(job) == "COMPLETED", log_of(out)
     log = log_of(out)
     assert "USR1: checkpoint and stop" in log and "restart 1" in log

@@ -16,7 +16,7 @@ from soup_megatron.sample import CONTINUATION, PREFIX
 from soup_megatron.train.stage import Timer
 from soup_megatron.train.trainer import Trainer
 
-from .helpers import alive, child_pids
+from .helpers import alive, child_pids, wait_until
 
 MODES = {
     "soup-default": [],
@@ -332,7 +332,7 @@ def test_sigterm_leaves_no_process_behind(tiny_model, tmp_path):
     assert children, "the run should have a prefix worker process"
     run.send_signal(signal.SIGTERM)
     assert run.wait(timeout=60) == 128 + signal.SIGTERM
-    time.sleep(0.5)
+    wait_until(lambda: not [pid for pid in children if alive(pid)], timeout=30)
     left = [pid for pid in children if alive(pid)]
     assert not left, f"processes left running after SIGTERM: {left}"
 
