@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import httpx
 import pytest
 import torch
 
@@ -34,6 +35,33 @@ def smollm2(tmp_path_factory):
     path = tmp_path_factory.mktemp("smollm2") / "model"
     assert main(["prepare", "--config", CONFIG, f"model.path={path}"]) == 0
     return path
+
+
+@pytest.fixture(scope="module")
+def smollm2_sglang(smollm2, tmp_path_factory):
+    """A policy and a history SGLang server of the real model, started once for the module's SGLang tests
+    (the trainer reaches them as servers started elsewhere: rollout.sglang.*_urls)."""
+    run_dir = tmp_path_factory.mktemp("smollm2-sglang")
+    group = RolloutServers(sglang_config(), str(smollm2), run_dir, ["policy", "history"]).start()
+    yield run_dir, group
+    group.close()
+
+
+@pytest.fixture
+def smollm2_servers(smollm2, smollm2_sglang):
+    """The module's servers as a test starts with them: the prepared model's weights (whatever the test before
+    loaded) and empty radix caches; (run dir, {group: (url, api key)})."""
+    run_dir, _ = smollm2_sglang
+    servers = {}
+    for name in ("policy", "history"):
+        info = json.loads((run_dir / "servers" / f"{name}.json").read_text())
+        url, headers = info["urls"][0], {"Authorization": f"Bearer {info['api_key']}"}
+        reset = httpx.post(url + "/update_weights_from_disk", headers=headers, timeout=300,
+                           json={"model_path": str(smollm2), "weight_version": "default"})
+        assert reset.status_code == 200 and reset.json()["success"], reset.text
+        assert httpx.post(url + "/flush_cache", headers=headers, timeout=60).status_code == 200
+        servers[name] = (url, info["api_key"])
+    return run_dir, servers
 
 
 def real_config(path, *overrides):
@@ -85,44 +113,41 @@ def test_megatron_actor_matches_local_actor_across_two_pipeline_stages(smollm2, 
     print("real-model parity, PP=2:", json.dumps(r))
 
 
-def test_sglang_serves_the_real_model_and_loads_an_actor_export(smollm2, tmp_path):
+def test_sglang_serves_the_real_model_and_loads_an_actor_export(smollm2, smollm2_servers):
     """SGLang's continuation log-probs on chat prompts agree with the in-process engine's within 1e-4, it
     stops at the checkpoint's EOS, and it serves an actor's export after update_weights_from_disk."""
     from soup_megatron.algo.loss import LossConfig
 
+    run_dir, _ = smollm2_servers
     cfg = real_config(smollm2)
     fmt = PromptFormat.of(load_tokenizer(smollm2), cfg.data)
     prompts = [fmt.prompt_ids(p.text) for p in load_splits(cfg.data, cfg.seed)[1][:6]]
-    group = RolloutServers(sglang_config(), str(smollm2), tmp_path, ["policy"]).start()
-    try:
-        engine = SGLangEngine(tmp_path / "servers" / "policy.json", sglang_config(), tmp_path,
-                              stop_ids=stop_token_ids(smollm2))
-        reqs = [GenerationRequest(p, (), 40) for p in prompts]
-        gens = engine.generate(reqs, 1.0, seed=2)
-        local = build_engine(cfg.rollout, smollm2)
-        scored = local.score([list(p) for p in prompts], [g.token_ids for g in gens], 1.0)
-        gaps = [abs(a - b) for g, s in zip(gens, scored) for a, b in zip(g.logprobs, s)]
-        assert len(gaps) > 60 and max(gaps) < 1e-4, max(gaps)
-        assert any(g.finish_reason == "stop" for g in gens)
-        for g in gens:
-            assert (g.token_ids[-1] == fmt.tokenizer.eos_token_id) == (g.finish_reason == "stop")
-        # one training step of the local actor, exported into the run directory, served
-        actor = build_actor(cfg.actor, smollm2)
-        batch = _batch_of(prompts, gens, fmt.tokenizer.pad_token_id)
-        batch.old_logp, _ = actor.logprobs(batch, 1.0)
-        actor.train_minibatch(batch, LossConfig(), 1.0)
-        export = tmp_path / "weights" / "v000001"
-        actor.save_hf(export)
-        engine.load_weights(export, 1)
-        after = engine.generate(reqs, 1.0, seed=2)
-        rescored = engine.score([list(p) for p in prompts], [g.token_ids for g in gens], 1.0)
-        trained, _ = actor.logprobs(batch, 1.0)
-        for i, (p, g) in enumerate(zip(prompts, gens)):
-            mine = trained[i, len(p) - 1: len(p) - 1 + len(g.token_ids)]
-            assert torch.allclose(torch.tensor(rescored[i]), mine, atol=1e-4)
-        assert all(g.version == 1 for g in after) and rescored != scored
-    finally:
-        group.close()
+    engine = SGLangEngine(run_dir / "servers" / "policy.json", sglang_config(), run_dir,
+                          stop_ids=stop_token_ids(smollm2))
+    reqs = [GenerationRequest(p, (), 40) for p in prompts]
+    gens = engine.generate(reqs, 1.0, seed=2)
+    local = build_engine(cfg.rollout, smollm2)
+    scored = local.score([list(p) for p in prompts], [g.token_ids for g in gens], 1.0)
+    gaps = [abs(a - b) for g, s in zip(gens, scored) for a, b in zip(g.logprobs, s)]
+    assert len(gaps) > 60 and max(gaps) < 1e-4, max(gaps)
+    assert any(g.finish_reason == "stop" for g in gens)
+    for g in gens:
+        assert (g.token_ids[-1] == fmt.tokenizer.eos_token_id) == (g.finish_reason == "stop")
+    # one training step of the local actor, exported into the run directory, served
+    actor = build_actor(cfg.actor, smollm2)
+    batch = _batch_of(prompts, gens, fmt.tokenizer.pad_token_id)
+    batch.old_logp, _ = actor.logprobs(batch, 1.0)
+    actor.train_minibatch(batch, LossConfig(), 1.0)
+    export = run_dir / "weights" / "v000001"
+    actor.save_hf(export)
+    engine.load_weights(export, 1)
+    after = engine.generate(reqs, 1.0, seed=2)
+    rescored = engine.score([list(p) for p in prompts], [g.token_ids for g in gens], 1.0)
+    trained, _ = actor.logprobs(batch, 1.0)
+    for i, (p, g) in enumerate(zip(prompts, gens)):
+        mine = trained[i, len(p) - 1: len(p) - 1 + len(g.token_ids)]
+        assert torch.allclose(torch.tensor(rescored[i]), mine, atol=1e-4)
+    assert all(g.version == 1 for g in after) and rescored != scored
 
 
 def _batch_of(prompts, gens, pad_id):
@@ -157,16 +182,24 @@ def test_eval_on_a_benchmark_file_with_the_chat_template(smollm2, tmp_path):
     assert 0.0 <= result["sampled"]["pass@1"] <= result["sampled"]["pass@2"] <= 1.0
 
 
-def test_soup_run_with_sglang_on_the_real_model(smollm2, tmp_path):
+def test_soup_run_with_sglang_on_the_real_model(smollm2, smollm2_servers, tmp_path):
     """Two SOUP steps with the policy and history SGLang servers on the real model (chat template,
-    math-verify): prefixes from the history server, disk weight sync, the train/rollout gap small."""
+    math-verify): prefixes from the history server, disk weight sync, the train/rollout gap small. The
+    servers are the module's, reached as servers started elsewhere (rollout.sglang.policy_urls,
+    history_urls, api_key_file); the trainer starting its own is covered on the tiny model."""
+    run_dir, servers = smollm2_servers
+    (policy_url, key), (history_url, _) = servers["policy"], servers["history"]
+    key_file = tmp_path / "api_key"
+    key_file.write_text(key)
+    key_file.chmod(0o600)
     out = tmp_path / "run"
     done = subprocess.run([sys.executable, "-m", "soup_megatron.cli", "train", "--config", CONFIG,
                            f"model.path={smollm2}", f"trainer.out_dir={out}", "trainer.steps=2",
                            "trainer.eval_interval=0",
                            "trainer.progress=false", "data.heldout_size=8", "trainer.eval_pass_samples=1",
                            "rollout.backend=sglang", f"rollout.sglang.python={SGLANG_PYTHON}",
-                           "rollout.sglang.max_total_tokens=4096", "history.interval=1"],
+                           f"rollout.sglang.policy_urls=[{policy_url}]", f"rollout.sglang.history_urls=[{history_url}]",
+                           f"rollout.sglang.api_key_file={key_file}", "history.interval=1"],
                           cwd=ROOT, capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stderr[-4000:]
     rows = read_metrics(out / "metrics.jsonl")
@@ -176,4 +209,4 @@ def test_soup_run_with_sglang_on_the_real_model(smollm2, tmp_path):
         if "logp_gap/max" in r:  # absent when every group's rewards were equal (nothing was scored)
             assert r["logp_gap/max"] < 1e-3, r
     assert "heldout/pass1" in rows[-1]
-    assert not (out / "servers" / "sgl_kernel_calls.log").exists()
+    assert not (run_dir / "servers" / "sgl_kernel_calls.log").exists()  # the servers' stand-in kernels: none called
