@@ -1,12 +1,16 @@
 """The package as cluster users install it (slow tier): a wheel built from this tree, installed with
-`pip install` into a fresh venv and run from another folder, with the source tree nowhere on the path."""
+`pip install` into a fresh venv and run from another folder, with the source tree nowhere on the path.
+The fresh venv takes the pinned stack (torch, transformers, ...) from the one tools/setup_env.sh installed
+from requirements-cpu.txt, through a path entry, instead of unpacking the same wheels a second time."""
 
 import json
 import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 import venv
+from pathlib import Path
 
 import pytest
 
@@ -29,8 +33,13 @@ def test_the_wheel_installs_and_runs_without_the_source_tree(tmp_path):
     wheel = next((tmp_path / "dist").glob("soup_megatron-*.whl"))
     venv.create(tmp_path / "venv", with_pip=True)
     python = tmp_path / "venv" / "bin" / "python"
-    sh(python, "-m", "pip", "install", "-q", "-r", ROOT / "requirements-cpu.txt", cwd=tmp_path)
     sh(python, "-m", "pip", "install", "-q", "--no-deps", wheel, cwd=tmp_path)
+    # the pinned stack after the wheel (pip must not see the editable install of this tree there); a path
+    # entry in a .pth file adds that directory alone: its own .pth files (the editable finder) are not run
+    site = sh(python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))", cwd=tmp_path).strip()
+    stack = sysconfig.get_path("purelib")
+    assert not (Path(stack) / "soup_megatron").exists(), "the pinned stack holds no copy of this package"
+    (Path(site) / "pinned_stack.pth").write_text(stack + "\n")
     work = tmp_path / "work"
     work.mkdir()
     shutil.copy(ROOT / "configs" / "tiny_cpu.yaml", work / "run.yaml")
