@@ -92,25 +92,31 @@ def test_hf_megatron_hf_round_trip_is_bit_exact(families, tmp_path, family, tp, 
     assert not list(tmp_path.glob(".tmp-*"))  # nothing half-written left beside the outputs
 
 
-def test_conversion_tools_refuse_bad_input_with_clear_errors(families, tmp_path):
-    bad = run("tools/convert_hf_to_megatron.py", "--hf", tmp_path / "missing", "--out", tmp_path / "x", check=False)
-    assert bad.returncode == 2 and f"{tmp_path / 'missing'} does not exist" in bad.stderr
-    bad = run("tools/convert_hf_to_megatron.py", "--hf", tmp_path, "--out", tmp_path / "x", check=False)
-    assert bad.returncode == 2 and f"{tmp_path}: no config.json" in bad.stderr
-    bad = run("tools/convert_hf_to_megatron.py", "--hf", families["qwen2"], "--out", tmp_path / "x", "--tp", 3,
-              check=False)
-    assert bad.returncode == 2 and "tensor_parallel=3 does not divide" in bad.stderr
+def test_conversion_tools_refuse_bad_input_with_clear_errors(families, tmp_path, capsys):
+    """Refusals of the paths and sizes come before any process starts, so they are called in this process
+    (each tool is `main` of soup_megatron.mcore.convert); the conversion and the template that does not
+    describe the checkpoint run the tools as processes."""
+    from soup_megatron.mcore.convert import main as convert
+
+    def refused(*argv) -> str:
+        assert convert([*map(str, argv)]) == 2
+        return capsys.readouterr().err
+
+    assert f"{tmp_path / 'missing'} does not exist" in refused("hf-to-megatron", "--hf", tmp_path / "missing",
+                                                               "--out", tmp_path / "x")
+    assert f"{tmp_path}: no config.json" in refused("hf-to-megatron", "--hf", tmp_path, "--out", tmp_path / "x")
+    assert "tensor_parallel=3 does not divide" in refused("hf-to-megatron", "--hf", families["qwen2"],
+                                                         "--out", tmp_path / "x", "--tp", 3)
     run("tools/convert_hf_to_megatron.py", "--hf", families["qwen2"], "--out", tmp_path / "mcore")
-    exists = run("tools/convert_hf_to_megatron.py", "--hf", families["qwen2"], "--out", tmp_path / "mcore", check=False)
-    assert exists.returncode == 2 and "already exists" in exists.stderr
+    assert "already exists" in refused("hf-to-megatron", "--hf", families["qwen2"], "--out", tmp_path / "mcore")
     mismatch = run("tools/convert_megatron_to_hf.py", "--megatron", tmp_path / "mcore", "--out", tmp_path / "hf",
                    "--hf-template", families["llama"], check=False)
     assert mismatch.returncode != 0 and "does not describe the model" in mismatch.stderr
     assert "family is qwen2 in the checkpoint, llama in the template" in mismatch.stderr
     assert not (tmp_path / "hf").exists()
-    not_ckpt = run("tools/convert_megatron_to_hf.py", "--megatron", families["qwen2"], "--out", tmp_path / "hf",
-                   check=False)
-    assert not_ckpt.returncode == 2 and "not a complete soup-megatron distributed checkpoint" in not_ckpt.stderr
+    assert "not a complete soup-megatron distributed checkpoint" in refused(
+        "megatron-to-hf", "--megatron", families["qwen2"], "--out", tmp_path / "hf")
+    assert not list(tmp_path.glob("x*"))  # nothing was written for a refused conversion
 
 
 # ---- model and actor parity --------------------------------------------------------------------------
