@@ -18,6 +18,7 @@ clients wait for it. Managed servers:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -80,6 +81,7 @@ class ManagedServer:
     mem_fraction: Optional[float] = None  # SGLang's --mem-fraction-static
     public_host: Optional[str] = None  # the name clients use, when `host` is a bind-all address
     proc: Optional[subprocess.Popen] = None
+    terminated: bool = False  # SIGTERM sent to `proc`
 
     @property
     def url(self) -> str:
@@ -123,6 +125,7 @@ class ManagedServer:
         self.proc = subprocess.Popen([str(python), str(SERVER_PYTHONPATH / "soup_sglang_launch.py"), str(spec)],
                                      env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL, start_new_session=True)
+        self.terminated = False
 
     def wait_healthy(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -146,20 +149,25 @@ class ManagedServer:
         except OSError:
             return "(no log)"
 
+    def terminate(self) -> None:
+        """SIGTERM to the server's process group, once, without waiting (`stop` waits)."""
+        if self.proc is not None and not self.terminated:
+            self.terminated = True
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+
     def stop(self, timeout: float = 20.0) -> None:
         """SIGTERM to the server's process group, SIGKILL after `timeout` s."""
         if self.proc is None:
             return
-        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
-            try:
-                os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                self.proc.wait(wait)
-                break
-            except subprocess.TimeoutExpired:
-                continue
+        self.terminate()
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(5.0)
         # children that outlived the launcher (same process group) go too; wait until they are gone
         deadline = time.monotonic() + 10.0
         while live_processes_in_group(self.proc.pid) and time.monotonic() < deadline:
@@ -310,7 +318,12 @@ class ServerGroup:
         self.write_address_file()
         return True
 
+    def terminate(self) -> None:
+        for server in self.managed:
+            server.terminate()
+
     def stop(self) -> None:
+        self.terminate()  # all wind down at once (a few seconds each), then each is waited for
         for server in self.managed:
             server.stop()
 
@@ -363,6 +376,8 @@ class RolloutServers:
         """Stop every managed server (a restart in progress finishes first, then is stopped too)."""
         self._stopping.set()
         with self._lock:
+            for group in self.groups.values():
+                group.terminate()
             for group in self.groups.values():
                 group.stop()
         if self._watchdog is not None:
