@@ -203,7 +203,7 @@ def group_mem_fraction(cfg: SGLangConfig, group: str) -> Optional[float]:
 
 
 def run_api_key(workdir: Path) -> str:
-    """The run's key for served servers: `<workdir>/api_key`, made by whichever process needs it first
+    """The run's key for its servers: `<workdir>/api_key`, made by whichever process needs it first
     (linked into place, so two racing processes end up with the same key)."""
     path = workdir / "api_key"
     if not path.exists():
@@ -278,7 +278,9 @@ class ServerGroup:
             self.urls = []  # known once the serve processes publish them
             self.api_key = run_api_key(self.workdir)
         else:
-            self.api_key = secrets.token_urlsafe(32)
+            # one key for the run's groups, as served ones have: a client of both (servers started by one run
+            # and used by another through *_urls) needs one api_key_file
+            self.api_key = run_api_key(self.workdir)
             # this group's slice of base_gpu_ids; colocated history servers sit on the policy servers' GPUs
             first = 0 if group == "policy" or colocated else cfg.policy_servers
             gpus = cfg.base_gpu_ids[first: first + count] or [None] * count
