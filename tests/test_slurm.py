@@ -46,6 +46,11 @@ def squeue_state(job: str) -> str:
     return subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True).stdout.strip()
 
 
+def node_state() -> str:
+    """The one node's state: idle once no job holds it (a job that ended is torn down while "comp")."""
+    return subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True).stdout.strip()
+
+
 def job_id(done) -> str:
     return done.stdout.split("job ")[1].split()[0]
 
@@ -162,10 +167,13 @@ def test_preempted_run_resumes_to_the_same_final_state(tiny_model_kv2, tmp_path)
     while not (latest.is_file() and latest.read_text().strip() >= "step_000003") and time.time() < deadline:
         time.sleep(0.2)
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
-    # the job script requeues itself; a requeued job waits for its BeginTime: once it is back in the queue,
-    # start it again now
-    assert wait_until(lambda: "requeueing job" in log_of(out) and squeue_state(job) == "PENDING", timeout=300), \
-        log_of(out)
+    # the job script requeues itself; a requeued job waits for its BeginTime: once it is back in the queue and
+    # the node has finished the first start, start it again. Not within the second of the requeue: slurmd
+    # refuses a job whose credential is no newer than the revocation, in whole seconds ("Job credential
+    # revoked"; a CI run restarted it 0.4 s after the requeue and it failed at once)
+    assert wait_until(lambda: "requeueing job" in log_of(out) and squeue_state(job) == "PENDING"
+                      and node_state() == "idle", timeout=300), (log_of(out), squeue_state(job), node_state())
+    time.sleep(2)
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True)
     assert wait_done(job) == "COMPLETED", log_of(out)
     log = log_of(out)
