@@ -171,8 +171,12 @@ def test_preempted_run_resumes_to_the_same_final_state(tiny_model_kv2, tmp_path)
     # the node has finished the first start, start it again. Not within the second of the requeue: slurmd
     # refuses a job whose credential is no newer than the revocation, in whole seconds ("Job credential
     # revoked"; a CI run restarted it 0.4 s after the requeue and it failed at once)
-    assert wait_until(lambda: "requeueing job" in log_of(out) and squeue_state(job) == "PENDING"
-                      and node_state() == "idle", timeout=300), (log_of(out), squeue_state(job), node_state())
+    def requeued() -> bool:  # back in the queue with the node free (or already started again by Slurm)
+        log = log_of(out)
+        return "requeueing job" in log and ((squeue_state(job) == "PENDING" and node_state() == "idle")
+                                            or "restart 1" in log)
+
+    assert wait_until(requeued, timeout=300), (log_of(out), squeue_state(job), node_state())
     time.sleep(2)
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True)
     assert wait_done(job) == "COMPLETED", log_of(out)
