@@ -22,46 +22,48 @@ TINY_SHAPE = [
 TINY = [*VARIED_REWARD, *TINY_SHAPE]
 
 
+def built_once(tmp_path_factory, name: str, overrides: list[str]) -> Path:
+    """The tiny model of these overrides, SFT'd once per test session: tools/test.sh runs pytest-xdist
+    workers, which share the session's base directory, and the first worker to need a model builds it
+    under a lock while the others wait (the model is saved atomically, so a present path is complete)."""
+    from filelock import FileLock
+
+    from soup_megatron.model.tiny import prepare_tiny_model
+
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    root = tmp_path_factory.getbasetemp()
+    root = root.parent if worker else root  # each worker's base is <session>/<worker id>
+    path = root / "models" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        if not path.exists():
+            prepare_tiny_model(load_config("configs/tiny_cpu.yaml", [*overrides, f"model.path={path}"]), progress=False)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """A ~50k-parameter Qwen2 + char tokenizer, SFT'd for a few steps: a real HF checkpoint, made in seconds."""
-    from soup_megatron.model.tiny import prepare_tiny_model
-
-    path = tmp_path_factory.mktemp("model") / "tiny"
-    prepare_tiny_model(load_config("configs/tiny_cpu.yaml", TINY + [f"model.path={path}"]), progress=False)
-    return path
+    return built_once(tmp_path_factory, "tiny", TINY)
 
 
 @pytest.fixture(scope="session")
 def tiny_model_kv2(tmp_path_factory):
     """The tiny model with two key/value heads, so it splits over two tensor-parallel ranks."""
-    from soup_megatron.model.tiny import prepare_tiny_model
-
-    path = tmp_path_factory.mktemp("model_kv2") / "tiny"
-    prepare_tiny_model(load_config("configs/tiny_cpu.yaml", TINY + [f"model.path={path}", "model.tiny.num_kv_heads=2"]),
-                       progress=False)
-    return path
+    return built_once(tmp_path_factory, "tiny_kv2", [*TINY, "model.tiny.num_kv_heads=2"])
 
 
 @pytest.fixture(scope="session")
 def tiny_model_4_layers(tmp_path_factory):
     """The two-key/value-head tiny model with 4 layers: two pipeline stages x two model chunks of one layer."""
-    from soup_megatron.model.tiny import prepare_tiny_model
-
-    path = tmp_path_factory.mktemp("model_4_layers") / "tiny"
-    prepare_tiny_model(load_config("configs/tiny_cpu.yaml", TINY + [f"model.path={path}", "model.tiny.num_kv_heads=2",
-                                                                    "model.tiny.num_layers=4"]), progress=False)
-    return path
+    return built_once(tmp_path_factory, "tiny_4_layers",
+                      [*TINY, "model.tiny.num_kv_heads=2", "model.tiny.num_layers=4"])
 
 
 @pytest.fixture(scope="session")
 def demo_model(tmp_path_factory):
     """The README demo's model (configs/tiny_cpu.yaml: 0.82M parameters, 600 SFT steps); slow tier."""
-    from soup_megatron.model.tiny import prepare_tiny_model
-
-    path = tmp_path_factory.mktemp("demo") / "model"
-    prepare_tiny_model(load_config("configs/tiny_cpu.yaml", [f"model.path={path}"]), progress=False)
-    return path
+    return built_once(tmp_path_factory, "demo", [])
 
 
 @pytest.fixture

@@ -25,7 +25,8 @@ from .conftest import ROOT
 from .test_megatron import run, tensors
 from .test_sglang import SGLANG_PYTHON, sglang_config
 
-pytestmark = pytest.mark.slow
+# one pytest-xdist worker runs them all: the prepared model and its two servers are the module's
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("smollm2")]
 CONFIG = "configs/smollm2_135m_cpu.yaml"
 
 

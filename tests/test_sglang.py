@@ -34,6 +34,10 @@ def sglang_config(**kw) -> SGLangConfig:
     return SGLangConfig(python=str(SGLANG_PYTHON), max_total_tokens=4096, request_timeout=60, **kw)
 
 
+# the tests on the module's servers run on one pytest-xdist worker, so the servers start once
+ON_MODULE_SERVERS = pytest.mark.xdist_group("tiny-sglang-servers")
+
+
 @pytest.fixture(scope="module")
 def servers(tiny_model, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("sglang-run")
@@ -51,6 +55,7 @@ def prompts(tok, n):
     return [tuple(tok.encode(t)) for t in texts]
 
 
+@ON_MODULE_SERVERS
 def test_continuation_logprobs_match_the_in_process_engine(servers, tiny_model):
     run_dir, _ = servers
     tok = load_tokenizer(tiny_model)
@@ -78,6 +83,7 @@ def test_continuation_logprobs_match_the_in_process_engine(servers, tiny_model):
     assert [g.token_ids for g in served] == [g.token_ids for g in in_process]
 
 
+@ON_MODULE_SERVERS
 def test_sglang_stops_at_every_eos_id_it_is_given(servers, tiny_model):
     """The checkpoint's EOS ids go to SGLang as stop_token_ids: with the newline among them a response
     ends at its first line, the stop token included, as the in-process engine ends it."""
@@ -105,6 +111,7 @@ def _perturbed_checkpoint(tiny_model, path: Path, scale: float) -> Path:
     return path
 
 
+@ON_MODULE_SERVERS
 def test_weight_updates_change_outputs_and_version_and_bad_ones_change_nothing(servers, tiny_model):
     run_dir, _ = servers
     tok = load_tokenizer(tiny_model)
@@ -141,6 +148,7 @@ def test_weight_updates_change_outputs_and_version_and_bad_ones_change_nothing(s
     engine.load_weights(_perturbed_checkpoint(tiny_model, run_dir / "weights" / "v000000", 1.0), 0)  # as before
 
 
+@ON_MODULE_SERVERS
 def test_api_key_is_required_and_never_shown(servers, tiny_model):
     run_dir, group = servers
     info = json.loads((run_dir / "servers" / "policy.json").read_text())
@@ -168,6 +176,7 @@ def test_api_key_is_required_and_never_shown(servers, tiny_model):
     assert any("<api-key>" in p.read_text(errors="replace") for p in logs)  # SGLang printed it, redacted
 
 
+@ON_MODULE_SERVERS
 def test_policy_and_history_groups_serve_concurrently(servers, tiny_model):
     run_dir, _ = servers
     tok = load_tokenizer(tiny_model)
@@ -182,6 +191,7 @@ def test_policy_and_history_groups_serve_concurrently(servers, tiny_model):
     assert all(len(out[g]) == 24 and all(x.token_ids for x in out[g]) for g in ("policy", "history"))
 
 
+@ON_MODULE_SERVERS
 def test_external_server_that_stops_answering_is_dropped(servers, tiny_model, tmp_path, capsys):
     """Servers started elsewhere: one of two never answers; its requests go to the other, none lost."""
     run_dir, _ = servers
@@ -220,6 +230,7 @@ def test_a_groups_requests_stay_on_one_server_and_hit_its_radix_cache(tiny_model
     assert spread.last_stats["cached_tokens"] < 0.8 * prompt_tokens  # requests spread over both: many miss
 
 
+@ON_MODULE_SERVERS
 def test_a_paused_history_server_holds_its_requests_and_loses_none(servers, tiny_model):
     """soup.history_placement=colocated pauses the history servers (in place) while the on-policy rollout
     runs: requests in flight and requests sent during the pause wait, then finish; the server saw each
@@ -290,6 +301,7 @@ def test_routing_gives_each_prompt_a_home_and_caps_in_flight_requests():
     assert _Balancer(["a", "b"], set(), 3, keys).slots["a"]._value == 3
 
 
+@ON_MODULE_SERVERS
 def test_stand_in_kernels_were_never_called(servers):
     run_dir, _ = servers
     assert not (run_dir / "servers" / "sgl_kernel_calls.log").exists(), \

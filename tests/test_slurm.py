@@ -17,6 +17,8 @@ from tests.conftest import TINY
 from tests.helpers import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
+# the cluster has one node of 2 CPUs and each job takes both: one pytest-xdist worker submits them all, in turn
+pytestmark = pytest.mark.xdist_group("slurm-node")
 
 if not os.environ.get("SLURM_CONF"):
     if os.environ.get("SOUP_REQUIRE_SLURM") == "1":
