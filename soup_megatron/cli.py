@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .config import ConfigError, load_config, samples_per_update
 from .errors import refusals_to_exit_code
+from .experiments.step_variants import add_step_arguments
 from .log import get_logger, setup_logging
 from .train.shutdown import exit_on_signals
 
@@ -145,12 +146,13 @@ def cmd_sweep(args) -> int:
 
 def cmd_bench(args) -> int:
     from .experiments.bench import BENCHMARKS, print_table
+    from .experiments.step_variants import step_arguments
 
     if args.steps <= args.warmup:
         raise ConfigError(f"--steps {args.steps} must be larger than --warmup {args.warmup}")
     for name in args.only or list(BENCHMARKS):
         try:
-            extra = {"variants": args.variant} if name == "step" else {}
+            extra = step_arguments(args) if name == "step" else {}
             tables = BENCHMARKS[name](args.config, args.steps, args.warmup, args.overrides, **extra)
         except ConfigError as exc:
             if args.only:
@@ -228,8 +230,7 @@ def main(argv=None) -> int:
                    help="run only this benchmark (repeatable)")
     p.add_argument("--steps", type=int, default=12, help="steps per variant")
     p.add_argument("--warmup", type=int, default=2, help="first steps left out of the medians")
-    p.add_argument("--variant", action="append", metavar="NAME",
-                   help="step benchmark: run only these variants besides GRPO (repeatable; see tools/bench_step.py -h)")
+    add_step_arguments(p)
     p.set_defaults(fn=cmd_bench)
     p = sub.add_parser("launch", help="submit a run: on this machine (torchrun) or to Slurm (sbatch)")
     _config_args(p)

@@ -205,13 +205,3 @@ def test_study_config_errors_are_clear(tiny_model, tmp_path):
         load_study(_study_file(tmp_path, tiny_model, {"soup": []}), ["eval.k=[1,4]"])
     with pytest.raises(ConfigError, match="variant name 'a/b'"):
         load_study(_study_file(tmp_path, tiny_model, {"a/b": []}))
-
-
-def test_bench_prints_ratios_to_grpo(tiny_model, tmp_path, capsys):
-    assert main(["bench", "--only", "step", "--steps", "2", "--warmup", "1", "--variant", "SOUP",
-                 "--variant", "SOUP one-step-off", *TINY, f"model.path={tiny_model}"]) == 0
-    out = capsys.readouterr().out
-    assert "SOUP vs GRPO step time" in out and "│ SOUP one-step-off" in out and "│ SOUP lookahead" not in out
-    grpo_row = next(line for line in out.splitlines() if "│ GRPO" in line)
-    assert grpo_row.count("1.000") >= 2  # GRPO against itself
-    assert main(["bench", "--steps", "1", "--warmup", "1"]) == 2

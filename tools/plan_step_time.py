@@ -1,5 +1,5 @@
 """One GRPO step against one SOUP step at equal GPU count, per history placement (formulas, defaults and their
-sources: `soup_megatron/plan_step_time.py`); `--validate` compares the model with a CPU `bench_step` run.
+sources: `soup_megatron/planning/step_time.py`); `--validate` compares the model with a CPU `bench_step` run.
 
     python tools/plan_step_time.py --config configs/X.yaml [--architecture HF_CONFIG_JSON] [--prompt-len 200]
         [--mean-response 0.5] [--tau0 S] [--tau1 S] [overrides]

@@ -21,7 +21,7 @@ import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from rich.console import Console
 from rich.table import Table
@@ -32,68 +32,86 @@ from ..io import atomic_write_text
 from ..log import get_logger
 from ..train.shutdown import exit_on_signals
 from ..train.trainer import Trainer
+from .intervals import MIN_PAIRED_STEPS, PairedRatio, paired_ratio
+from .step_variants import EVERY_SAMPLE_TRAINED, FROZEN, STEP_VARIANTS, add_step_arguments, step_arguments
 
 log = get_logger(__name__)
 
-STEP_VARIANTS = {
-    "GRPO": ["soup.mix_fraction=0"],
-    "SOUP history per sample": ["soup.history_per_prompt=0"],  # the design before shared trajectories
-    "SOUP": [],
-    "SOUP cut_of=max_length": ["soup.cut_of=max_length"],
-    "SOUP history_steps_per_call=2": ["soup.history_steps_per_call=2"],
-    "SOUP max_length + steps_per_call=2": ["soup.cut_of=max_length", "soup.history_steps_per_call=2"],
-    "SOUP lookahead=0": ["soup.lookahead=0"],
-    "GRPO one-step-off": ["soup.mix_fraction=0", "rollout.async_steps=1", "algo.rollout_correction=tis"],
-    "SOUP one-step-off": ["rollout.async_steps=1", "algo.rollout_correction=tis"],
-    # padding: micro-batches of a quarter of actor.micro_batch_size rows, in order, against rows sorted by
-    # length into micro-batches of a token budget of that many rows of rollout.max_response_len tokens
-    "SOUP micro-batches of micro_batch_size/4 rows": lambda cfg: [
-        f"actor.micro_batch_size={max(1, cfg.actor.micro_batch_size // 4)}"],
-    "SOUP token budget of micro_batch_size/4 x max_response_len": lambda cfg: [
-        f"actor.max_tokens_per_micro_batch={max(1, cfg.actor.micro_batch_size // 4) * cfg.rollout.max_response_len}"],
-}
-STEP_COLUMNS = ["time/step", "time/rollout", "time/rollout_wait", "time/prefix_wait", "time/train", "time/weight_sync",
-                "time/history", "time/prefix_generate", "tokens/decoded", "tokens/prefilled", "tokens/prefix",
-                "tokens/history_decoded", "train/samples_trained", "train/padding_share"]
+STAGES = ["time/rollout", "time/prefix_wait", "time/train", "time/weight_sync"]
+WORK = ["tokens/decoded", "tokens/history_decoded", "tokens/prefilled", "tokens/prefix", "train/samples_trained"]
 
 
-def _interleaved_steps(config: str, variants: dict[str, list[str]], steps: int, overrides: list[str],
-                       tmp: str) -> dict[str, list[dict]]:
-    """Step records of every variant, steps interleaved (variant A step s, variant B step s, ...)."""
+def _interleaved_steps(config: str, variants: dict[str, list[str]], steps: int, overrides: list[str], tmp: str,
+                       more: Optional[Callable[[dict[str, list[dict]]], bool]] = None,
+                       max_steps: Optional[int] = None) -> dict[str, list[dict]]:
+    """Step records of every variant, steps interleaved (variant A step s, variant B step s, ...): `steps` of
+    them, then more while `more(records)` says so, up to `max_steps`."""
+    max_steps = max(steps, max_steps or steps)
     trainers: dict[str, Trainer] = {}
     try:
         for name, extra in variants.items():
             cfg = load_config(config, [*overrides, *extra, f"trainer.out_dir={Path(tmp) / name.replace(' ', '_')}",
-                                       "trainer.tensorboard=false", "trainer.progress=false"])
+                                       "trainer.tensorboard=false", "trainer.progress=false",
+                                       f"trainer.steps={max_steps}"])
             trainers[name] = Trainer(cfg)
         records: dict[str, list[dict]] = {name: [] for name in trainers}
-        for step in range(steps):
+        step = 0
+        while step < steps or (more is not None and step < max_steps and more(records)):
             for name, trainer in trainers.items():
                 records[name].append(trainer.train_step(step))
-            log.info(f"step {step + 1}/{steps}: " + "  ".join(
-                f"{n} {records[n][-1]['time/step']:.2f}s" for n in trainers))
+            step += 1
+            log.info(f"step {step}: " + "  ".join(f"{n} {records[n][-1]['time/step']:.2f}s" for n in trainers))
         return records
     finally:
         for trainer in trainers.values():
             trainer.close()
 
 
-def _step_table(title: str, records: dict[str, list[dict]], warmup: int, columns: list[str]) -> Table:
-    medians = {name: {c: statistics.median(r.get(c, 0.0) for r in recs[warmup:]) for c in columns}
-               for name, recs in records.items()}
-    table = Table(title=f"{title}, medians of steps {warmup + 1}-{len(next(iter(records.values())))}")
-    table.add_column("variant")
-    for c in columns:
-        table.add_column(c.split("/")[-1])
-    table.add_column("step / GRPO")
-    table.add_column("decoded / GRPO")
-    base = medians["GRPO"]
-    for name, m in medians.items():
-        table.add_row(name, *[f"{m[c]:.3f}" if c.startswith(("time", "train/padding")) else f"{m[c]:.0f}"
-                              for c in columns],
-                      f"{m['time/step'] / base['time/step']:.3f}",
-                      f"{m['tokens/decoded'] / base['tokens/decoded']:.3f}")
-    return table
+def step_ratios(records: dict[str, list[dict]], warmup: int, key: str = "time/step") -> dict[str, PairedRatio]:
+    """Each variant's `key` against GRPO's over the paired steps after the warm-up."""
+    base = [r[key] for r in records["GRPO"][warmup:]]
+    return {name: paired_ratio(base, [r[key] for r in recs[warmup:]]) for name, recs in records.items()}
+
+
+def per_trained_sample(records: list[dict]) -> list[float]:
+    """Train seconds per trained sample, step by step (a step that trained nothing counts its whole time)."""
+    return [r["time/train"] / max(r.get("train/samples_trained", 0.0), 1.0) for r in records]
+
+
+def _median(records: list[dict], key: str) -> float:
+    return statistics.median(r.get(key, 0.0) for r in records)
+
+
+def _step_tables(title: str, records: dict[str, list[dict]], warmup: int) -> list[Table]:
+    """The ratios with their intervals, then where each variant's step goes (medians over the same steps)."""
+    measured = {name: recs[warmup:] for name, recs in records.items()}
+    ratios = step_ratios(records, warmup)
+    grpo_train = per_trained_sample(measured["GRPO"])
+    steps = [r["time/step"] for r in measured["GRPO"]]
+    quartiles = statistics.quantiles(steps, n=4)
+    table = Table(title=f"{title}: paired steps {warmup + 1}-{len(records['GRPO'])}, ratios of total time with 95% "
+                        "bootstrap intervals")
+    table.caption = (f"GRPO's own steps: median {statistics.median(steps):.3f} s, range {min(steps):.3f}-"
+                     f"{max(steps):.3f} s, interquartile range {(quartiles[2] - quartiles[0]):.3f} s")
+    for column in ("variant", "steps", "step s", "step / GRPO [95% CI]", "train s / sample",
+                   "train per sample / GRPO [95% CI]", "decoded / GRPO"):
+        table.add_column(column)
+    for name, recs in measured.items():
+        train = paired_ratio(grpo_train, per_trained_sample(recs))
+        decoded = sum(r["tokens/decoded"] for r in recs) / max(sum(r["tokens/decoded"] for r in measured["GRPO"]), 1)
+        table.add_row(name, str(ratios[name].steps), f"{_median(recs, 'time/step'):.3f}", str(ratios[name]),
+                      f"{statistics.median(per_trained_sample(recs)):.4f}", str(train), f"{decoded:.3f}")
+    parts = Table(title="where the time goes: medians per step of the work done and of each stage's share of the "
+                        "step (rollout includes the policy's decode; prefix wait: history the step waited for)")
+    for column in ("variant", "policy decoded", "history decoded", "prefilled", "prefix tokens", "samples trained",
+                   *(f"{stage.split('/')[1]} share" for stage in STAGES), "other share"):
+        parts.add_column(column)
+    for name, recs in measured.items():
+        shares = [statistics.median(r.get(stage, 0.0) / r["time/step"] for r in recs) for stage in STAGES]
+        other = statistics.median(1 - sum(r.get(stage, 0.0) for stage in STAGES) / r["time/step"] for r in recs)
+        parts.add_row(name, *(f"{_median(recs, key):.0f}" for key in WORK), *(f"{x:.3f}" for x in shares),
+                      f"{other:.3f}")
+    return [table, parts]
 
 
 def _check_steps(steps: int, warmup: int) -> None:
@@ -101,27 +119,54 @@ def _check_steps(steps: int, warmup: int) -> None:
         raise ConfigError(f"--steps {steps} must be larger than --warmup {warmup}")
 
 
-def bench_step(config: str, steps: int, warmup: int, overrides: list[str],
-               records_path: Optional[str] = None, variants: Optional[list[str]] = None) -> list[Table]:
-    """With `records_path`, every step record of every variant is written there as JSON (what
-    `tools/plan_step_time.py --validate` reads); `variants` picks some of STEP_VARIANTS (GRPO always runs)."""
+def _check_paired_steps(steps: int, warmup: int, target_ci: Optional[float], max_steps: Optional[int]) -> None:
     _check_steps(steps, warmup)
+    if steps - warmup < MIN_PAIRED_STEPS:
+        raise ConfigError(f"--steps {steps} with --warmup {warmup} leaves {steps - warmup} measured step(s); an "
+                          f"interval needs at least {MIN_PAIRED_STEPS}: --steps {warmup + MIN_PAIRED_STEPS} or more")
+    if target_ci is not None and not target_ci > 0:
+        raise ConfigError(f"--target-ci {target_ci} must be > 0 (the half-width of the ratio's interval, e.g. 0.05)")
+    if max_steps is not None and max_steps < steps:
+        raise ConfigError(f"--max-steps {max_steps} must be at least --steps {steps}")
+
+
+def bench_step(config: str, steps: int, warmup: int, overrides: list[str],
+               records_path: Optional[str] = None, variants: Optional[list[str]] = None,
+               target_ci: Optional[float] = None, max_steps: Optional[int] = None,
+               learning: bool = False) -> list[Table]:
+    """`steps` interleaved steps of every variant (GRPO always runs); with `target_ci`, more steps until every
+    variant's step / GRPO interval is at most that half-width, up to `max_steps` (default 4 x steps). With
+    `records_path`, every step record of every variant is written there as JSON (what
+    `tools/plan_step_time.py --validate` reads)."""
+    _check_paired_steps(steps, warmup, target_ci, max_steps)
     unknown = sorted(set(variants or []) - set(STEP_VARIANTS))
     if unknown:
         raise ConfigError(f"--variant {unknown[0]!r} is not a benchmark variant; choose from: "
                           + ", ".join(STEP_VARIANTS))
+    conditions = [] if learning else [*FROZEN, *EVERY_SAMPLE_TRAINED]
+    overrides = [*conditions, *overrides]  # the caller's overrides win
     cfg = load_config(config, overrides)
     chosen = {n: v(cfg) if callable(v) else v for n, v in STEP_VARIANTS.items()
               if not variants or n == "GRPO" or n in variants}
+    more = None
+    if target_ci is not None:
+        max_steps = max_steps or 4 * steps
+        more = lambda records: max(r.half_width for r in step_ratios(records, warmup).values()) > target_ci  # noqa: E731
     with tempfile.TemporaryDirectory(prefix="bench-step-") as tmp:
-        records = _interleaved_steps(config, chosen, steps, overrides, tmp)
+        records = _interleaved_steps(config, chosen, steps, overrides, tmp, more, max_steps)
     if records_path:
         atomic_write_text(Path(records_path), json.dumps({"config": config, "overrides": overrides, "warmup": warmup,
                                                           "variants": chosen, "records": records}, indent=1))
-    samples = f"{cfg.rollout.prompts_per_step}x{cfg.rollout.group_size}"
-    return [_step_table(f"SOUP vs GRPO step time ({samples} samples/step, "
-                        f"mix_fraction={cfg.soup.mix_fraction}, lookahead={cfg.soup.lookahead}, "
-                        f"rollout {cfg.rollout.backend})", records, warmup, STEP_COLUMNS)]
+    policy = "policy learning" if learning else f"policy frozen ({' '.join(conditions)})"
+    title = (f"SOUP vs GRPO step time ({cfg.rollout.prompts_per_step}x{cfg.rollout.group_size} samples/step, "
+             f"{policy}, mix_fraction={cfg.soup.mix_fraction}, lookahead={cfg.soup.lookahead}, "
+             f"rollout {cfg.rollout.backend})")
+    tables = _step_tables(title, records, warmup)
+    if target_ci is not None:
+        widest = max(r.half_width for r in step_ratios(records, warmup).values())
+        reached = "reached" if widest <= target_ci else f"NOT reached within --max-steps {max_steps}"
+        tables[0].caption += f"; target half-width {target_ci} {reached} (widest: {widest:.3f})"
+    return tables
 
 
 def _engine_throughput(cfg: Config, reps: int, tmp: str) -> Table:
@@ -166,8 +211,8 @@ def _engine_throughput(cfg: Config, reps: int, tmp: str) -> Table:
 
 def bench_rollout(config: str, steps: int, warmup: int, overrides: list[str]) -> list[Table]:
     """SGLang against the in-process engine, then SOUP against GRPO with SGLang serving both."""
-    _check_steps(steps, warmup)
-    sglang = [*overrides, "rollout.backend=sglang"]
+    _check_paired_steps(steps, warmup, None, None)
+    sglang = [*FROZEN, *EVERY_SAMPLE_TRAINED, *overrides, "rollout.backend=sglang"]
     cfg = load_config(config, sglang)
     if not Path(cfg.rollout.sglang.python).is_file():
         raise ConfigError(f"rollout.sglang.python={cfg.rollout.sglang.python}: no SGLang venv; "
@@ -178,18 +223,16 @@ def bench_rollout(config: str, steps: int, warmup: int, overrides: list[str]) ->
         if cfg.rollout.sglang.policy_servers > 1:  # with one server both routings send everything to it
             variants["SOUP least-loaded routing"] = ["rollout.sglang.routing=least_loaded"]
         records = _interleaved_steps(config, variants, steps, sglang, tmp)
-    columns = ["time/step", "time/rollout", "time/prefix_wait", "time/train", "time/weight_sync", "tokens/decoded",
-               "tokens/prefix", "tokens/input_tokens", "tokens/cached_tokens"]
-    steps_table = _step_table("SOUP vs GRPO with SGLang (disk weight sync)", records, warmup, columns)
-    cache = Table(title="input tokens (prefilled, not decoded), radix cache, weight sync: medians over the same steps")
-    for column in ("variant", "prefix / input tokens", "cached / input tokens", "weight sync / step time"):
+    steps_tables = _step_tables("SOUP vs GRPO with SGLang (disk weight sync, policy frozen, every sample trained)",
+                                records, warmup)
+    cache = Table(title="input tokens (prefilled, not decoded) and the radix cache: medians over the same steps")
+    for column in ("variant", "prefix / input tokens", "cached / input tokens"):
         cache.add_column(column)
     for name, recs in records.items():
-        m = {c: statistics.median(r.get(c, 0.0) for r in recs[warmup:]) for c in columns}
-        inputs = max(m["tokens/input_tokens"], 1.0)
-        cache.add_row(name, f"{m['tokens/prefix'] / inputs:.3f}", f"{m['tokens/cached_tokens'] / inputs:.3f}",
-                      f"{m['time/weight_sync'] / m['time/step']:.3f}")
-    return [throughput, steps_table, cache]
+        inputs = max(_median(recs[warmup:], "tokens/input_tokens"), 1.0)
+        cache.add_row(name, f"{_median(recs[warmup:], 'tokens/prefix') / inputs:.3f}",
+                      f"{_median(recs[warmup:], 'tokens/cached_tokens') / inputs:.3f}")
+    return [throughput, *steps_tables, cache]
 
 
 def _actor_batch(cfg: Config, vocab_size: int):
@@ -280,12 +323,11 @@ def tool_main(name: str, doc: str, argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=2, help="first steps left out of the medians")
     if name == "step":
         parser.add_argument("--records", metavar="FILE.json", help="also write every step record there")
-        parser.add_argument("--variant", action="append", metavar="NAME",
-                            help=f"run only these variants besides GRPO (repeat): {', '.join(STEP_VARIANTS)}")
+        add_step_arguments(parser)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args(argv)
     exit_on_signals()
-    extra = {"records_path": args.records, "variants": args.variant} if name == "step" else {}
+    extra = {"records_path": args.records, **step_arguments(args)} if name == "step" else {}
 
     def run() -> int:
         for table in BENCHMARKS[name](args.config, args.steps, args.warmup, args.overrides, **extra):
