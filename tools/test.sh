@@ -26,7 +26,7 @@ eval "$(bash tools/slurm_cluster.sh start "$slurm_dir")"
 export SOUP_REQUIRE_SLURM=1
 . .venv/bin/activate
 ruff check soup_megatron tests tools launch  # the linter settings are in pyproject.toml
-# two pytest-xdist workers (SOUP_TEST_WORKERS; 0 runs in this process): the tests leave a core idle about
+# one process by default; SOUP_TEST_WORKERS=2 runs two pytest-xdist workers (a port race between workers' SGLang servers is open): the tests leave a core idle about
 # half the time (server start-ups, process launches, waits), and tests sharing one fixed cost (a module's
 # servers, the Slurm node) are one xdist group, run by one worker
-python -m pytest -q -n "${SOUP_TEST_WORKERS:-2}" --dist loadgroup "$@"
+python -m pytest -q -n "${SOUP_TEST_WORKERS:-0}" --dist loadgroup "$@"
