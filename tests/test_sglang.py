@@ -3,8 +3,10 @@ weight updates, API keys, concurrency of the two groups, a server killed mid-rol
 
 import json
 import os
+import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -18,7 +20,7 @@ import torch
 from soup_megatron.config import RolloutConfig, SGLangConfig
 from soup_megatron.metrics import read_metrics
 from soup_megatron.model.hf import load_model, load_tokenizer
-from soup_megatron.rollout import GenerationRequest, build_engine
+from soup_megatron.rollout import GenerationRequest, build_engine, sglang_servers
 from soup_megatron.rollout.sglang_engine import SGLangEngine
 from soup_megatron.rollout.sglang_servers import RolloutServers, ServerError, free_port, live_processes_in_group
 
@@ -40,10 +42,37 @@ ON_MODULE_SERVERS = pytest.mark.xdist_group("tiny-sglang-servers")
 
 @pytest.fixture(scope="module")
 def servers(tiny_model, tmp_path_factory):
+    """The module's policy and history servers. The policy server's first port is taken by another process
+    while it starts (SGLang binds it only after loading the model; a test worker's connection once took one
+    in that window): the server must start again on another port."""
     run_dir = tmp_path_factory.mktemp("sglang-run")
-    group = RolloutServers(sglang_config(), str(tiny_model), run_dir, ["policy", "history"]).start()
+    with socket.socket() as holder, pytest.MonkeyPatch.context() as patch:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        drawn = iter([holder.getsockname()[1]])
+        patch.setattr(sglang_servers, "free_port", lambda host: next(drawn, None) or free_port(host))
+        group = RolloutServers(sglang_config(), str(tiny_model), run_dir, ["policy", "history"]).start()
     yield run_dir, group
     group.close()
+
+
+@ON_MODULE_SERVERS
+def test_a_server_whose_port_was_taken_while_starting_starts_on_another(servers):
+    run_dir, group = servers
+    log = (run_dir / "servers" / "policy-0.log").read_text()
+    taken = re.search(r"error while attempting to bind on address \('127.0.0.1', (\d+)\)", log)
+    assert taken, "the policy server was meant to find its first port taken"
+    url = json.loads((run_dir / "servers" / "policy.json").read_text())["urls"][0]
+    assert url == group.groups["policy"].managed[0].url and not url.endswith(f":{taken.group(1)}")
+    assert httpx.get(url + "/health", timeout=5).status_code == 200
+
+
+def test_server_ports_are_free_and_below_the_ephemeral_range():
+    ports = {free_port("127.0.0.1") for _ in range(20)}
+    assert all(p < sglang_servers.ephemeral_low() for p in ports) and len(ports) > 1
+    for port in ports:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", port))
 
 
 def engine_for(run_dir, group="policy", **kw):

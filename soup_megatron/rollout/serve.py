@@ -28,6 +28,7 @@ from ..io import atomic_write_text, make_private_dir
 from ..log import get_logger
 from .sglang_servers import (
     GROUPS,
+    NEW_PORT_TRIES,
     ManagedServer,
     ServerError,
     free_port,
@@ -77,7 +78,7 @@ def serve(cfg: Config, group: str, index: int | None = None, local_index: int | 
     signal.signal(signal.SIGUSR1, lambda signum, frame: stop.set())
     try:
         server.start()
-        server.wait_healthy(sg.startup_timeout)
+        server.wait_healthy(sg.startup_timeout, new_port_tries=NEW_PORT_TRIES)
         atomic_write_text(record, json.dumps({"url": server.url, "node": node, "pid": os.getpid(),
                                               "job": os.environ.get("SLURM_JOB_ID", "")}))
         log.info(f"{group} server {index} ready at {server.url} (log {server.log_path})")

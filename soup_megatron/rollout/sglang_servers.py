@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import secrets
 import signal
 import socket
@@ -40,16 +41,39 @@ log = get_logger(__name__)
 
 SERVER_PYTHONPATH = Path(__file__).parent / "sglang_pythonpath"
 GROUPS = ("policy", "history")
+NEW_PORT_TRIES = 3
 
 
 class ServerError(SoupError, RuntimeError):
     """A rollout server that cannot be started, reached or used."""
 
 
+# Ports for servers that bind only ~20 s after they are chosen (SGLang loads the model first). They are drawn
+# below the kernel's ephemeral range: a port of that range can meanwhile become the local end of any outgoing
+# connection (HTTP clients, gloo, torchrun's store), which is how two test workers' servers once lost theirs;
+# and apart from 22000-29999, where SGLang draws its own internal port the same way.
+SERVER_PORTS = range(12000, 22000)
+PORT_TAKEN = "address already in use"  # in the server's log when it could not bind
+
+
+def ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port(host: str) -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+    """A port nothing listens on now, below the ephemeral range where that range leaves room for it."""
+    below = range(SERVER_PORTS.start, min(SERVER_PORTS.stop, ephemeral_low()))
+    for port in [*random.sample(below, min(64, len(below))), 0]:  # 0: the kernel's choice, when all 64 are taken
+        with socket.socket() as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+            return sock.getsockname()[1]
+    raise ServerError(f"no free port on {host}")
 
 
 def _read_key(path: str) -> str:
@@ -82,6 +106,7 @@ class ManagedServer:
     public_host: Optional[str] = None  # the name clients use, when `host` is a bind-all address
     proc: Optional[subprocess.Popen] = None
     terminated: bool = False  # SIGTERM sent to `proc`
+    log_start: int = 0  # where this start's output begins in the log
 
     @property
     def url(self) -> str:
@@ -122,14 +147,30 @@ class ManagedServer:
             env.update(SOUP_SGLANG_SHIMS="1", SGLANG_USE_CPU_ENGINE="1",
                        PYTHONPATH=os.pathsep.join(filter(None, [str(SERVER_PYTHONPATH), env.get("PYTHONPATH")])),
                        SOUP_SGL_KERNEL_LOG=str(self.workdir / "sgl_kernel_calls.log"))
+        self.log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
         self.proc = subprocess.Popen([str(python), str(SERVER_PYTHONPATH / "soup_sglang_launch.py"), str(spec)],
                                      env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL, start_new_session=True)
         self.terminated = False
 
-    def wait_healthy(self, timeout: float) -> None:
+    def wait_healthy(self, timeout: float, new_port_tries: int = 0) -> None:
+        """Wait until /health answers. A server whose port was taken while it started (SGLang logs the failed
+        bind, then hangs) is started again on another port, up to `new_port_tries` times: only before anyone
+        knows its address (a restarted server keeps its port, which its clients are waiting on)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            if self.port_taken():
+                if new_port_tries <= 0:
+                    self.stop()
+                    raise ServerError(f"SGLang server {self.name}: its port {self.port} was taken by another process "
+                                      f"while it started ({self.log_path})")
+                old = self.port
+                self.stop()
+                self.port = free_port(self.host)
+                log.warning(f"SGLang server {self.name}: port {old} was taken while it started; now on {self.port}")
+                self.start()
+                new_port_tries -= 1
+                continue
             if self.proc is None or self.proc.poll() is not None:
                 raise ServerError(f"SGLang server {self.name} ({self.url}) exited with code "
                                   f"{None if self.proc is None else self.proc.returncode} while starting; "
@@ -139,6 +180,15 @@ class ManagedServer:
             time.sleep(0.5)
         raise ServerError(f"SGLang server {self.name} ({self.url}) not healthy after {timeout:.0f} s "
                           f"(rollout.sglang.startup_timeout); last lines of {self.log_path}:\n{self.log_tail()}")
+
+    def port_taken(self) -> bool:
+        """Whether this start's part of the log (the log is appended to across restarts) reports a failed bind."""
+        try:
+            with open(self.log_path, "rb") as fh:
+                fh.seek(self.log_start)
+                return PORT_TAKEN in fh.read().decode(errors="replace").lower()
+        except OSError:
+            return False
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -297,10 +347,12 @@ class ServerGroup:
 
     def wait_healthy(self) -> None:
         for server in self.managed:
-            server.wait_healthy(self.cfg.startup_timeout)
+            server.wait_healthy(self.cfg.startup_timeout, new_port_tries=NEW_PORT_TRIES)
         if self.served:
             self.urls = discover(self.workdir, self.group, group_size(self.cfg, self.group), self.cfg.startup_timeout)
-            self.write_address_file()
+        else:
+            self.urls = [s.url for s in self.managed]  # a server whose port was taken while starting has moved
+        self.write_address_file()
 
     def write_address_file(self) -> None:
         supervised = self.urls if self.served else [s.url for s in self.managed]
