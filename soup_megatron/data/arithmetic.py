@@ -5,15 +5,16 @@
     question  prompt "What is 17 + 5 + 40?", for pretrained chat models; data.template adds the instruction
               (e.g. "{prompt} Put the final answer in \\boxed{}.") and `math_verify` scores the answer
 
-Seeded and split by a hash of the problem's terms, so the held-out set never overlaps the training set.
+Seeded and split by a hash of the problem's terms (splits.py), so the held-out set never overlaps the
+training set.
 """
 
 from __future__ import annotations
 
 import random
-import zlib
 
-from .prompt import DataError, Prompt
+from .prompt import Prompt
+from .splits import distinct_problems
 
 ANSWER_PREFIX = "A: "
 
@@ -46,34 +47,15 @@ def worked_solution(terms: list[int], slip_rng: random.Random | None = None, sli
     return "\n".join(lines) + f"\n{ANSWER_PREFIX}{total}"
 
 
-def _is_heldout(terms: list[int]) -> bool:
-    return zlib.crc32(prompt_text(terms).encode()) % 10 == 0  # the same split in every style
-
-
 def make_split(split: str, size: int, seed: int, min_terms: int, max_terms: int, max_operand: int,
                style: str = "worked") -> list[Prompt]:
     """`size` distinct problems of the `train` or `heldout` split (disjoint by construction)."""
-    if split not in ("train", "heldout"):
-        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
-    rng = random.Random(f"arithmetic-{seed}-{split}")
-    want_heldout = split == "heldout"
-    seen: set[str] = set()
-    out: list[Prompt] = []
-    attempts = 0
-    while len(out) < size:
-        attempts += 1
-        if attempts > 200 * size + 1000:
-            raise DataError(
-                f"data.arithmetic: cannot find {size} distinct {split} problems with terms in "
-                f"[{min_terms}, {max_terms}] and operands up to {max_operand}; widen the task or ask for fewer"
-            )
-        terms = _problem(rng, min_terms, max_terms, max_operand)
-        text = prompt_text(terms, style)
-        if text in seen or _is_heldout(terms) != want_heldout:
-            continue
-        seen.add(text)
-        out.append(Prompt(uid=f"{split}-{len(out)}", text=text, answer=str(sum(terms))))
-    return out
+    problems = distinct_problems(
+        "arithmetic", split, size, seed, lambda rng: _problem(rng, min_terms, max_terms, max_operand),
+        key=prompt_text, accept=lambda terms: terms,  # the worked text: the same split in every style
+        described=f"with terms in [{min_terms}, {max_terms}] and operands up to {max_operand}")
+    return [Prompt(uid=f"{split}-{i}", text=prompt_text(terms, style), answer=str(sum(terms)))
+            for i, terms in enumerate(problems)]
 
 
 def extract_answer(response: str) -> str | None:
