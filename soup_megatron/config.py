@@ -121,8 +121,36 @@ class ArithmeticConfig(Section):
 
 
 @dataclass
+class CountdownConfig(Section):
+    """Built-in task where exploration matters: reach a target from given numbers, each used at most once,
+    with + - * / and parentheses (formats and verifier in data/countdown.py). A problem draws min_numbers to
+    max_numbers distinct numbers in [1, max_number] and a target in [min_target, max_target], and is kept
+    when an exhaustive solver finds at least `min_solutions` distinct solutions. The tiny model's warm start
+    imitates one solution per problem, all of one `demo_family` (first | chain), so that its samples lack
+    diversity on purpose."""
+
+    style: Literal["worked", "question"] = "worked"
+    min_numbers: int = 3
+    max_numbers: int = 4
+    max_number: int = 12
+    min_target: int = 10
+    max_target: int = 100
+    min_solutions: int = 2
+    demo_family: Literal["first", "chain"] = "chain"
+
+    def rules(self) -> Iterator[Rule]:
+        yield "min_numbers", 2 <= self.min_numbers <= self.max_numbers, ">= 2 and <= data.countdown.max_numbers"
+        yield ("max_numbers", self.max_numbers <= 6,
+               "<= 6 (every problem is solved exhaustively, in a time exponential in it)")
+        yield ("max_number", self.max_number >= self.max_numbers,
+               ">= data.countdown.max_numbers (a problem's numbers are distinct)")
+        yield "min_target", 1 <= self.min_target <= self.max_target, ">= 1 and <= data.countdown.max_target"
+        yield from _at_least(self, 1, "min_solutions")
+
+
+@dataclass
 class DataConfig(Section):
-    source: Literal["arithmetic", "file"] = "arithmetic"
+    source: Literal["arithmetic", "countdown", "file"] = "arithmetic"
     train_path: str = ""  # JSONL or Parquet, with source=file
     heldout_path: str = ""
     prompt_field: str = "prompt"
@@ -131,9 +159,10 @@ class DataConfig(Section):
     chat_template: bool = False  # wrap the laid-out prompt in the checkpoint's own chat template (one user
     # turn, add_generation_prompt): training, evaluation and SOUP inference all see those exact token ids
     system_prompt: str = ""  # with chat_template: a system turn first ("" = none: the template's default)
-    train_size: int = 2000  # built-in task only
+    train_size: int = 2000  # built-in tasks only
     heldout_size: int = 200
     arithmetic: ArithmeticConfig = field(default_factory=ArithmeticConfig)
+    countdown: CountdownConfig = field(default_factory=CountdownConfig)
 
     def rules(self) -> Iterator[Rule]:
         yield from _at_least(self, 1, "train_size", "heldout_size")
@@ -146,7 +175,7 @@ class DataConfig(Section):
 
 @dataclass
 class RewardConfig(Section):
-    type: Literal["exact", "math_verify", "custom"] = "exact"
+    type: Literal["exact", "math_verify", "countdown", "custom"] = "exact"
     function: str = ""  # custom: "package.module:function(response, answer) -> float"
 
     def rules(self) -> Iterator[Rule]:
@@ -483,6 +512,13 @@ def cross_section_rules(c: Config) -> Iterator[Rule]:
            "policy_servers with soup.history_placement=colocated, whose history servers share them)")
     yield ("launch.slurm.rollout_nodes", c.launch.slurm.rollout_nodes == 0 or sglang.servers_from == "serve",
            "0 unless rollout.sglang.servers_from=serve (rollout nodes run `soup-megatron serve`)")
+    yield ("reward.type", c.data.source != "countdown" or c.reward.type in ("countdown", "custom"),
+           "countdown (or custom) with data.source=countdown")
+    yield ("reward.type", c.reward.type != "countdown" or c.data.source != "arithmetic",
+           "exact, math_verify or custom with data.source=arithmetic (countdown reads 'target|numbers' answers)")
+    yield ("model.tiny.sft_slip_prob", c.data.source != "countdown" or c.model.source != "tiny"
+           or c.model.tiny.sft_slip_prob == 0,
+           "0 with data.source=countdown (its demonstrations are all correct, and of one family)")
 
 
 def _section_class(full_key: str) -> Optional[type]:

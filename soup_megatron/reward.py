@@ -1,6 +1,8 @@
 """Verifiers: the reward of a whole response (prefix + continuation) against the prompt's answer.
 
-- `exact`: the built-in task's answer line (`A: <n>`) must equal the answer exactly.
+- `exact`: the arithmetic task's answer line (`A: <n>`) must equal the answer exactly.
+- `countdown`: the countdown task's exact verifier (data/countdown.py): the response's worked lines, or its
+  last `\\boxed{}` expression, must reach the target with the given numbers; the answer is "target|numbers".
 - `math_verify`: Hugging Face's math-verify parses both sides (LaTeX, fractions, expressions) and
   checks mathematical equivalence; the gold answer is wrapped in `$...$` when it has no delimiters.
 - `custom`: `module:function(response: str, answer: str) -> float`, imported by path.
@@ -12,6 +14,7 @@ import importlib
 from typing import Callable
 
 from .config import ConfigError, RewardConfig
+from .data import countdown
 from .data.arithmetic import extract_answer
 
 RewardFn = Callable[[str, str], float]
@@ -20,6 +23,10 @@ RewardFn = Callable[[str, str], float]
 def exact_answer(response: str, answer: str) -> float:
     got = extract_answer(response)
     return 1.0 if got is not None and got == answer.strip() else 0.0
+
+
+def countdown_reached(response: str, answer: str) -> float:
+    return 1.0 if countdown.verify(response, answer) else 0.0
 
 
 def math_equivalent(response: str, answer: str) -> float:
@@ -50,4 +57,6 @@ def build_reward(cfg: RewardConfig) -> RewardFn:
         return exact_answer
     if cfg.type == "math_verify":
         return math_equivalent
+    if cfg.type == "countdown":
+        return countdown_reached
     return import_reward(cfg.function)

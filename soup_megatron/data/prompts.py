@@ -1,4 +1,4 @@
-"""Prompts: the rows a run trains and evaluates on, from local JSONL / Parquet or the built-in task.
+"""Prompts: the rows a run trains and evaluates on, from local JSONL / Parquet or a built-in task.
 
 A malformed row is refused with the file, the line (row) and the field named. The order prompts are
 drawn in is a pure function of (seed, step), so a resumed run sees exactly the same batches.
@@ -12,7 +12,7 @@ import random
 from pathlib import Path
 
 from ..config import DataConfig
-from .arithmetic import make_split
+from . import arithmetic, countdown
 from .prompt import DataError, Prompt
 
 
@@ -69,15 +69,22 @@ def load_file(path: str | Path, prompt_field: str, answer_field: str, template: 
     return prompts
 
 
+def builtin_split(cfg: DataConfig, split: str, size: int, seed: int) -> list[Prompt]:
+    """A split of the built-in task `data.source` names, before data.template lays its prompts out."""
+    if cfg.source == "countdown":
+        return countdown.make_split(split, size, seed, cfg.countdown)
+    a = cfg.arithmetic
+    return arithmetic.make_split(split, size, seed, a.min_terms, a.max_terms, a.max_operand, a.style)
+
+
 def load_splits(cfg: DataConfig, seed: int) -> tuple[list[Prompt], list[Prompt]]:
     """(train, heldout) prompts for a run."""
     if cfg.source == "file":
         return (load_file(cfg.train_path, cfg.prompt_field, cfg.answer_field, cfg.template),
                 load_file(cfg.heldout_path, cfg.prompt_field, cfg.answer_field, cfg.template))
-    a = cfg.arithmetic
     return tuple(  # type: ignore[return-value]
         [Prompt(p.uid, cfg.template.replace("{prompt}", p.text), p.answer)
-         for p in make_split(split, size, seed, a.min_terms, a.max_terms, a.max_operand, a.style)]
+         for p in builtin_split(cfg, split, size, seed)]
         for split, size in (("train", cfg.train_size), ("heldout", cfg.heldout_size))
     )
 
