@@ -1,6 +1,6 @@
 """The demo model, made locally with nothing downloaded: a character tokenizer built with `tokenizers`
 and a ~1M-parameter Qwen2 (`transformers`), saved as an ordinary HF checkpoint directory, then
-warm-started by a short SFT on the built-in task so the starting policy is weak but not hopeless.
+warm-started by a short SFT on a built-in task so the starting policy is weak but not hopeless.
 """
 
 from __future__ import annotations
@@ -13,7 +13,9 @@ import torch
 from tqdm import tqdm
 
 from ..config import Config, ConfigError
-from ..data.arithmetic import make_split, parse_terms, worked_solution
+from ..data.arithmetic import parse_terms, worked_solution
+from ..data.countdown import demonstration, parse_answer
+from ..data.prompts import builtin_split
 from ..io import atomic_dir
 from .hf import pad_rows
 
@@ -70,23 +72,36 @@ def sft_batches(tokenizer, examples: list[tuple[str, str]], batch_size: int, ste
         yield ids, labels
 
 
+def demonstrations(cfg: Config) -> list[tuple[str, str]]:
+    """(prompt, response) pairs of the task's training split for the warm start to imitate."""
+    t = cfg.model.tiny
+    train = builtin_split(cfg.data, "train", cfg.data.train_size, cfg.seed)[: t.sft_examples]
+    if cfg.data.source == "countdown":
+        # one solution per problem, all of one family: a warm start that samples with little diversity, on
+        # purpose; a problem the family cannot solve is left out
+        family = cfg.data.countdown.demo_family
+        pairs = [(p.text, demonstration(*parse_answer(p.answer), family)) for p in train]
+        pairs = [(prompt, response) for prompt, response in pairs if response is not None]
+    else:
+        # demonstrations with occasional arithmetic slips: the warm-started policy knows the format and
+        # mostly how to add, but often samples a wrong step, a weak start that RL with a verifier improves
+        slips = random.Random(f"sft-slips-{cfg.seed}")
+        pairs = [(p.text, worked_solution(parse_terms(p.text), slips, t.sft_slip_prob)) for p in train]
+    return [(cfg.data.template.replace("{prompt}", prompt), response) for prompt, response in pairs]
+
+
 def prepare_tiny_model(cfg: Config, progress: bool = True) -> Path:
     """Build tokenizer + model, SFT them on the task's training split, save to `model.path` atomically."""
-    if cfg.data.source != "arithmetic" or cfg.data.arithmetic.style != "worked":
-        raise ConfigError("model.source=tiny builds the demo model for the built-in task in its worked style; set "
-                          "data.source=arithmetic and data.arithmetic.style=worked (or prepare another model.source)")
+    task = {"arithmetic": cfg.data.arithmetic, "countdown": cfg.data.countdown}.get(cfg.data.source)
+    if task is None or task.style != "worked":
+        raise ConfigError("model.source=tiny builds the demo model for a built-in task in its worked style; set "
+                          "data.source=arithmetic or countdown, with its style=worked (or prepare another "
+                          "model.source)")
     out = Path(cfg.model.path)
     tokenizer = build_tokenizer()
     model = build_tiny_model(cfg, len(tokenizer), tokenizer.eos_token_id)
     t = cfg.model.tiny
-    a = cfg.data.arithmetic
-    train = make_split("train", cfg.data.train_size, cfg.seed, a.min_terms, a.max_terms, a.max_operand)
-    # demonstrations with occasional arithmetic slips: the warm-started policy knows the format and
-    # mostly how to add, but often samples a wrong step, a weak start that RL with a verifier improves
-    slips = random.Random(f"sft-slips-{cfg.seed}")
-    examples = [(cfg.data.template.replace("{prompt}", p.text),
-                 worked_solution(parse_terms(p.text), slips, t.sft_slip_prob))
-                for p in train[: t.sft_examples]]
+    examples = demonstrations(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=t.sft_lr, weight_decay=0.0)
     warmup = max(1, t.sft_steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(
