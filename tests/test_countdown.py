@@ -161,6 +161,8 @@ def test_countdown_tiny_model_prepares(tmp_path):
 
     cfg = load_config(CONFIG, [*TINY_SHAPE, "model.tiny.sft_steps=2", f"model.path={tmp_path / 'model'}"])
     assert (prepare_tiny_model(cfg, progress=False) / "config.json").is_file()
+    with pytest.raises(ConfigError, match="in its worked style; set data.source=arithmetic or countdown"):
+        prepare_tiny_model(load_config(CONFIG, ["data.countdown.style=question"]), progress=False)
 
 
 @pytest.mark.parametrize("override,message", [

@@ -122,6 +122,8 @@ def _solutions(numbers: tuple[int, ...], target: int, chains_only: bool) -> Iter
 
 
 def count_solutions(numbers: tuple[int, ...], target: int) -> int:
+    """Distinct solutions (see the module docstring); numbers are told apart by position, and a generated
+    problem's numbers are distinct."""
     return sum(count for count, _ in _solutions(numbers, target, chains_only=False))
 
 
