@@ -1,6 +1,7 @@
 """`soup-megatron launch` without a cluster: dry runs, the committed recipe scripts, the local executor."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -47,6 +48,40 @@ def test_70b_recipe_trains_on_8_nodes_and_serves_from_the_other_8():
     mc = cfg.actor.megatron
     assert (mc.tensor_parallel, mc.pipeline_parallel) == (8, 4)
     assert 8 * cfg.launch.ranks_per_node // (mc.tensor_parallel * mc.pipeline_parallel) == 2  # data parallel
+
+
+def job_shape(script: str) -> list[str]:
+    """The training job's steps with its sizes, counts, paths and GPU options taken out: the sbatch lines that
+    shape it, each srun, the torchrun under it and the exports."""
+    script = script[script.index("#!/bin/bash", 1):] if "-convert" in script.splitlines()[1] else script
+    lines = [line.strip().rstrip("\\").strip() for line in script.splitlines()]
+    kept = [line for line in lines if line.startswith(("srun", "export", "-m", "--rdzv", "#SBATCH --nodes",
+                                                       "#SBATCH --ntasks", "#SBATCH --signal", "#SBATCH --requeue"))
+            or " -m soup_megatron" in line or "torch.distributed.run" in line]
+    normalized = []
+    for line in kept:
+        line = re.sub(r" --gpus-per-node=\d+", "", line)  # GPUs: a size, absent on CPU nodes
+        line = re.sub(r"\S*/launch/config\.yaml", "CONFIG", line)
+        line = re.sub(r"\S*python\b", "PYTHON", line)
+        line = re.sub(r"(IFNAME=)\w+", r"\1IFACE", line)
+        normalized.append(re.sub(r"\d+", "N", line))
+    return normalized
+
+
+def test_the_3_node_cpu_recipe_is_the_70b_recipe_in_sizes_and_counts_only():
+    """configs/tiny_3node_cpu.yaml (2 training nodes + 1 rollout node) renders through the same template and
+    code path as the 70B recipe (8 + 8): the same steps, in the same order, with other numbers; the 7B recipe
+    (one node, servers started by the trainer) runs the same training step."""
+    tiny, big = dryrun("configs/tiny_3node_cpu.yaml"), dryrun("configs/llama3_70b_16x8xh100.yaml")
+    assert job_shape(tiny) == job_shape(big)
+    assert sum(line.startswith("srun") for line in job_shape(tiny)) == 3  # policy serve, history serve, torchrun
+    seven = job_shape(dryrun("configs/qwen2.5_math_7b_8xh100.yaml"))
+    single_node = [line for line in job_shape(big) if not ("serve" in line or "--overlap" in line or "IFNAME" in line)]
+    assert single_node == seven
+    cfg = load_config("configs/tiny_3node_cpu.yaml")
+    assert (cfg.launch.slurm.nodes, cfg.launch.slurm.rollout_nodes, cfg.launch.ranks_per_node) == (3, 1, 1)
+    assert cfg.actor.megatron.pipeline_parallel == 2  # one stage per training node
+    assert "--nnodes=2 --nproc-per-node=1" in tiny and "export NCCL_SOCKET_IFNAME=eth0 GLOO_SOCKET_IFNAME=eth0" in tiny
 
 
 def test_serve_tasks_are_split_over_the_rollout_nodes_or_refused(tmp_path):
