@@ -84,6 +84,16 @@ def test_the_3_node_cpu_recipe_is_the_70b_recipe_in_sizes_and_counts_only():
     assert "--nnodes=2 --nproc-per-node=1" in tiny and "export NCCL_SOCKET_IFNAME=eth0 GLOO_SOCKET_IFNAME=eth0" in tiny
 
 
+def test_training_nodes_that_do_not_make_whole_replicas_are_refused():
+    done = subprocess.run([sys.executable, "-m", "soup_megatron.cli", "launch", "--config",
+                           "configs/tiny_3node_cpu.yaml", "--executor", "slurm", "--dryrun",
+                           "actor.megatron.pipeline_parallel=4"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and not done.stdout
+    assert done.stderr.strip().splitlines()[-1] == (
+        "config error: launch.slurm.nodes=3 less rollout_nodes=1, x launch.ranks_per_node=1: 2 training ranks, not "
+        "a multiple of actor.megatron tensor_parallel x pipeline_parallel x context_parallel = 1 x 4 x 1 = 4")
+
+
 def test_serve_tasks_are_split_over_the_rollout_nodes_or_refused(tmp_path):
     from soup_megatron.cluster.launch import serve_steps
 

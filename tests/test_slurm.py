@@ -15,6 +15,7 @@ import torch
 from soup_megatron.model.hf import read_state_dict
 from tests.conftest import TINY
 from tests.helpers import wait_until
+from tests.slurm_jobs import job_id, log_of, metrics, squeue_state, state, wait_done
 
 ROOT = Path(__file__).resolve().parents[1]
 # the cluster has one node of 2 CPUs and each job takes both: one pytest-xdist worker submits them all, in turn
@@ -44,52 +45,9 @@ def tiny_run(model, out, *extra):
             "launch.slurm.signal_seconds=0", *extra]
 
 
-def squeue_state(job: str) -> str:
-    return subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True).stdout.strip()
-
-
 def node_state() -> str:
     """The one node's state: idle once no job holds it (a job that ended is torn down while "comp")."""
     return subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True).stdout.strip()
-
-
-def job_id(done) -> str:
-    return done.stdout.split("job ")[1].split()[0]
-
-
-def state(job: str) -> str:
-    """The job's state in accounting: its last record (a requeued job has one per start), reason dropped."""
-    out = subprocess.run(["sacct", "-X", "-n", "-P", "-j", job, "-o", "State"], capture_output=True, text=True).stdout
-    return out.strip().splitlines()[-1].split()[0] if out.strip() else "UNKNOWN"
-
-
-FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
-                "DEADLINE", "PREEMPTED"}
-
-
-def wait_done(job: str, timeout: float = 900) -> str:
-    """The job's final state. Both signs are awaited: squeue no longer lists it (a squeue that failed, as a busy
-    slurmctld's can, is no answer) and slurmdbd has recorded the end, which lags the controller by a moment."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        queued = subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True)
-        gone = (queued.returncode == 0 and not queued.stdout.strip()) or "Invalid job id" in queued.stderr
-        if gone and state(job) in FINAL_STATES:
-            return state(job)
-        time.sleep(1)
-    subprocess.run(["scancel", job])
-    raise AssertionError(f"job {job} not finished after {timeout}s (squeue: {squeue_state(job)!r}, "
-                         f"sacct: {state(job)!r})")
-
-
-def metrics(out: Path) -> list[dict]:
-    # timings, and bytes sent to follower ranks (save commands carry the run directory's path), are not state
-    return [{k: v for k, v in json.loads(line).items() if not k.startswith(("time/", "megatron/bytes"))}
-            for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-def log_of(out: Path) -> str:
-    return "\n".join(p.read_text() for p in sorted((out / "slurm").glob("*.out")))
 
 
 @pytest.mark.slow  # 82 s: in the slow tier to keep the default under 15 min

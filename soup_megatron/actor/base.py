@@ -94,6 +94,7 @@ def padding_share(lengths: Sequence[int], plans: Sequence[Sequence[int]]) -> tup
 
 class Actor(Protocol):
     version: int  # number of optimizer updates applied to the policy's weights (= trainer steps taken)
+    places: list[dict]  # each rank's host and layout ranks, in rank order (one entry for a single process)
 
     def logprobs(self, batch: TokenBatch, temperature: float, with_entropy: bool = False
                  ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:

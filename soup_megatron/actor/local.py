@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import torch
@@ -18,6 +19,7 @@ class LocalActor:
         self.model = load_model(model_path)
         self.cfg = cfg
         self.version = 0
+        self.places = [{"host": socket.gethostname(), "rank": 0}]
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     def _plan(self, batch: TokenBatch) -> tuple[list[int], list[list[int]]]:

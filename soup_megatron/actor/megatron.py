@@ -66,6 +66,7 @@ class MegatronActor:
         self.arch = read_architecture(self.model_path)
         check_layout(mc, parallel.world_size())
         self.layout = parallel.initialize(mc)
+        self.places = parallel.rank_places(self.layout)
         if samples_per_update is not None:
             parallel.check_batch_split(samples_per_update, self.layout)
         self.device = (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()

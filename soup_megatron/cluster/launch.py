@@ -102,8 +102,22 @@ def training_config(cfg: Config) -> Config:
     return replace(cfg, actor=replace(cfg.actor, megatron=replace(cfg.actor.megatron, checkpoint=converted)))
 
 
+def check_training_ranks(cfg: Config) -> None:
+    """The training nodes' ranks must make whole megatron model replicas (refused before anything is submitted)."""
+    s, mc = cfg.launch.slurm, cfg.actor.megatron
+    ranks = (s.nodes - s.rollout_nodes) * cfg.launch.ranks_per_node
+    replica = mc.tensor_parallel * mc.pipeline_parallel * mc.context_parallel
+    if cfg.actor.backend == "megatron" and ranks % replica:
+        raise ConfigError(
+            f"launch.slurm.nodes={s.nodes} less rollout_nodes={s.rollout_nodes}, x launch.ranks_per_node="
+            f"{cfg.launch.ranks_per_node}: {ranks} training ranks, not a multiple of actor.megatron tensor_parallel x "
+            f"pipeline_parallel x context_parallel = {mc.tensor_parallel} x {mc.pipeline_parallel} x "
+            f"{mc.context_parallel} = {replica}")
+
+
 def slurm_jobs(cfg: Config, config_note: str) -> list[Job]:
     s = cfg.launch.slurm
+    check_training_ranks(cfg)
     run_dir = Path(cfg.trainer.out_dir)  # as configured: relative paths are relative to the submission directory
     common = dict(job_name=cfg.launch.job_name, s=s, log_dir=run_dir / "slurm", python=cfg.launch.python,
                   config_note=config_note)
@@ -141,6 +155,23 @@ def _sbatch(script: Path, dependency: str | None) -> str:
     return done.stdout.strip().split(";")[0]
 
 
+def check_cluster_has_nodes(cfg: Config) -> None:
+    """A job of more nodes than its partition has would never start (and its conversion job would run for
+    nothing): refused before anything is written or submitted."""
+    if shutil.which("sinfo") is None:
+        return  # _sbatch says that the Slurm client is missing
+    done = subprocess.run(["sinfo", "-h", "-o", "%P %D"], capture_output=True, text=True)
+    sizes: dict[str, int] = {}
+    default = ""
+    for line in done.stdout.splitlines() if done.returncode == 0 else []:  # a line per partition and node state
+        name, count = line.split()
+        default = name.rstrip("*") if name.endswith("*") else default
+        sizes[name.rstrip("*")] = sizes.get(name.rstrip("*"), 0) + int(count)
+    partition, wanted = cfg.launch.slurm.partition or default, cfg.launch.slurm.nodes
+    if partition in sizes and wanted > sizes[partition]:
+        raise LaunchError(f"launch.slurm.nodes={wanted}: partition {partition} has {sizes[partition]} node(s)")
+
+
 def _partitions() -> str:
     done = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True)
     return ", ".join(p.rstrip("*") for p in done.stdout.split()) if done.returncode == 0 else ""
@@ -163,6 +194,8 @@ def launch(cfg: Config, executor: str, dryrun: bool, config_note: str) -> list[s
     elif dryrun:
         print(shlex.join(local_command(cfg, config_file)))
         return []
+    if executor == "slurm":
+        check_cluster_has_nodes(cfg)
     make_private_dir(run_dir)
     (run_dir / "launch").mkdir(exist_ok=True)
     atomic_write_text(config_file, to_yaml(cfg))

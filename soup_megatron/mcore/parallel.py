@@ -4,8 +4,9 @@
 from __future__ import annotations
 
 import os
+import socket
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
@@ -140,6 +141,15 @@ def initialize(cfg: MegatronConfig) -> Layout:
                   vp=cfg.virtual_pipeline, cp=cfg.context_parallel, dp=ps.get_data_parallel_world_size(),
                   tp_rank=ps.get_tensor_model_parallel_rank(), pp_rank=ps.get_pipeline_model_parallel_rank(),
                   dp_rank=ps.get_data_parallel_rank(), cp_rank=ps.get_context_parallel_rank())
+
+
+def rank_places(layout: Layout) -> list[dict]:
+    """Where each global rank runs, in rank order: its host and its place in the layout (a collective: every
+    rank calls it). A multi-node run records it, so that it shows which node holds which pipeline stage."""
+    mine = {"host": socket.gethostname(), **{k: v for k, v in asdict(layout).items() if k.endswith("rank")}}
+    places: list = [None] * layout.world
+    dist.all_gather_object(places, mine)
+    return places
 
 
 def check_batch_split(samples: int, layout: Layout) -> None:

@@ -19,6 +19,7 @@ refused). How the loss treats that lag: update.py.
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 
@@ -105,6 +106,16 @@ class Trainer:
                                   cfg.trainer.wandb_run_name or self.out.name, to_container(cfg))
         self.metrics = MetricsLog(self.out, cfg.trainer.tensorboard, self.start_step, wandb)
         atomic_write_text(self.out / "config.yaml", to_yaml(cfg))
+        self.record_placement()
+
+    def record_placement(self) -> None:
+        """Where this start of the run runs, a line each start in `placement.jsonl`: every trainer rank's host and
+        layout ranks, and the URLs of its server groups (a multi-node run's own record of its layout)."""
+        servers = self.runtime.servers
+        groups = {name: group.urls for name, group in servers.groups.items()} if servers else {}
+        line = {"start_step": self.start_step, "trainer": self.actor.places, "servers": groups}
+        with open(self.out / "placement.jsonl", "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(line) + "\n")
 
     def _build_prefix_source(self) -> PrefixSource:
         c = self.cfg

@@ -1,0 +1,107 @@
+"""Multi-node for real (slow tier): a Slurm cluster of three nodes on this machine (tools/slurm_cluster.sh
+--nodes 3 --netns: each node its own hostname and network namespace, addresses only on a private bridge), and
+configs/tiny_3node_cpu.yaml, the 70B recipe's layout at 3 nodes, submitted with `soup-megatron launch`."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from soup_megatron.rollout.sglang_servers import free_port
+from tests.conftest import TINY
+from tests.slurm_jobs import job_id, log_of, state, wait_done
+from tests.test_sglang import SGLANG_PYTHON
+
+ROOT = Path(__file__).resolve().parents[1]
+# one cluster for the module, on one pytest-xdist worker
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("three-node-cluster")]
+
+
+@pytest.fixture(scope="module")
+def three_nodes(tmp_path_factory):
+    """The environment of a three-node cluster's clients (its SLURM_CONF), on ports of its own so that it runs
+    beside the tests' one-node cluster; stopped, its namespaces removed, however the tests ended."""
+    if os.geteuid() != 0:
+        pytest.fail("the three-node cluster makes network namespaces: run as root (CI does)")
+    where = tmp_path_factory.mktemp("slurm-3-nodes")
+    ports = {name: str(free_port("127.0.0.1")) for name in ("SLURMCTLD_PORT", "SLURMD_PORT", "SLURMDBD_PORT",
+                                                             "MYSQL_PORT")}
+    env = {**os.environ, **ports}
+    started = subprocess.run(["bash", "tools/slurm_cluster.sh", "start", str(where), "--nodes", "3", "--netns"],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    try:
+        assert started.returncode == 0, started.stderr
+        conf = started.stdout.strip().removeprefix("export SLURM_CONF=")
+        yield {**env, "SLURM_CONF": conf}
+    finally:
+        subprocess.run(["bash", "tools/slurm_cluster.sh", "stop", str(where)], cwd=ROOT, env=env, timeout=300)
+
+
+def test_the_cluster_has_three_named_nodes_and_a_rendezvous_across_two(three_nodes, tmp_path):
+    """Each node answers with its own name and address, `MASTER_ADDR` (the first node) resolves to n1's
+    address on every node, and a torchrun rendezvous across n1 and n2 all-reduces over gloo."""
+    probe = tmp_path / "probe.py"
+    probe.write_text("import socket, torch, torch.distributed as d\nd.init_process_group('gloo')\n"
+                     "t = torch.tensor([d.get_rank() + 1.0]); d.all_reduce(t)\n"
+                     "print(socket.gethostname(), d.get_rank(), t.item(), flush=True)\n")
+    names = subprocess.run(["srun", "-N3", "bash", "-c", "echo $(hostname) $SLURM_NODEID $(getent hosts n1)"],
+                           env=three_nodes, capture_output=True, text=True, timeout=120)
+    assert sorted(names.stdout.split("\n")[:3]) == [f"n{i} {i - 1} 10.217.0.1 n1" for i in (1, 2, 3)], names
+    script = (f"export MASTER_ADDR=$(scontrol show hostnames $SLURM_JOB_NODELIST | head -n 1); "
+              f"{sys.executable} -m torch.distributed.run --nnodes 2 --nproc-per-node 1 --rdzv-backend c10d "
+              f"--rdzv-endpoint $MASTER_ADDR:{free_port('127.0.0.1')} {probe}")
+    ran = subprocess.run(["srun", "-N2", "--ntasks-per-node=1", "bash", "-c", script], env=three_nodes,
+                         capture_output=True, text=True, timeout=300)
+    assert sorted(ran.stdout.split("\n")[:2]) == ["n1 0 3.0", "n2 1 3.0"], ran
+
+
+def test_the_3_node_recipe_trains_on_two_nodes_and_serves_from_the_third(three_nodes, tiny_model, tmp_path):
+    """`soup-megatron launch --executor slurm` of configs/tiny_3node_cpu.yaml: the conversion job, then the
+    training job, whose two torchrun ranks (one pipeline stage each) run on n1 and n2 and whose policy and
+    history servers are `serve` tasks on n3, reached by that name; every step's weights reach them."""
+    out = tmp_path / "run"
+    submitted = subprocess.run(
+        [sys.executable, "-m", "soup_megatron.cli", "launch", "--config", "configs/tiny_3node_cpu.yaml",
+         "--executor", "slurm", *TINY, f"model.path={tiny_model}", f"trainer.out_dir={out}", "trainer.steps=3",
+         "trainer.eval_interval=0", "trainer.save_interval=2", f"launch.python={sys.executable}",
+         f"rollout.sglang.python={SGLANG_PYTHON}", "rollout.max_response_len=16", "launch.slurm.signal_seconds=0",
+         f"launch.rendezvous_port={free_port('127.0.0.1')}"],
+        cwd=ROOT, env=three_nodes, capture_output=True, text=True, timeout=120)
+    assert submitted.returncode == 0, submitted.stderr
+    train = job_id(submitted, "train")
+    assert wait_done(train, env=three_nodes) == "COMPLETED", log_of(out)
+    assert state(job_id(submitted, "convert"), three_nodes) == "COMPLETED"
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
+    # the engine's log-probs of what it sampled equal the actor's: each step's weights reached n3's servers
+    assert all(r["logp_gap/max"] < 1e-3 for r in rows if "logp_gap/max" in r)
+    placement = json.loads((out / "placement.jsonl").read_text().splitlines()[0])
+    assert [(p["host"], p["pp_rank"]) for p in placement["trainer"]] == [("n1", 0), ("n2", 1)]
+    assert all(url.startswith("http://n3:") for urls in placement["servers"].values() for url in urls)
+    assert sorted(placement["servers"]) == ["history", "policy"]
+    steps = subprocess.run(["sacct", "-n", "-P", "-j", train, "-o", "JobName,NodeList,State"], env=three_nodes,
+                           capture_output=True, text=True).stdout
+    assert steps.count("python|n3|") == 2 and "python|n[1-2]|COMPLETED" in steps, steps
+
+
+def test_bad_layouts_are_refused_before_anything_is_submitted(three_nodes, tiny_model, tmp_path):
+    """More nodes than the partition has: refused in one line, nothing written or submitted. An interface the
+    node does not have: the job ends at once, naming it and the node's interfaces (no rank waits on it)."""
+    def launch(out, *overrides):
+        return subprocess.run(
+            [sys.executable, "-m", "soup_megatron.cli", "launch", "--config", "configs/tiny_3node_cpu.yaml",
+             "--executor", "slurm", *TINY, f"model.path={tiny_model}", f"trainer.out_dir={out}",
+             f"launch.python={sys.executable}", f"rollout.sglang.python={SGLANG_PYTHON}",
+             "launch.convert_from_hf=false", *overrides], cwd=ROOT, env=three_nodes, capture_output=True, text=True,
+            timeout=120)
+
+    too_many = launch(tmp_path / "four", "launch.slurm.nodes=4")
+    assert too_many.returncode != 0 and not (tmp_path / "four").exists()
+    assert too_many.stderr.strip().splitlines()[-1].endswith("launch.slurm.nodes=4: partition debug has 3 node(s)")
+    wrong = launch(tmp_path / "ib", "launch.slurm.network_interface=ib0")
+    assert wrong.returncode == 0, wrong.stderr
+    assert wait_done(job_id(wrong, "train"), timeout=120, env=three_nodes) == "FAILED"
+    assert "launch.slurm.network_interface=ib0: no such interface on n1 (it has: " in log_of(tmp_path / "ib")
