@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from soup_megatron.actor import build_actor  # noqa: E402
 from soup_megatron.actor.base import TokenBatch  # noqa: E402
-from soup_megatron.algo.loss import LossConfig, LossScale  # noqa: E402
+from soup_megatron.algo.loss import LossConfig, LossScale, advantage_weights  # noqa: E402
 from soup_megatron.algo.rollout_correction import rollout_correction  # noqa: E402
 from soup_megatron.algo.stats import segment_stats  # noqa: E402
 from soup_megatron.config import ActorConfig, MegatronConfig  # noqa: E402
@@ -125,8 +125,9 @@ def actor_parity(model_dir: str, tp: int, pp: int, vp: int, cp: int, sp: bool, w
     grads_mega = _exported(mega, lambda p: p.main_grad) if not mega.sharded_optimizer else None
     after_local = local.rollout_weights()
     after_mega = _exported(mega)
-    stats_local, stats_mega = (segment_stats(batch.segment.flatten(), o["ratio"], o["clipped"], o["entropy"])
-                               for o in (out_local, out_mega))
+    advantage_weight = advantage_weights(batch.advantages, batch.segment, loss_cfg, scale).flatten()
+    stats_local, stats_mega = (segment_stats(batch.segment.flatten(), o["ratio"], o["clipped"], o["ratio_out"],
+                                             o["entropy"], advantage_weight) for o in (out_local, out_mega))
     # save / resume: the next update from the saved state is the same as the one made without saving
     mega._save_state(work / "state", 1)
     second = mega._train_minibatch(mega.own_rows(batch), loss_cfg, 0.8, scale)

@@ -6,7 +6,16 @@ import pytest
 import torch
 
 from soup_megatron.algo.advantage import group_advantages
-from soup_megatron.algo.loss import LossConfig, aggregation_weights, loss_mask, policy_token_loss, soup_loss
+from soup_megatron.algo.loss import (
+    LossConfig,
+    LossScale,
+    advantage_weights,
+    aggregation_weights,
+    loss_mask,
+    policy_token_loss,
+    soup_loss,
+)
+from soup_megatron.algo.stats import segment_stats
 from soup_megatron.sample import CONTINUATION as C
 from soup_megatron.sample import PREFIX as P
 from soup_megatron.sample import PROMPT as Q
@@ -25,7 +34,7 @@ def hand_ppo(r, a, lo=0.2, hi=0.2):
 
 def per_token(mode, **kw):
     cfg = LossConfig(prefix_mode=mode, **kw)
-    loss, _, _ = policy_token_loss(LOGP, OLD, BEH, ADV, SEG, cfg)
+    loss, _ = policy_token_loss(LOGP, OLD, BEH, ADV, SEG, cfg)
     return loss[0].tolist()
 
 
@@ -68,10 +77,11 @@ def test_mask_mode_drops_prefix_from_loss_and_count():
 
 def test_negative_advantage_clips_from_below():
     cfg = LossConfig(prefix_mode="mask")
-    loss, _, clipped = policy_token_loss(LOGP, OLD, BEH, torch.tensor([-1.0]), SEG, cfg)
+    loss, tok = policy_token_loss(LOGP, OLD, BEH, torch.tensor([-1.0]), SEG, cfg)
     assert loss[0, 3].item() == pytest.approx(0.8)  # r = 0.8 within range: -min(-0.8, -0.8)
     assert loss[0, 4].item() == pytest.approx(1.5)  # r = 1.5: -min(-1.5, -1.2) = 1.5, not clipped
-    assert not clipped[0, 4]
+    assert not tok["clipped"][0, 4] and tok["ratio_out"][0, 4]  # out of [0.8, 1.2], yet the unclipped branch
+    assert not tok["ratio_out"][0, 3]
 
 
 def two_samples():
@@ -106,11 +116,10 @@ def test_ratios_are_exactly_one_when_policies_coincide():
     logp = torch.log(torch.rand(3, 6) * 0.9 + 0.05)
     seg = torch.tensor([[Q, P, P, C, C, C]] * 3)
     for mode in ("clip", "decoupled", "shaped"):
-        _, ratio, clipped = policy_token_loss(logp, logp.clone(), logp.clone(), torch.randn(3), seg,
-                                              LossConfig(prefix_mode=mode))
+        _, tok = policy_token_loss(logp, logp.clone(), logp.clone(), torch.randn(3), seg, LossConfig(prefix_mode=mode))
         trained = seg > 0
-        assert torch.equal(ratio[trained], torch.ones_like(ratio[trained]))
-        assert not clipped.any()
+        assert torch.equal(tok["ratio"][trained], torch.ones_like(tok["ratio"][trained]))
+        assert not tok["clipped"].any() and not tok["ratio_out"].any()
 
 
 def independent_grpo_loss(rewards, logps, olds, group_size, eps_lo=0.2, eps_hi=0.2):
@@ -186,5 +195,48 @@ def test_kl_ignores_untrained_columns_with_extreme_logprobs():
 
 
 def test_mask_mode_reports_no_prefix_clipping():
-    _, _, clipped = policy_token_loss(LOGP, OLD, BEH, ADV, SEG, LossConfig(prefix_mode="mask"))
-    assert not clipped[SEG == P].any()
+    _, tok = policy_token_loss(LOGP, OLD, BEH, ADV, SEG, LossConfig(prefix_mode="mask"))
+    assert not tok["clipped"][SEG == P].any() and not tok["ratio_out"][SEG == P].any()
+
+
+def mechanism_stats(ratios, advantages, segment, **loss):
+    """segment_stats of one update whose pi_theta / pi_old (= pi_theta / pi_h on the prefix) are `ratios`."""
+    cfg = LossConfig(**loss)
+    old = torch.zeros_like(ratios)
+    _, tok = policy_token_loss(torch.log(ratios), old, old, advantages, segment, cfg)
+    weight = advantage_weights(advantages, segment, cfg, LossScale.of(segment, cfg.prefix_mode))
+    return segment_stats(segment.flatten(), *(tok[k].flatten() for k in ("ratio", "clipped", "ratio_out")),
+                         torch.zeros(segment.numel()), weight.flatten())
+
+
+def test_clip_adv_mass_weighs_clipped_tokens_by_their_advantage():
+    # four continuation tokens with |A| 1, 1, 3, 3; the two with A = 3 have r > 1.2 and are clipped
+    stats = mechanism_stats(torch.tensor([[1.0, 1.1], [1.5, 1.3]]), torch.tensor([1.0, 3.0]), torch.full((2, 2), C))
+    assert stats["continuation/clip_frac"] == 0.5 and stats["continuation/ratio_out_frac"] == 0.5
+    assert stats["continuation/clip_adv_mass"] == pytest.approx(0.75)  # (3 + 3) / (1 + 1 + 3 + 3)
+    assert stats["prefix/tokens"] == 0 and not any(k.startswith("prefix/") and k != "prefix/tokens" for k in stats)
+
+
+def test_ratio_out_frac_also_counts_ratios_the_min_left_unclipped():
+    # A < 0: r = 1.5 leaves [0.8, 1.2] but -min(1.5 A, 1.2 A) takes the unclipped branch; r = 0.5 is clipped
+    stats = mechanism_stats(torch.tensor([[1.5, 0.5, 1.0, 1.0]]), torch.tensor([-2.0]), torch.full((1, 4), C))
+    assert stats["continuation/ratio_out_frac"] == 0.5
+    assert stats["continuation/clip_frac"] == 0.25 and stats["continuation/clip_adv_mass"] == 0.25
+
+
+@pytest.mark.parametrize("loss_agg,expected", [("token_mean", 3 / 7), ("seq_mean_token_mean", 0.375)])
+def test_clip_adv_mass_follows_the_aggregation_weights(loss_agg, expected):
+    # row 0: one token, A = 1; row 1: two tokens, A = 3, the first clipped. Per sequence, row 0's token weighs
+    # 1/2 and row 1's 1/4 each: 0.75 / (0.5 + 2 * 0.75) = 0.375; per token all weigh 1/3: 3 / (1 + 3 + 3)
+    stats = mechanism_stats(torch.tensor([[1.0, 1.0], [1.5, 1.0]]), torch.tensor([1.0, 3.0]),
+                            torch.tensor([[C, Q], [C, C]]), loss_agg=loss_agg)
+    assert stats["continuation/clip_adv_mass"] == pytest.approx(expected)
+
+
+def test_prefix_tokens_have_their_own_clip_range_and_a_masked_prefix_loses_no_gradient():
+    ratios, seg = torch.tensor([[1.3, 1.3, 1.3]]), torch.tensor([[P, P, C]])
+    stats = mechanism_stats(ratios, ADV, seg, prefix_clip=0.5)  # prefix range [0.5, 1.5], continuation [0.8, 1.2]
+    assert stats["prefix/ratio_out_frac"] == stats["prefix/clip_adv_mass"] == 0.0
+    assert stats["continuation/ratio_out_frac"] == stats["continuation/clip_adv_mass"] == 1.0
+    masked = mechanism_stats(ratios, ADV, seg, prefix_mode="mask")
+    assert masked["prefix/clip_frac"] == masked["prefix/ratio_out_frac"] == 0.0 and "prefix/clip_adv_mass" not in masked

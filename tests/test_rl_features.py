@@ -50,10 +50,10 @@ def test_overlong_filter_zeroes_exactly_the_truncated_responses_loss(make_config
     assert torch.equal(filtered.segment[~cut], unfiltered.segment[~cut])  # the others are untouched
     logp = torch.randn(filtered.behaviour_logp.shape)
     cfg = LossConfig(prefix_mode="clip")
-    loss, _, _ = policy_token_loss(logp, filtered.behaviour_logp, filtered.behaviour_logp, filtered.advantages,
-                                   filtered.segment, cfg)
-    reference, _, _ = policy_token_loss(logp, unfiltered.behaviour_logp, unfiltered.behaviour_logp,
-                                        unfiltered.advantages, unfiltered.segment, cfg)
+    loss, _ = policy_token_loss(logp, filtered.behaviour_logp, filtered.behaviour_logp, filtered.advantages,
+                                filtered.segment, cfg)
+    reference, _ = policy_token_loss(logp, unfiltered.behaviour_logp, unfiltered.behaviour_logp,
+                                     unfiltered.advantages, unfiltered.segment, cfg)
     assert (loss[cut] == 0).all() and torch.equal(loss[~cut], reference[~cut])
     assert zero_loss_rows(filtered.advantages, filtered.segment, cfg)[cut].all()
     # and they are not counted: the update's weights divide by the other responses' tokens and rows
@@ -92,8 +92,8 @@ def test_correction_multiplies_continuation_losses_only(prefix_mode):
     logp = torch.log(torch.tensor([[0.5, 0.4, 0.6, 0.55, 0.3, 0.5]]))
     cfg = LossConfig(prefix_mode=prefix_mode)
     c = rollout_correction(OLD, MU, SEG, "tis", "token", cap=2.0)
-    plain, _, _ = policy_token_loss(logp, OLD, MU, torch.tensor([1.0]), SEG, cfg)
-    corrected, _, _ = policy_token_loss(logp, OLD, MU, torch.tensor([1.0]), SEG, cfg, correction=c)
+    plain, _ = policy_token_loss(logp, OLD, MU, torch.tensor([1.0]), SEG, cfg)
+    corrected, _ = policy_token_loss(logp, OLD, MU, torch.tensor([1.0]), SEG, cfg, correction=c)
     assert torch.equal(corrected[0, :3], plain[0, :3])  # prefix tokens: judged against pi_h as before
     assert corrected[0, 3:].tolist() == pytest.approx((plain[0, 3:] * c[0, 3:]).tolist())
     # by hand for the first continuation token: r = 0.55 / 0.6, inside the clip range, times the capped 2.0

@@ -85,6 +85,9 @@ def test_updater_trains_the_selected_samples_and_bounds_their_staleness(make_con
     assert actor.version == 1 and "train" in timer.seconds
     assert stats["staleness/max"] == 0.0 and stats["train/samples_trained"] > 0 and stats["logp_gap/max"] < 1e-4
     assert stats["overlong/truncated"] == sum(s.finish_reason == "length" for s in samples)
+    # a clipped token's ratio is out of its range: the clipped share is at most the out-of-range share
+    assert stats["continuation/clip_frac"] <= stats["continuation/ratio_out_frac"] <= 1.0
+    assert 0.0 <= stats["continuation/clip_adv_mass"] <= 1.0
     actor.version = 2  # these samples were written by version 0: two versions old, past rollout.async_steps=0
     with pytest.raises(RuntimeError, match="written by policy version 0 reached the update of version 2"):
         updater.train(samples, 2, Timer())

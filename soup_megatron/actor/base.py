@@ -50,6 +50,17 @@ def trim(batch: TokenBatch) -> TokenBatch:
     return replace(batch, **cut)
 
 
+# what `train_minibatch` returns per token (flat), beside the segment tags: the loss's per-token stats (loss.py)
+# and the entropy; the flags travel as 0/1 floats between ranks
+PER_TOKEN_STATS = ("ratio", "clipped", "ratio_out", "entropy")
+PER_TOKEN_FLAGS = ("clipped", "ratio_out")
+
+
+def per_token_stats(stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """[N, T-1] per-token stats as the flat tensors `train_minibatch` returns, flags as booleans."""
+    return {k: v.flatten() > 0 if k in PER_TOKEN_FLAGS else v.flatten() for k, v in stats.items()}
+
+
 def with_filler_rows(batch: TokenBatch, count: int) -> TokenBatch:
     """`batch` and `count` copies of its first row with no trained token (segment PROMPT throughout): they
     add no loss and no count, and make up a row count an actor can split over its ranks when the update has

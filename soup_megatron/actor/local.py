@@ -10,7 +10,7 @@ import torch
 from ..algo.loss import LossConfig, LossScale, aggregation_weights, loss_mask, soup_loss
 from ..config import ActorConfig
 from ..model.hf import copy_side_files, load_model, load_weights_into, read_state_dict, token_logprobs
-from .base import TokenBatch, padding_share, plan_micro_batches
+from .base import PER_TOKEN_STATS, TokenBatch, padding_share, per_token_stats, plan_micro_batches
 
 
 class LocalActor:
@@ -58,7 +58,7 @@ class LocalActor:
         self.optimizer.zero_grad(set_to_none=True)
         total_loss = 0.0
         width = batch.segment.shape[1]
-        stats = {k: torch.zeros(len(batch), width) for k in ("ratio", "clipped", "entropy")}
+        stats = {k: torch.zeros(len(batch), width) for k in PER_TOKEN_STATS}
         lengths, plans = self._plan(batch)
         for rows, mb in self._micro_batches(batch, plans):
             # entropy too: it is logged per segment
@@ -70,14 +70,13 @@ class LocalActor:
             loss.backward()
             total_loss += loss.item()
             cols = mb.segment.shape[1]
-            for key, value in (("ratio", tok["ratio"]), ("clipped", tok["clipped"]), ("entropy", entropy.detach())):
+            for key, value in {**tok, "entropy": entropy.detach()}.items():
                 stats[key][rows, :cols] = value.float()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.optimizer.step()
         self.model.eval()
-        out = {k: v.flatten() for k, v in stats.items()}
-        out.update(clipped=out["clipped"] > 0, segment=batch.segment.flatten(), loss=total_loss,
-                   grad_norm=float(grad_norm))
+        out = per_token_stats(stats)
+        out.update(segment=batch.segment.flatten(), loss=total_loss, grad_norm=float(grad_norm))
         pad, computed = padding_share(lengths, plans)
         out.update(padded_tokens=float(pad), computed_tokens=float(computed))
         return out

@@ -30,7 +30,7 @@ from ..mcore.logprobs import vocab_parallel_logprobs
 from ..mcore.model import padded_vocab_size, read_architecture
 from ..mcore.weights import build_chunks, mark_tensor_parallel
 from ..model.hf import CheckpointError
-from .base import TokenBatch, padding_share, plan_micro_batches
+from .base import PER_TOKEN_STATS, TokenBatch, padding_share, per_token_stats, plan_micro_batches
 from .megatron_commands import (
     Close,
     Command,
@@ -301,18 +301,17 @@ class MegatronActor:
                                   take(mb.segment), weights, loss_cfg, entropy=ent, ref_logp=take(mb.ref_logp),
                                   correction=take(mb.correction))
             width = mb.segment.shape[1]
-            per_token = {"loss": loss.detach(), "ratio": part.put(tok["ratio"], width),
-                         "clipped": part.put(tok["clipped"].float(), width), "entropy": part.put(ent.detach(), width)}
+            per_token = {k: part.put(v.float(), width) for k, v in {**tok, "entropy": ent.detach()}.items()}
+            per_token["loss"] = loss.detach()
             return loss, torch.tensor(int(take(mask).sum()), dtype=torch.int), per_token
 
         shape = (rows.total, rows.width - 1)
-        ratio, clipped, entropy = torch.zeros(shape), torch.zeros(shape), torch.zeros(shape)
+        stats = {k: torch.zeros(shape) for k in PER_TOKEN_STATS}
         total_loss = torch.zeros(1)
         for index, out in self._run_schedule(rows, soup, forward_only=False):
             width = out["ratio"].shape[1]
-            ratio[index, :width] = out["ratio"].cpu()
-            clipped[index, :width] = out["clipped"].cpu()
-            entropy[index, :width] = out["entropy"].cpu()
+            for key, value in stats.items():
+                value[index, :width] = out[key].cpu()
             total_loss += out["loss"].cpu()
         with cpu_compat.cuda_on_cpu():
             # sums gradients over data-parallel ranks and over a tied embedding's two pipeline stages
@@ -320,9 +319,8 @@ class MegatronActor:
             finalize_model_grads(self.ddp, num_tokens=None)
             _, grad_norm, _ = self.optimizer.step()  # norm before clipping, every slice counted once
         self._train_mode(False)
-        self._sum_to_driver(ratio, clipped, entropy, total_loss)
-        return {"ratio": ratio.flatten(), "clipped": clipped.flatten() > 0, "entropy": entropy.flatten(),
-                "loss": float(total_loss), "grad_norm": float(grad_norm)}
+        self._sum_to_driver(*stats.values(), total_loss)
+        return {**per_token_stats(stats), "loss": float(total_loss), "grad_norm": float(grad_norm)}
 
     def _rollout_weights(self):
         tensors = checkpoint.iter_hf_tensors(self.chunks, self.params, self.arch, self.layout)

@@ -94,21 +94,30 @@ def aggregation_weights(mask: torch.Tensor, loss_agg: str, num_seqs: int, num_to
     raise ValueError(f"unknown loss_agg {loss_agg!r}")
 
 
+def advantage_weights(advantages: torch.Tensor, segment: torch.Tensor, cfg: LossConfig, scale: LossScale
+                      ) -> torch.Tensor:
+    """|A_i| * w_t per token [N, T-1]: a token's weight in the policy gradient before its ratio, clipping and
+    corrections (0 where it is not trained)."""
+    weights = aggregation_weights(loss_mask(segment, cfg.prefix_mode), cfg.loss_agg, scale.sequences, scale.tokens)
+    return advantages.abs()[:, None] * weights
+
+
 def _clipped_pg(ratio, adv, lo, hi):
-    """-min(r A, clip(r) A) and whether the clipped branch was taken."""
+    """-min(r A, clip(r) A); whether the min took the clipped branch (no gradient); whether r left [1-lo, 1+hi]."""
     unclipped = ratio * adv
     clipped = ratio.clamp(1.0 - lo, 1.0 + hi) * adv
-    return -torch.minimum(unclipped, clipped), clipped < unclipped
+    return -torch.minimum(unclipped, clipped), clipped < unclipped, (ratio < 1.0 - lo) | (ratio > 1.0 + hi)
 
 
 def policy_token_loss(logp, old_logp, behaviour_logp, advantages, segment, cfg: LossConfig, correction=None):
-    """Per-token loss l_t, the ratio r_t each token is judged by, and whether it was clipped.
-    Shapes [N, T]; `advantages` is [N]; `correction` the rollout correction's c_t (None: 1). Tokens outside
-    prefix/continuation get l_t = 0."""
+    """Per-token loss l_t and per-token stats: `ratio` (the r_t each token is judged by), `clipped` (the min took
+    the clipped branch) and `ratio_out` (r_t outside its clip range; never for shaped prefix tokens, which have
+    none). Shapes [N, T]; `advantages` is [N]; `correction` the rollout correction's c_t (None: 1). Tokens
+    outside prefix/continuation get l_t = 0 and no flag."""
     adv = advantages[:, None].expand_as(logp)
     is_prefix = segment == PREFIX
     ratio_old = torch.exp(logp - old_logp)
-    loss, clipped = _clipped_pg(ratio_old, adv, cfg.clip_low, cfg.clip_high)
+    loss, clipped, ratio_out = _clipped_pg(ratio_old, adv, cfg.clip_low, cfg.clip_high)
     if correction is not None:
         loss = torch.where(segment == CONTINUATION, correction * loss, loss)
     ratio = ratio_old
@@ -118,26 +127,27 @@ def policy_token_loss(logp, old_logp, behaviour_logp, advantages, segment, cfg: 
         if cfg.prefix_mode == "clip":
             pc = cfg.prefix_clip
             lo, hi = (cfg.clip_low, cfg.clip_high) if pc is None else (pc, pc)
-            prefix_loss, prefix_clipped = _clipped_pg(ratio_behav, adv, lo, hi)
+            prefix_loss, prefix_clipped, prefix_out = _clipped_pg(ratio_behav, adv, lo, hi)
         else:
             prefix_loss = -(ratio_behav / (ratio_behav + cfg.shaping_gamma)) * adv
-            prefix_clipped = torch.zeros_like(clipped)
+            prefix_clipped = prefix_out = torch.zeros_like(clipped)
         loss = torch.where(is_prefix, prefix_loss, loss)
         clipped = torch.where(is_prefix, prefix_clipped, clipped)
+        ratio_out = torch.where(is_prefix, prefix_out, ratio_out)
     elif cfg.prefix_mode == "decoupled":
         behaviour_weight = torch.exp(old_logp - behaviour_logp).clamp(max=cfg.is_cap).detach()
         loss = torch.where(is_prefix, behaviour_weight * loss, loss)
     elif cfg.prefix_mode != "mask":
         raise ValueError(f"unknown prefix_mode {cfg.prefix_mode!r}")
     trained = loss_mask(segment, cfg.prefix_mode) > 0
-    return torch.where(trained, loss, torch.zeros_like(loss)), ratio, clipped & trained
+    return (torch.where(trained, loss, torch.zeros_like(loss)),
+            {"ratio": ratio, "clipped": clipped & trained, "ratio_out": ratio_out & trained})
 
 
 def soup_loss(logp, old_logp, behaviour_logp, advantages, segment, weights, cfg: LossConfig,
               entropy=None, ref_logp=None, correction=None):
     """Scalar loss for one microbatch (sum over its tokens of weighted terms) and per-token stats."""
-    token_loss, ratio, clipped = policy_token_loss(logp, old_logp, behaviour_logp, advantages, segment, cfg,
-                                                   correction)
+    token_loss, stats = policy_token_loss(logp, old_logp, behaviour_logp, advantages, segment, cfg, correction)
     total = token_loss
     if cfg.kl_coef > 0:
         if ref_logp is None:
@@ -149,4 +159,4 @@ def soup_loss(logp, old_logp, behaviour_logp, advantages, segment, weights, cfg:
         if entropy is None:
             raise ValueError("entropy_coef > 0 needs per-token entropy")
         total = total - cfg.entropy_coef * entropy
-    return (total * weights).sum(), {"ratio": ratio.detach(), "clipped": clipped.detach()}
+    return (total * weights).sum(), {k: v.detach() for k, v in stats.items()}

@@ -1,4 +1,4 @@
-"""Per-segment analysis quantities (ratio, clip fraction, entropy) the spec asks the trainer to log."""
+"""Per-segment analysis quantities (ratio, clipping, entropy) the spec asks the trainer to log."""
 
 from __future__ import annotations
 
@@ -7,8 +7,23 @@ import torch
 from ..sample import SEGMENT_NAMES
 
 
-def segment_stats(segment: torch.Tensor, ratio: torch.Tensor, clipped: torch.Tensor,
-                  entropy: torch.Tensor) -> dict[str, float]:
+def segment_stats(segment: torch.Tensor, ratio: torch.Tensor, clipped: torch.Tensor, ratio_out: torch.Tensor,
+                  entropy: torch.Tensor, advantage_weight: torch.Tensor) -> dict[str, float]:
+    """Per segment (prefix, continuation) of one update's tokens; every argument is per token, flat (loss.py's
+    per-token stats, `advantage_weight` = |A_t| w_t from `loss.advantage_weights`):
+
+        tokens          the segment's tokens
+        ratio_mean/max/min   r_t, the ratio each token is judged by (loss.py)
+        clip_frac       share of tokens whose min() took the clipped branch: they get no policy gradient
+        ratio_out_frac  share of tokens with r_t outside their clip range [1 - lo, 1 + hi], whichever branch the
+                        min() took (the unclipped one where clipping would raise the objective)
+        clip_adv_mass   sum_{t clipped} |A_t| w_t / sum_t |A_t| w_t: the advantage-weighted share of the segment's
+                        policy gradient lost to clipping (w_t the aggregation weight); absent where the sum is 0
+        entropy         mean of H(pi_theta(. | tokens before t)) at rollout.temperature. For `continuation` this is
+                        the effective entropy, the policy's entropy on its own samples (the rollout engine wrote them
+                        with its weights, at most rollout.async_steps versions older; pi_theta = pi_old in a step's
+                        first update); for `prefix` the same policy's entropy along the historical policy's tokens
+    """
     out: dict[str, float] = {}
     for tag, name in SEGMENT_NAMES.items():
         sel = segment == tag
@@ -21,6 +36,10 @@ def segment_stats(segment: torch.Tensor, ratio: torch.Tensor, clipped: torch.Ten
         out[f"{name}/ratio_max"] = float(r.max())
         out[f"{name}/ratio_min"] = float(r.min())
         out[f"{name}/clip_frac"] = float(clipped[sel].float().mean())
+        out[f"{name}/ratio_out_frac"] = float(ratio_out[sel].float().mean())
+        mass = advantage_weight[sel]
+        if mass.sum() > 0:
+            out[f"{name}/clip_adv_mass"] = float(mass[clipped[sel]].sum() / mass.sum())
         out[f"{name}/entropy"] = float(entropy[sel].mean())
     return out
 

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from ..actor.base import Actor, TokenBatch, with_filler_rows
-from ..algo.loss import LossConfig, LossScale, zero_loss_rows
+from ..algo.loss import LossConfig, LossScale, advantage_weights, zero_loss_rows
 from ..algo.rollout_correction import correction_stats, rollout_correction
 from ..algo.stats import mean_over_updates, segment_stats
 from ..config import Config
@@ -106,9 +106,10 @@ class Updater:
                     continue
                 mb = batch.select(picked)
                 mb = with_filler_rows(mb, self.actor.rows_per_update(len(mb)) - len(mb))
-                out = self.actor.train_minibatch(mb, self.loss_cfg, c.rollout.temperature,
-                                                 LossScale.of(batch.segment[rows], self.loss_cfg.prefix_mode))
-                stats = segment_stats(out["segment"], out["ratio"], out["clipped"], out["entropy"])
+                scale = LossScale.of(batch.segment[rows], self.loss_cfg.prefix_mode)
+                out = self.actor.train_minibatch(mb, self.loss_cfg, c.rollout.temperature, scale)
+                stats = segment_stats(out["segment"], out["ratio"], out["clipped"], out["ratio_out"], out["entropy"],
+                                      advantage_weights(mb.advantages, mb.segment, self.loss_cfg, scale).flatten())
                 stats.update(loss=out["loss"], grad_norm=out["grad_norm"])
                 if out.get("computed_tokens"):
                     stats["train/padding_share"] = out["padded_tokens"] / out["computed_tokens"]
