@@ -111,15 +111,16 @@ def cmd_eval(args) -> int:
         engine.close()
         if soup is not None:
             soup.engine.close()
-    header = ("policy", "greedy", *(f"pass@{k}" for k in ks))
+    header = ("policy", "greedy", *(f"pass@{k}" for k in ks), "distinct correct")
     def row(name, greedy, key):
-        return (name, greedy, *(f"{result[key][f'pass@{k}']:.3f}" for k in ks))
+        per_k = (f"{result[key][f'pass@{k}']:.3f}" for k in ks)
+        return (name, greedy, *per_k, f"{result[key]['distinct_correct']:.2f}")
 
     rows = [row(f"{path} (sampled)", f"{result['greedy_acc']:.3f}", "sampled")]
     if soup is not None:
         rows.append(row(f"{prefix_path} (historical, sampled)", "", "historical"))
-        rows.append((f"SOUP inference: historical prefix ({result['soup_inference']['prefix_len']:.1f} tokens), "
-                     "evaluated policy continues", "", *(f"{result['soup_inference'][f'pass@{k}']:.3f}" for k in ks)))
+        rows.append(row(f"SOUP inference: historical prefix ({result['soup_inference']['prefix_len']:.1f} tokens), "
+                        "evaluated policy continues", "", "soup_inference"))
     _table(f"{data_name}: {len(prompts)} problems, n={args.n}, T={sampling.temperature}, reward {reward_type}",
            rows, header)
     out = Path(args.out) if args.out else Path("runs/eval") / f"{Path(args.checkpoint or path).name}__" \

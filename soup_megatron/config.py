@@ -403,6 +403,8 @@ class TrainerConfig(Section):
     out_dir: str = "runs/soup"
     eval_interval: int = 10
     eval_pass_samples: int = 4  # samples per held-out prompt for pass@1; greedy accuracy is always computed
+    eval_pass_k: list[int] = field(default_factory=list)  # k of heldout/pass@{k}, with heldout/distinct_correct,
+    # from the same eval_pass_samples samples (e.g. [1, 2, 4, ..., 64] with 64 samples); [] = neither
     save_interval: int = 5
     keep_checkpoints: int = 2
     tensorboard: bool = True
@@ -415,6 +417,8 @@ class TrainerConfig(Section):
 
     def rules(self) -> Iterator[Rule]:
         yield from _at_least(self, 0, "steps", "eval_pass_samples")
+        yield ("eval_pass_k", all(1 <= k <= self.eval_pass_samples for k in self.eval_pass_k),
+               f"every k in [1, trainer.eval_pass_samples={self.eval_pass_samples}] (pass@k needs k <= samples)")
         yield "eval_interval", self.eval_interval >= 0, ">= 0 (0 = only at start and end)"
         yield from _at_least(self, 1, "save_interval", "keep_checkpoints")
         yield ("wandb_project", self.wandb == "off" or bool(self.wandb_project),

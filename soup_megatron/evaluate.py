@@ -1,4 +1,4 @@
-"""Evaluation: greedy accuracy, unbiased pass@k, and SOUP inference, on any rollout engine.
+"""Evaluation: greedy accuracy, unbiased pass@k, distinct correct solutions, and SOUP inference, on any rollout engine.
 
 SOUP inference (spec, "Analysis and evaluation"): a historical checkpoint samples a response, it is
 cut at k = floor(lambda * L), lambda ~ U[cut_min, cut_max] (the training cut rule, L per `soup.cut_of`),
@@ -39,6 +39,19 @@ def mean_pass_at_k(counts: Sequence[int], n: int, ks: Sequence[int]) -> dict[str
     return {f"pass@{k}": sum(pass_at_k(n, c, k) for c in counts) / len(counts) for k in ks}
 
 
+def distinct_solutions(correct_texts: Sequence[str]) -> int:
+    """How many different solutions a problem's correct responses hold: texts told apart with all whitespace
+    removed (no task-specific canonical form: two countdown chains in another order count twice)."""
+    return len({"".join(text.split()) for text in correct_texts})
+
+
+def sampled_metrics(correct: Sequence[Sequence[str]], n: int, ks: Sequence[int]) -> dict[str, float]:
+    """From n samples per problem whose correct responses' texts are `correct`: mean pass@k for each k, and the
+    explorable space, the mean number of distinct correct solutions per problem (`distinct_correct`)."""
+    return {**mean_pass_at_k([len(c) for c in correct], n, ks),
+            "distinct_correct": sum(map(distinct_solutions, correct)) / len(correct)}
+
+
 @dataclass(frozen=True)
 class Sampling:
     """How responses are drawn: token budget, temperature, seed, and rows per engine call."""
@@ -58,17 +71,17 @@ def _generate(engine: RolloutEngine, requests: list[GenerationRequest], s: Sampl
 
 
 def _correct(fmt: PromptFormat, reward_fn: RewardFn, responses: Sequence[Sequence[int]], prompts: Sequence[Prompt],
-             n: int) -> list[int]:
-    """Correct responses per prompt; `responses` are prompt-major, n per prompt."""
-    hits = [reward_fn(fmt.response_text(r), prompts[i // n].answer) > 0 for i, r in enumerate(responses)]
-    return [sum(hits[i * n:(i + 1) * n]) for i in range(len(prompts))]
+             n: int) -> list[list[str]]:
+    """The correct responses' texts per prompt; `responses` are prompt-major, n per prompt."""
+    texts = [fmt.response_text(r) for r in responses]
+    return [[t for t in texts[i * n:(i + 1) * n] if reward_fn(t, p.answer) > 0] for i, p in enumerate(prompts)]
 
 
-def correct_counts(engine: RolloutEngine, fmt: PromptFormat, prompts: Sequence[Prompt], reward_fn: RewardFn, n: int,
-                   s: Sampling, prefixes: Optional[Sequence[Sequence[int]]] = None, greedy: bool = False
-                   ) -> tuple[list[int], list[Generation]]:
-    """Sample n responses per prompt (continuing `prefixes`, prompt-major, when given); correct counts
-    per prompt and the generations."""
+def correct_responses(engine: RolloutEngine, fmt: PromptFormat, prompts: Sequence[Prompt], reward_fn: RewardFn,
+                      n: int, s: Sampling, prefixes: Optional[Sequence[Sequence[int]]] = None, greedy: bool = False
+                      ) -> tuple[list[list[str]], list[Generation]]:
+    """Sample n responses per prompt (continuing `prefixes`, prompt-major, when given); the correct ones'
+    texts (prefix included) per prompt and the generations."""
     prefixes = prefixes or [()] * (len(prompts) * n)
     requests = [GenerationRequest(fmt.prompt_ids(p.text), tuple(prefixes[i * n + j]),
                                   max(s.max_new_tokens - len(prefixes[i * n + j]), 1))
@@ -97,33 +110,40 @@ class SoupInference:
 
 def evaluate(engine: RolloutEngine, fmt: PromptFormat, prompts: Sequence[Prompt], reward_fn: RewardFn, *, n: int,
              ks: Sequence[int], sampling: Sampling, soup: Optional[SoupInference] = None) -> dict:
-    """Greedy accuracy and pass@k of `engine`'s policy; with `soup`, also the historical policy's pass@k
-    and SOUP inference's. Returns summary numbers and the per-prompt correct counts."""
+    """Greedy accuracy, pass@k and distinct correct solutions of `engine`'s policy; with `soup`, also the
+    historical policy's and SOUP inference's. Returns summary numbers and the per-prompt counts."""
     if any(k > n for k in ks):
         raise ConfigError(f"every k must be <= n (samples per prompt); got k={list(ks)} with n={n}")
-    greedy, _ = correct_counts(engine, fmt, prompts, reward_fn, 1, sampling, greedy=True)
-    sampled, _ = correct_counts(engine, fmt, prompts, reward_fn, n, sampling)
-    result = {"greedy_acc": sum(greedy) / len(prompts), "sampled": mean_pass_at_k(sampled, n, ks)}
-    per_prompt = {"greedy": greedy, "sampled": sampled}
+    greedy, _ = correct_responses(engine, fmt, prompts, reward_fn, 1, sampling, greedy=True)
+    sampled, _ = correct_responses(engine, fmt, prompts, reward_fn, n, sampling)
+    result = {"greedy_acc": sum(map(len, greedy)) / len(prompts), "sampled": sampled_metrics(sampled, n, ks)}
+    per_prompt = {"sampled": sampled}
     if soup is not None:
-        historical, gens = correct_counts(soup.engine, fmt, prompts, reward_fn, n, sampling)
+        historical, gens = correct_responses(soup.engine, fmt, prompts, reward_fn, n, sampling)
         prefixes = soup.cut_prefixes(gens, sampling.seed)
-        mixed, _ = correct_counts(engine, fmt, prompts, reward_fn, n, sampling, prefixes=prefixes)
-        result["historical"] = mean_pass_at_k(historical, n, ks)
-        result["soup_inference"] = mean_pass_at_k(mixed, n, ks)
+        mixed, _ = correct_responses(engine, fmt, prompts, reward_fn, n, sampling, prefixes=prefixes)
+        result["historical"] = sampled_metrics(historical, n, ks)
+        result["soup_inference"] = sampled_metrics(mixed, n, ks)
         result["soup_inference"]["prefix_len"] = sum(map(len, prefixes)) / len(prefixes)
         per_prompt.update(historical=historical, soup_inference=mixed)
-    result["per_prompt"] = [{"uid": p.uid, **{k: v[i] for k, v in per_prompt.items()}} for i, p in enumerate(prompts)]
+    result["per_prompt"] = [{"uid": p.uid, "greedy": len(greedy[i]), **{k: len(v[i]) for k, v in per_prompt.items()},
+                             **{f"{k}_distinct": distinct_solutions(v[i]) for k, v in per_prompt.items()}}
+                            for i, p in enumerate(prompts)]
     return result
 
 
 def heldout_metrics(engine: RolloutEngine, fmt: PromptFormat, prompts: Sequence[Prompt], reward_fn: RewardFn, *,
-                    max_new_tokens: int, temperature: float, pass_samples: int, seed: int) -> dict[str, float]:
-    """What the trainer logs every eval_interval steps: greedy accuracy and sampled pass@1."""
+                    max_new_tokens: int, temperature: float, pass_samples: int, seed: int, pass_ks: Sequence[int] = ()
+                    ) -> dict[str, float]:
+    """What the trainer logs every eval_interval steps: greedy accuracy and sampled pass@1 from pass_samples
+    samples per prompt; with `pass_ks`, from the same samples pass@k for each k (`heldout/pass@{k}`) and the mean
+    distinct correct solutions per prompt (`heldout/distinct_correct`)."""
     s = Sampling(max_new_tokens, temperature, seed)
-    greedy, _ = correct_counts(engine, fmt, prompts, reward_fn, 1, s, greedy=True)
-    out = {"heldout/greedy_acc": sum(greedy) / len(prompts)}
+    greedy, _ = correct_responses(engine, fmt, prompts, reward_fn, 1, s, greedy=True)
+    out = {"heldout/greedy_acc": sum(map(len, greedy)) / len(prompts)}
     if pass_samples:
-        sampled, _ = correct_counts(engine, fmt, prompts, reward_fn, pass_samples, s)
-        out["heldout/pass1"] = mean_pass_at_k(sampled, pass_samples, [1])["pass@1"]
+        sampled, _ = correct_responses(engine, fmt, prompts, reward_fn, pass_samples, s)
+        out["heldout/pass1"] = mean_pass_at_k([len(c) for c in sampled], pass_samples, [1])["pass@1"]
+        if pass_ks:
+            out.update({f"heldout/{k}": v for k, v in sampled_metrics(sampled, pass_samples, pass_ks).items()})
     return out

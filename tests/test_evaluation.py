@@ -9,12 +9,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from soup_megatron.cli import main
-from soup_megatron.config import ConfigError
+from soup_megatron.config import ConfigError, load_config
 from soup_megatron.data.eval_sets import last_boxed, load_eval_set
+from soup_megatron.data.prompt import Prompt
 from soup_megatron.data.prompts import DataError
-from soup_megatron.evaluate import pass_at_k
+from soup_megatron.evaluate import distinct_solutions, heldout_metrics, mean_pass_at_k, pass_at_k, sampled_metrics
 from soup_megatron.experiments.study import load_study, run_study
 from soup_megatron.reward import math_equivalent
+from soup_megatron.rollout.base import Generation
 
 from .conftest import TINY
 
@@ -41,6 +43,78 @@ NOT_EQUIVALENT = [
     ("\\boxed{\\frac{1}{3}}", "0.33"), ("\\boxed{5}", "6"), ("\\boxed{2\\sqrt{2}}", "2"), ("\\boxed{-3}", "3"),
     ("\\boxed{\\pi}", "3.14"), ("no answer here", "5"),
 ]
+
+
+def test_pass_at_k_curve_is_monotone_and_the_combinatorial_value():
+    n, c, ks = 64, 5, [1, 2, 4, 8, 16, 32, 64]
+    curve = mean_pass_at_k([c], n, ks)
+    assert list(curve) == [f"pass@{k}" for k in ks]
+    assert list(curve.values()) == sorted(curve.values()) and curve["pass@1"] == pytest.approx(c / n)
+    for k in ks:
+        assert curve[f"pass@{k}"] == pytest.approx(1 - comb(n - c, k) / comb(n, k), abs=1e-12)
+    assert curve["pass@64"] == 1.0
+
+
+def test_distinct_correct_solutions_differ_in_more_than_whitespace():
+    correct = [["3+4=7", " 3 + 4 = 7\n", "4+3=7"], [], ["x", "x"]]
+    assert [distinct_solutions(c) for c in correct] == [2, 0, 1]
+    metrics = sampled_metrics(correct, 4, [1, 4])
+    assert metrics["distinct_correct"] == 1.0  # (2 + 0 + 1) / 3 problems
+    assert metrics["pass@1"] == pytest.approx(5 / 12) and metrics["pass@4"] == pytest.approx(2 / 3)
+
+
+class CannedEngine:
+    """Answers each prompt's requests with its responses in turn (characters as token ids); greedy: the first."""
+
+    version = 0
+
+    def __init__(self, responses: dict[str, list[str]]):
+        self.responses, self.served = responses, {}
+
+    def generate(self, requests, temperature, seed):
+        out = []
+        for r in requests:
+            prompt = "".join(map(chr, r.prompt_ids))
+            turn = 0 if temperature == 0 else self.served.get(prompt, 0)
+            self.served[prompt] = turn + (temperature > 0)
+            out.append(Generation(list(map(ord, self.responses[prompt][turn])), [], "stop", 0))
+        return out
+
+
+class CharFormat:
+    def prompt_ids(self, text):
+        return list(map(ord, text))
+
+    def response_text(self, ids):
+        return "".join(map(chr, ids))
+
+
+def test_heldout_metrics_add_the_pass_at_k_curve_and_distinct_correct_only_when_asked():
+    engine = CannedEngine({"a": ["1+2=3", "2+1=3", " 1 + 2 = 3", "1+1=2"], "b": ["0", "1", "2", "3"]})
+    prompts = [Prompt("a", "a", "3"), Prompt("b", "b", "9")]
+    def reward(text, answer):
+        return float(text.split("=")[-1].strip() == answer)
+
+    run = dict(max_new_tokens=8, temperature=1.0, pass_samples=4, seed=0)
+    out = heldout_metrics(engine, CharFormat(), prompts, reward, **run, pass_ks=[1, 2, 4])
+    assert out["heldout/greedy_acc"] == 0.5
+    assert out["heldout/pass@1"] == out["heldout/pass1"] == pytest.approx(3 / 8)  # 3 of a's 4, none of b's
+    assert out["heldout/pass@2"] == out["heldout/pass@4"] == 0.5
+    assert out["heldout/distinct_correct"] == 1.0  # a: "1+2=3" (twice, spaced differently) and "2+1=3"; b: none
+    engine.served.clear()
+    assert sorted(heldout_metrics(engine, CharFormat(), prompts, reward, **run)) == ["heldout/greedy_acc",
+                                                                                     "heldout/pass1"]
+
+
+def test_pass_at_k_beyond_the_samples_is_refused_in_one_line():
+    with pytest.raises(ConfigError) as refused:
+        load_config("configs/tiny_cpu.yaml", ["trainer.eval_pass_samples=8", "trainer.eval_pass_k=[1,4,16]"])
+    assert str(refused.value) == ("trainer.eval_pass_k=[1, 4, 16] is not allowed; expected every k in "
+                                  "[1, trainer.eval_pass_samples=8] (pass@k needs k <= samples)")
+    cfg = load_config("configs/tiny_cpu.yaml", ["trainer.eval_pass_samples=64", "trainer.eval_pass_k=[1,2,4,64]"])
+    assert cfg.trainer.eval_pass_k == [1, 2, 4, 64] and load_config("configs/tiny_cpu.yaml").trainer.eval_pass_k == []
+    with pytest.raises(ValueError, match=r"^pass@k needs 0 <= c <= n and 1 <= k <= n, got n=4 c=1 k=5$"):
+        pass_at_k(4, 1, 5)
 
 
 @pytest.mark.parametrize("response,answer", EQUIVALENT)
@@ -139,6 +213,9 @@ def test_eval_cli_reports_pass_at_k_and_soup_inference(tiny_model, tmp_path, cap
         assert result[mode]["pass@1"] == pytest.approx(sum(counts) / (6 * 12))  # pass@1 is the mean hit rate
         assert result[mode]["pass@1"] <= result[mode]["pass@2"] <= result[mode]["pass@6"]
         assert result[mode]["pass@6"] == pytest.approx(sum(c > 0 for c in counts) / 12)
+        distinct = [row[f"{mode}_distinct"] for row in result["per_prompt"]]
+        assert all(min(c, 1) <= d <= c for c, d in zip(counts, distinct))
+        assert result[mode]["distinct_correct"] == pytest.approx(sum(distinct) / 12)
     assert result["greedy_acc"] == pytest.approx(sum(row["greedy"] for row in result["per_prompt"]) / 12)
     assert 0 < result["soup_inference"]["prefix_len"] < result["max_new_tokens"]
     assert "SOUP inference" in capsys.readouterr().out

@@ -163,11 +163,13 @@ class Trainer:
             self.prefixes.record(samples)
 
     def evaluate(self, step: int) -> dict:
-        """Held-out greedy accuracy and sampled pass@1 of the current policy (the on-policy engine)."""
+        """Held-out greedy accuracy, sampled pass@1 and, with trainer.eval_pass_k, pass@k and distinct correct
+        solutions of the current policy (the on-policy engine)."""
         c = self.cfg
         return heldout_metrics(self.engine, self.format, self.heldout, self.reward_fn,
                                max_new_tokens=c.rollout.max_response_len, temperature=c.rollout.temperature,
-                               pass_samples=c.trainer.eval_pass_samples, seed=step_seed(c.seed, step, "eval"))
+                               pass_samples=c.trainer.eval_pass_samples, seed=step_seed(c.seed, step, "eval"),
+                               pass_ks=c.trainer.eval_pass_k)
 
     def save_checkpoint(self, step: int) -> None:
         self.checkpoints.save(step, self.actor, self.store, self.prefixes, self.collector.ahead)
