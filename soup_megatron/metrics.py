@@ -107,9 +107,11 @@ PLOTS = [
     ("reward", ["reward_mean", "reward_mean/mixed", "reward_mean/on_policy"]),
     ("held-out accuracy", ["heldout/greedy_acc", "heldout/pass1"]),
     ("entropy", ["prefix/entropy", "continuation/entropy"]),
-    ("clip fraction", ["prefix/clip_frac", "continuation/clip_frac"]),
+    ("clipping: token share, advantage mass", ["prefix/clip_frac", "continuation/clip_frac", "prefix/clip_adv_mass",
+                                               "continuation/clip_adv_mass"]),
     ("ratio mean", ["prefix/ratio_mean", "continuation/ratio_mean"]),
     ("response length", ["response_len"]),
+    ("held-out distinct correct", ["heldout/distinct_correct"]),
     ("step time (s)", ["time/rollout", "time/prefix_wait", "time/train", "time/weight_sync", "time/history"]),
 ]
 
@@ -131,7 +133,8 @@ def plot_curves(metrics_path: Path, out_png: Path) -> Path:
         ax.set_xlabel("step")
         if ax.lines:
             ax.legend(fontsize=7)
-    axes.flat[-1].axis("off")
+    for ax in axes.flat[len(PLOTS):]:
+        ax.axis("off")
     fig.tight_layout()
     tmp = out_png.with_name(".tmp-" + out_png.name)
     fig.savefig(tmp, dpi=90, format="png")

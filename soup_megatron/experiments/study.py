@@ -48,9 +48,11 @@ class StudyConfig:
 def columns(study: StudyConfig) -> list[tuple[str, str]]:
     """What the results table shows per run: (column, key in result.json)."""
     return [("greedy", "final/greedy_acc"), *((f"pass@{k}", f"final/pass@{k}") for k in study.eval.k),
-            ("reward", "train/reward_mean"), ("entropy prefix", "train/prefix/entropy"),
-            ("entropy cont.", "train/continuation/entropy"), ("clip prefix", "train/prefix/clip_frac"),
-            ("clip cont.", "train/continuation/clip_frac"), ("step s", "time/step_median")]
+            ("distinct correct", "final/distinct_correct"), ("reward", "train/reward_mean"),
+            ("entropy prefix", "train/prefix/entropy"), ("entropy cont.", "train/continuation/entropy"),
+            ("clip prefix", "train/prefix/clip_frac"), ("clip cont.", "train/continuation/clip_frac"),
+            ("clip mass prefix", "train/prefix/clip_adv_mass"), ("clip mass cont.", "train/continuation/clip_adv_mass"),
+            ("step s", "time/step_median")]
 
 
 def load_study(path: str, overrides: list[str] = ()) -> StudyConfig:
@@ -133,8 +135,9 @@ def train_and_evaluate(study: StudyConfig, variant: str, seed: int) -> dict:
               "time/step_median": statistics.median(r["time/step"] for r in trained),
               "time/run_wall": sum(r["time/step"] + r.get("time/eval", 0.0) for r in trained)
               + time.perf_counter() - started}
-    for key in ("reward_mean", "prefix/entropy", "continuation/entropy", "prefix/clip_frac",
-                "continuation/clip_frac", "prefix/ratio_mean", "continuation/ratio_mean"):
+    for key in ("reward_mean", *(f"{segment}/{stat}" for stat in ("entropy", "clip_frac", "ratio_out_frac",
+                                                                  "clip_adv_mass", "ratio_mean")
+                                 for segment in ("prefix", "continuation"))):
         values = [r[key] for r in tail if key in r]
         if values:
             result[f"train/{key}"] = sum(values) / len(values)
