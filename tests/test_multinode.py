@@ -98,9 +98,9 @@ def test_bad_layouts_are_refused_before_anything_is_submitted(three_nodes, tiny_
              "launch.convert_from_hf=false", *overrides], cwd=ROOT, env=three_nodes, capture_output=True, text=True,
             timeout=120)
 
-    too_many = launch(tmp_path / "four", "launch.slurm.nodes=4")
-    assert too_many.returncode != 0 and not (tmp_path / "four").exists()
-    assert too_many.stderr.strip().splitlines()[-1].endswith("launch.slurm.nodes=4: partition debug has 3 node(s)")
+    too_many = launch(tmp_path / "five", "launch.slurm.nodes=5")  # 4 training ranks: whole PP=2 replicas
+    assert too_many.returncode != 0 and not (tmp_path / "five").exists()
+    assert too_many.stderr.strip().splitlines()[-1].endswith("launch.slurm.nodes=5: partition debug has 3 node(s)")
     wrong = launch(tmp_path / "ib", "launch.slurm.network_interface=ib0")
     assert wrong.returncode == 0, wrong.stderr
     assert wait_done(job_id(wrong, "train"), timeout=120, env=three_nodes) == "FAILED"
