@@ -118,6 +118,7 @@ def test_verifier_accepts_every_correct_form(response):
     "__import__('os')=40",
     "(" * 300 + "7+3" + ")" * 300 + "*4=40",  # nested past Python's parser limit: refused, not a crash
     "7" * 5000 + "=7",  # a number too long to read: refused, not a crash
+    "7+3=10\n10*4=\x1f40",  # a control byte Python counts as whitespace (the tiny model wrote one): refused
     "\\boxed{40}",  # the target, not an expression of the numbers
     "\\boxed{(7+3)*4 = 41}",
     "\\boxed{(7+3)*3}",

@@ -222,9 +222,10 @@ def _lines_correct(response: str, numbers: tuple[int, ...], target: int) -> bool
     pool, result = Counter(numbers), None
     for line in response.strip().splitlines():
         expression, _, written = line.partition("=")
-        if not re.fullmatch(r"\s*[0-9]+\s*", written) or _take(expression, pool) != int(written):
+        whole = re.fullmatch(r"[ \t]*([0-9]+)[ \t]*", written)  # not \s: it takes control bytes a model may write
+        if not whole or _take(expression, pool) != int(whole[1]):
             return False
-        result = int(written)
+        result = int(whole[1])
         pool[result] += 1
     return result == target
 
