@@ -6,13 +6,15 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from soup_megatron.rollout.sglang_servers import free_port
 from tests.conftest import TINY
-from tests.slurm_jobs import job_id, log_of, state, wait_done
+from tests.helpers import wait_until
+from tests.slurm_jobs import job_id, log_of, squeue_state, state, wait_done
 from tests.test_sglang import SGLANG_PYTHON
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,6 +42,25 @@ def three_nodes(tmp_path_factory):
         subprocess.run(["bash", "tools/slurm_cluster.sh", "stop", str(where)], cwd=ROOT, env=env, timeout=300)
 
 
+def launch(cluster: dict, model: Path, out: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """`soup-megatron launch --executor slurm` of configs/tiny_3node_cpu.yaml with the test model, on `cluster`."""
+    return subprocess.run(
+        [sys.executable, "-m", "soup_megatron.cli", "launch", "--config", "configs/tiny_3node_cpu.yaml",
+         "--executor", "slurm", *TINY, f"model.path={model}", f"trainer.out_dir={out}", "trainer.eval_interval=0",
+         f"launch.python={sys.executable}", f"rollout.sglang.python={SGLANG_PYTHON}", "rollout.max_response_len=16",
+         "launch.slurm.signal_seconds=0", f"launch.rendezvous_port={free_port('127.0.0.1')}", *overrides],
+        cwd=ROOT, env=cluster, capture_output=True, text=True, timeout=120)
+
+
+def trained_steps(out: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
+            if "loss" in json.loads(line)]
+
+
+def placements(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "placement.jsonl").read_text().splitlines()]
+
+
 def test_the_cluster_has_three_named_nodes_and_a_rendezvous_across_two(three_nodes, tmp_path):
     """Each node answers with its own name and address, `MASTER_ADDR` (the first node) resolves to n1's
     address on every node, and a torchrun rendezvous across n1 and n2 all-reduces over gloo."""
@@ -63,45 +84,69 @@ def test_the_3_node_recipe_trains_on_two_nodes_and_serves_from_the_third(three_n
     training job, whose two torchrun ranks (one pipeline stage each) run on n1 and n2 and whose policy and
     history servers are `serve` tasks on n3, reached by that name; every step's weights reach them."""
     out = tmp_path / "run"
-    submitted = subprocess.run(
-        [sys.executable, "-m", "soup_megatron.cli", "launch", "--config", "configs/tiny_3node_cpu.yaml",
-         "--executor", "slurm", *TINY, f"model.path={tiny_model}", f"trainer.out_dir={out}", "trainer.steps=3",
-         "trainer.eval_interval=0", "trainer.save_interval=2", f"launch.python={sys.executable}",
-         f"rollout.sglang.python={SGLANG_PYTHON}", "rollout.max_response_len=16", "launch.slurm.signal_seconds=0",
-         f"launch.rendezvous_port={free_port('127.0.0.1')}"],
-        cwd=ROOT, env=three_nodes, capture_output=True, text=True, timeout=120)
+    submitted = launch(three_nodes, tiny_model, out, "trainer.steps=3", "trainer.save_interval=2")
     assert submitted.returncode == 0, submitted.stderr
     train = job_id(submitted, "train")
     assert wait_done(train, env=three_nodes) == "COMPLETED", log_of(out)
     assert state(job_id(submitted, "convert"), three_nodes) == "COMPLETED"
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
+    assert trained_steps(out) == [1, 2, 3]
     # the engine's log-probs of what it sampled equal the actor's: each step's weights reached n3's servers
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(r["logp_gap/max"] < 1e-3 for r in rows if "logp_gap/max" in r)
-    placement = json.loads((out / "placement.jsonl").read_text().splitlines()[0])
-    assert [(p["host"], p["pp_rank"]) for p in placement["trainer"]] == [("n1", 0), ("n2", 1)]
-    assert all(url.startswith("http://n3:") for urls in placement["servers"].values() for url in urls)
-    assert sorted(placement["servers"]) == ["history", "policy"]
+    assert_laid_out_across_the_nodes(placements(out)[0])
     steps = subprocess.run(["sacct", "-n", "-P", "-j", train, "-o", "JobName,NodeList,State"], env=three_nodes,
                            capture_output=True, text=True).stdout
     assert steps.count("python|n3|") == 2 and "python|n[1-2]|COMPLETED" in steps, steps
 
 
+def assert_laid_out_across_the_nodes(placement: dict) -> None:
+    """Trainer rank 0 (pipeline stage 0) on n1, rank 1 (stage 1) on n2, both server groups on n3."""
+    assert [(p["host"], p["pp_rank"]) for p in placement["trainer"]] == [("n1", 0), ("n2", 1)]
+    assert sorted(placement["servers"]) == ["history", "policy"]
+    assert all(url.startswith("http://n3:") for urls in placement["servers"].values() for url in urls)
+
+
+def test_a_preempted_3_node_run_resumes_on_its_nodes_and_loses_no_step(three_nodes, tiny_model, tmp_path):
+    """USR1 to the 3-node job mid-run (Slurm's time-limit warning): the trainer checkpoints at the end of its
+    step, the job requeues itself, and the next start resumes on the same layout (trainer on n1-n2, servers
+    on n3): every step is trained once, none lost or repeated."""
+    out = tmp_path / "run"
+    submitted = launch(three_nodes, tiny_model, out, "trainer.steps=6", "trainer.save_interval=2",
+                       "launch.convert_from_hf=false")
+    assert submitted.returncode == 0, submitted.stderr
+    job = job_id(submitted, "train")
+    latest = out / "checkpoints" / "latest"
+    assert wait_until(lambda: latest.is_file() and latest.read_text().strip() >= "step_000002", timeout=600), \
+        log_of(out)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=three_nodes, check=True)
+
+    def requeued() -> bool:  # back in the queue with every node free (or already started again by Slurm)
+        nodes = subprocess.run(["sinfo", "-h", "-o", "%t"], env=three_nodes, capture_output=True, text=True).stdout
+        return "requeueing job" in log_of(out) and ((squeue_state(job, three_nodes) == "PENDING"
+                                                     and nodes.split() == ["idle"]) or "restart 1" in log_of(out))
+
+    assert wait_until(requeued, timeout=300), (log_of(out), squeue_state(job, three_nodes))
+    time.sleep(2)  # slurmd refuses a credential no newer than the requeue's revocation, in whole seconds
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=three_nodes, capture_output=True)
+    assert wait_done(job, env=three_nodes) == "COMPLETED", log_of(out)
+    log = log_of(out)
+    assert "USR1: checkpoint and stop" in log and "restart 1" in log
+    assert trained_steps(out) == [1, 2, 3, 4, 5, 6]
+    first, second = placements(out)
+    assert first["start_step"] == 0 and second["start_step"] >= 2
+    for placement in (first, second):
+        assert_laid_out_across_the_nodes(placement)
+
+
 def test_bad_layouts_are_refused_before_anything_is_submitted(three_nodes, tiny_model, tmp_path):
     """More nodes than the partition has: refused in one line, nothing written or submitted. An interface the
     node does not have: the job ends at once, naming it and the node's interfaces (no rank waits on it)."""
-    def launch(out, *overrides):
-        return subprocess.run(
-            [sys.executable, "-m", "soup_megatron.cli", "launch", "--config", "configs/tiny_3node_cpu.yaml",
-             "--executor", "slurm", *TINY, f"model.path={tiny_model}", f"trainer.out_dir={out}",
-             f"launch.python={sys.executable}", f"rollout.sglang.python={SGLANG_PYTHON}",
-             "launch.convert_from_hf=false", *overrides], cwd=ROOT, env=three_nodes, capture_output=True, text=True,
-            timeout=120)
-
-    too_many = launch(tmp_path / "five", "launch.slurm.nodes=5")  # 4 training ranks: whole PP=2 replicas
+    too_many = launch(three_nodes, tiny_model, tmp_path / "five", "launch.convert_from_hf=false",
+                      "launch.slurm.nodes=5")  # 4 training ranks: whole PP=2 replicas
     assert too_many.returncode != 0 and not (tmp_path / "five").exists()
     assert too_many.stderr.strip().splitlines()[-1].endswith("launch.slurm.nodes=5: partition debug has 3 node(s)")
-    wrong = launch(tmp_path / "ib", "launch.slurm.network_interface=ib0")
+    wrong = launch(three_nodes, tiny_model, tmp_path / "ib", "launch.convert_from_hf=false",
+                   "launch.slurm.network_interface=ib0")
     assert wrong.returncode == 0, wrong.stderr
     assert wait_done(job_id(wrong, "train"), timeout=120, env=three_nodes) == "FAILED"
     assert "launch.slurm.network_interface=ib0: no such interface on n1 (it has: " in log_of(tmp_path / "ib")
