@@ -37,14 +37,16 @@ def test_demo_learns(demo_model, tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(2400)
 def test_demo_learns_with_sglang_rollouts(demo_model, tmp_path):
-    """20 SOUP steps with the on-policy and historical SGLang servers (a CI run gained 0.18 by then).
-    SGLang on 2 CPU cores takes 10-50 s a step here, so held-out evaluation runs only at start and end."""
+    """30 SOUP steps with the on-policy and historical SGLang servers. Held-out evaluation at the start and the
+    end only. 20 steps were too few for the bound: the README demo gains 0.11 by step 20 and 0.18 by step 30,
+    and SGLang runs do not repeat exactly: CI runs at 20 steps gained 0.18 once and 0.096 once (its training
+    reward had risen from 0.38 to 0.58)."""
     run_cli("train", "--config", "configs/tiny_cpu.yaml", f"model.path={demo_model}", f"trainer.out_dir={tmp_path}/run",
-            "trainer.progress=false", "trainer.steps=20", "trainer.eval_interval=20", "rollout.backend=sglang",
+            "trainer.progress=false", "trainer.steps=30", "trainer.eval_interval=30", "rollout.backend=sglang",
             f"rollout.sglang.python={SGLANG_PYTHON}")
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
     first, last = rows[0], rows[-1]
-    assert last["step"] == 20
+    assert last["step"] == 30
     assert last["heldout/pass1"] >= first["heldout/pass1"] + 0.1, (first, last)
     assert max(r.get("logp_gap/max", 0.0) for r in rows) < 1e-3
     assert not (tmp_path / "run" / "servers" / "sgl_kernel_calls.log").exists()
