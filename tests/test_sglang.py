@@ -67,6 +67,21 @@ def test_a_server_whose_port_was_taken_while_starting_starts_on_another(servers)
     assert httpx.get(url + "/health", timeout=5).status_code == 200
 
 
+def test_servers_started_elsewhere_keep_their_addresses(tmp_path):
+    """A group of external servers (rollout.sglang.policy_urls): the address file its clients read lists them,
+    also once the group has waited for its servers (a CI run lost them there: the SmolLM2 SOUP run on servers
+    started by the test module found no server to send to)."""
+    key = tmp_path / "key"
+    key.write_text("secret")
+    key.chmod(0o600)
+    cfg = sglang_config(policy_urls=["http://127.0.0.1:1", "http://127.0.0.1:2/"], api_key_file=str(key))
+    group = sglang_servers.ServerGroup("policy", cfg, "unused", tmp_path)
+    group.start()
+    group.wait_healthy()
+    listed = json.loads((tmp_path / "servers" / "policy.json").read_text())
+    assert listed["urls"] == ["http://127.0.0.1:1", "http://127.0.0.1:2"] and listed["api_key"] == "secret"
+
+
 def test_server_ports_are_free_and_below_the_ephemeral_range():
     ports = {free_port("127.0.0.1") for _ in range(20)}
     assert all(p < sglang_servers.ephemeral_low() for p in ports) and len(ports) > 1

@@ -350,7 +350,7 @@ class ServerGroup:
             server.wait_healthy(self.cfg.startup_timeout, new_port_tries=NEW_PORT_TRIES)
         if self.served:
             self.urls = discover(self.workdir, self.group, group_size(self.cfg, self.group), self.cfg.startup_timeout)
-        else:
+        elif self.managed:
             self.urls = [s.url for s in self.managed]  # a server whose port was taken while starting has moved
         self.write_address_file()
 
