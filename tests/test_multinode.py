@@ -79,26 +79,6 @@ def test_the_cluster_has_three_named_nodes_and_a_rendezvous_across_two(three_nod
     assert sorted(ran.stdout.split("\n")[:2]) == ["n1 0 3.0", "n2 1 3.0"], ran
 
 
-def test_the_3_node_recipe_trains_on_two_nodes_and_serves_from_the_third(three_nodes, tiny_model, tmp_path):
-    """`soup-megatron launch --executor slurm` of configs/tiny_3node_cpu.yaml: the conversion job, then the
-    training job, whose two torchrun ranks (one pipeline stage each) run on n1 and n2 and whose policy and
-    history servers are `serve` tasks on n3, reached by that name; every step's weights reach them."""
-    out = tmp_path / "run"
-    submitted = launch(three_nodes, tiny_model, out, "trainer.steps=3", "trainer.save_interval=2")
-    assert submitted.returncode == 0, submitted.stderr
-    train = job_id(submitted, "train")
-    assert wait_done(train, env=three_nodes) == "COMPLETED", log_of(out)
-    assert state(job_id(submitted, "convert"), three_nodes) == "COMPLETED"
-    assert trained_steps(out) == [1, 2, 3]
-    # the engine's log-probs of what it sampled equal the actor's: each step's weights reached n3's servers
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert all(r["logp_gap/max"] < 1e-3 for r in rows if "logp_gap/max" in r)
-    assert_laid_out_across_the_nodes(placements(out)[0])
-    steps = subprocess.run(["sacct", "-n", "-P", "-j", train, "-o", "JobName,NodeList,State"], env=three_nodes,
-                           capture_output=True, text=True).stdout
-    assert steps.count("python|n3|") == 2 and "python|n[1-2]|COMPLETED" in steps, steps
-
-
 def assert_laid_out_across_the_nodes(placement: dict) -> None:
     """Trainer rank 0 (pipeline stage 0) on n1, rank 1 (stage 1) on n2, both server groups on n3."""
     assert [(p["host"], p["pp_rank"]) for p in placement["trainer"]] == [("n1", 0), ("n2", 1)]
@@ -106,13 +86,15 @@ def assert_laid_out_across_the_nodes(placement: dict) -> None:
     assert all(url.startswith("http://n3:") for urls in placement["servers"].values() for url in urls)
 
 
-def test_a_preempted_3_node_run_resumes_on_its_nodes_and_loses_no_step(three_nodes, tiny_model, tmp_path):
-    """USR1 to the 3-node job mid-run (Slurm's time-limit warning): the trainer checkpoints at the end of its
-    step, the job requeues itself, and the next start resumes on the same layout (trainer on n1-n2, servers
-    on n3): every step is trained once, none lost or repeated."""
+def test_the_3_node_recipe_trains_across_nodes_and_resumes_after_preemption(three_nodes, tiny_model, tmp_path):
+    """`soup-megatron launch --executor slurm` of configs/tiny_3node_cpu.yaml: the conversion job, then the
+    training job, whose two torchrun ranks (one pipeline stage each) run on n1 and n2 and whose policy and
+    history servers are `serve` tasks on n3, reached by that name; every step's weights reach them. USR1
+    mid-run (Slurm's time-limit warning): the trainer checkpoints at the end of its step, the job requeues
+    itself, and the next start resumes on the same layout: every step is trained once, none lost or repeated.
+    (One run for both: a run of its own for the layout took 76 s in CI.)"""
     out = tmp_path / "run"
-    submitted = launch(three_nodes, tiny_model, out, "trainer.steps=6", "trainer.save_interval=2",
-                       "launch.convert_from_hf=false")
+    submitted = launch(three_nodes, tiny_model, out, "trainer.steps=6", "trainer.save_interval=2")
     assert submitted.returncode == 0, submitted.stderr
     job = job_id(submitted, "train")
     latest = out / "checkpoints" / "latest"
@@ -129,13 +111,20 @@ def test_a_preempted_3_node_run_resumes_on_its_nodes_and_loses_no_step(three_nod
     time.sleep(2)  # slurmd refuses a credential no newer than the requeue's revocation, in whole seconds
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=three_nodes, capture_output=True)
     assert wait_done(job, env=three_nodes) == "COMPLETED", log_of(out)
+    assert state(job_id(submitted, "convert"), three_nodes) == "COMPLETED"
     log = log_of(out)
     assert "USR1: checkpoint and stop" in log and "restart 1" in log
     assert trained_steps(out) == [1, 2, 3, 4, 5, 6]
+    # the engine's log-probs of what it sampled equal the actor's: each step's weights reached n3's servers
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["logp_gap/max"] < 1e-3 for r in rows if "logp_gap/max" in r)
     first, second = placements(out)
     assert first["start_step"] == 0 and second["start_step"] >= 2
     for placement in (first, second):
         assert_laid_out_across_the_nodes(placement)
+    steps = subprocess.run(["sacct", "-n", "-P", "-j", job, "-o", "JobName,NodeList,State"], env=three_nodes,
+                           capture_output=True, text=True).stdout
+    assert "python|n3|" in steps and "python|n[1-2]|COMPLETED" in steps, steps
 
 
 def test_bad_layouts_are_refused_before_anything_is_submitted(three_nodes, tiny_model, tmp_path):
