@@ -114,11 +114,13 @@ start_node() {  # start_node NAME: slurmd in its own UTS + mount namespace (and 
 }
 
 start() {
-  if ! command -v slurmctld >/dev/null || ! command -v slurmdbd >/dev/null || ! command -v mariadbd >/dev/null; then
-    echo "slurm_cluster: installing slurmctld slurmd slurm-client slurmdbd mariadb-server (apt)" >&2
+  # the nodes' namespaces need `ip` (iproute2) and `unshare`/`nsenter` (util-linux)
+  if ! command -v slurmctld >/dev/null || ! command -v slurmdbd >/dev/null || ! command -v mariadbd >/dev/null \
+      || ! command -v ip >/dev/null || ! command -v nsenter >/dev/null; then
+    echo "slurm_cluster: installing slurmctld slurmd slurm-client slurmdbd mariadb-server iproute2 util-linux (apt)" >&2
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
-    apt-get install -y -qq slurmctld slurmd slurm-client slurmdbd mariadb-server >/dev/null
+    apt-get install -y -qq slurmctld slurmd slurm-client slurmdbd mariadb-server iproute2 util-linux >/dev/null
   fi
   mkdir -p "$dir"/{state,spool,log,mysql,run}
   if [ "$nodes" -gt 1 ]; then  # every node's /etc/hosts
