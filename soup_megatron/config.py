@@ -62,13 +62,23 @@ class TinyModelConfig(Section):
     sft_batch_size: int = 64
     sft_lr: float = 3e-3
     sft_examples: int = 2000  # demonstrations taken from the training split
+    # which training problems the demonstrations come from: `rl_train`, the first ones, which RL then trains
+    # on too; or `unseen`, those after the first data.train_size, so that RL trains on problems the warm
+    # start never saw (its train reward then starts where held-out does, not at a memorised high)
+    sft_problems: str = "rl_train"
     sft_slip_prob: float = 0.0  # chance that a demonstration step's sum is off by one or two
+    num_experts: int = 0  # > 0: a Qwen3-MoE whose every MLP is this many experts of intermediate_size; 0 = dense
+    top_k: int = 2  # experts per token (num_experts_per_tok), with num_experts > 0
 
     def rules(self) -> Iterator[Rule]:
         yield from _at_least(self, 1, "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size")
         yield "num_heads", self.hidden_size % self.num_heads == 0, "a divisor of model.tiny.hidden_size"
         yield "num_kv_heads", self.num_heads % self.num_kv_heads == 0, "a divisor of model.tiny.num_heads"
         yield from _fraction(self, "sft_slip_prob")
+        yield "sft_problems", self.sft_problems in ("rl_train", "unseen"), "rl_train or unseen"
+        yield "num_experts", self.num_experts >= 0, ">= 0 (0 = a dense model)"
+        yield ("top_k", self.num_experts == 0 or 1 <= self.top_k <= self.num_experts,
+               f"between 1 and model.tiny.num_experts={self.num_experts}")
 
 
 @dataclass
@@ -161,6 +171,8 @@ class DataConfig(Section):
     system_prompt: str = ""  # with chat_template: a system turn first ("" = none: the template's default)
     train_size: int = 2000  # built-in tasks only
     heldout_size: int = 200
+    problems_seed: Optional[int] = None  # the seed that draws a built-in task's problems; None = the run's seed.
+    # Fixed, runs of other seeds train on the same problems (say, those a warm start's demonstrations avoided)
     arithmetic: ArithmeticConfig = field(default_factory=ArithmeticConfig)
     countdown: CountdownConfig = field(default_factory=CountdownConfig)
 

@@ -138,7 +138,8 @@ def test_verifier_is_exact_within_a_line():
 def test_demonstrations_are_correct_and_of_their_family(family):
     from soup_megatron.model.tiny import demonstrations
 
-    cfg = load_config(CONFIG, ["data.train_size=200", f"data.countdown.demo_family={family}"])
+    cfg = load_config(CONFIG, ["data.train_size=200", f"data.countdown.demo_family={family}",
+                               "model.tiny.sft_examples=200", "model.tiny.sft_problems=rl_train"])
     pairs = demonstrations(cfg)
     assert len(pairs) >= 190  # a chain cannot solve every problem
     shapes = Counter()
@@ -154,6 +155,26 @@ def test_demonstrations_are_correct_and_of_their_family(family):
         assert set(shapes) == {True}
     else:
         assert shapes[False] > 0  # the first solution is not always a chain: the families differ
+
+
+def test_unseen_demonstrations_avoid_the_problems_rl_trains_on_for_every_run_seed():
+    """sft_problems=unseen takes the demonstrations from past the first data.train_size training problems, and
+    data.problems_seed keeps those problems the same whatever the run's seed."""
+    from soup_megatron.data.prompts import load_splits
+    from soup_megatron.model.tiny import demonstrations
+
+    sizes = ["data.train_size=100", "model.tiny.sft_examples=300", "data.problems_seed=1"]
+    demos = {prompt for prompt, _ in demonstrations(load_config(CONFIG, [*sizes, "model.tiny.sft_problems=unseen"]))}
+    shared = {prompt for prompt, _ in demonstrations(load_config(CONFIG, [*sizes, "model.tiny.sft_problems=rl_train"]))}
+    assert len(demos) > 250 and len(shared) > 250
+    for seed in (1, 2):
+        cfg = load_config(CONFIG, [*sizes, f"seed={seed}"])
+        train, heldout = load_splits(cfg.data, cfg.seed)
+        rl = {p.text for p in train}
+        assert len(rl) == 100 and not rl & demos and not {p.text for p in heldout} & demos
+        assert len(rl & shared) > 90  # rl_train: the problems RL trains on were demonstrated (where a chain solves them)
+    other = load_config(CONFIG, [*sizes, "data.problems_seed=null", "seed=2"])
+    assert {p.text for p in load_splits(other.data, other.seed)[0]} != rl  # the run's seed draws its own
 
 
 def test_countdown_tiny_model_prepares(tmp_path):

@@ -70,7 +70,9 @@ def load_file(path: str | Path, prompt_field: str, answer_field: str, template: 
 
 
 def builtin_split(cfg: DataConfig, split: str, size: int, seed: int) -> list[Prompt]:
-    """A split of the built-in task `data.source` names, before data.template lays its prompts out."""
+    """A split of the built-in task `data.source` names, before data.template lays its prompts out; its
+    problems are drawn with data.problems_seed, or with the run's `seed` when that is None."""
+    seed = seed if cfg.problems_seed is None else cfg.problems_seed
     if cfg.source == "countdown":
         return countdown.make_split(split, size, seed, cfg.countdown)
     a = cfg.arithmetic

@@ -73,9 +73,12 @@ def sft_batches(tokenizer, examples: list[tuple[str, str]], batch_size: int, ste
 
 
 def demonstrations(cfg: Config) -> list[tuple[str, str]]:
-    """(prompt, response) pairs of the task's training split for the warm start to imitate."""
+    """(prompt, response) pairs of the task's training split for the warm start to imitate: its first
+    `sft_examples` problems, or with sft_problems=unseen the ones after RL's first data.train_size (a split
+    drawn larger begins with the same problems, so these two sets are disjoint)."""
     t = cfg.model.tiny
-    train = builtin_split(cfg.data, "train", cfg.data.train_size, cfg.seed)[: t.sft_examples]
+    skip = cfg.data.train_size if t.sft_problems == "unseen" else 0
+    train = builtin_split(cfg.data, "train", skip + t.sft_examples, cfg.seed)[skip:]
     if cfg.data.source == "countdown":
         # one solution per problem, all of one family: a warm start that samples with little diversity, on
         # purpose; a problem the family cannot solve is left out
