@@ -367,6 +367,8 @@ class MegatronConfig(Section):
     pipeline_parallel: int = 1
     virtual_pipeline: int = 1  # model chunks per pipeline rank (interleaved schedule when > 1)
     context_parallel: int = 1
+    expert_parallel: int = 1  # a mixture-of-experts model's experts split over this many ranks, carved out of
+    # the data-parallel (x context-parallel) ranks; each expert is split over tensor_parallel like an MLP
     sequence_parallel: bool = False
     params_dtype: Dtype = "float32"  # megatron's optimizer keeps fp32 main weights for bf16
     distributed_optimizer: bool = True  # shard the fp32 main weights and Adam state over data-parallel ranks
@@ -382,7 +384,22 @@ class MegatronConfig(Section):
 
     def rules(self) -> Iterator[Rule]:
         yield from _at_least(self, 1, "tensor_parallel", "pipeline_parallel", "virtual_pipeline", "context_parallel",
-                             "make_vocab_size_divisible_by", "logprob_chunk")
+                             "expert_parallel", "make_vocab_size_divisible_by", "logprob_chunk")
+
+
+@dataclass
+class MoEConfig(Section):
+    """Router training of a mixture-of-experts model (the experts per token, top-k, are the checkpoint's
+    num_experts_per_tok). The router's losses are megatron-core's, added by the megatron actor."""
+
+    aux_loss_coef: float = 0.0  # load-balancing loss (megatron's aux_loss: E x sum_i f_i P_i per layer); 0 = off
+    z_loss_coef: float = 0.0  # router z-loss (mean squared logsumexp of the router logits); 0 = off
+    router_dtype: Literal["float32", "float64", "params"] = "float32"  # the router's softmax and top-k; params =
+    # the model's dtype
+
+    def rules(self) -> Iterator[Rule]:
+        yield "aux_loss_coef", self.aux_loss_coef >= 0, ">= 0"
+        yield "z_loss_coef", self.z_loss_coef >= 0, ">= 0"
 
 
 @dataclass
@@ -396,8 +413,16 @@ class ActorConfig(Section):
     max_tokens_per_micro_batch: int = 0  # > 0: micro-batches by a token budget (rows x longest row), rows sorted
     # by length; micro_batch_size still caps the rows. 0 = by micro_batch_size rows in order
     megatron: MegatronConfig = field(default_factory=MegatronConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    # a MoE model's experts in the update (model/routing.py): none = the routers choose | recorded = those the
+    # trainer's own log-prob pass chose (R2) | rollout = those the rollout engine chose for every position of
+    # the sample, the prefix's prefill included (R3; a sample no engine pass covered routes as recorded)
+    routing_replay: Literal["none", "recorded", "rollout"] = "none"
 
     def rules(self) -> Iterator[Rule]:
+        for name in ("aux_loss_coef", "z_loss_coef"):
+            yield (f"moe.{name}", self.backend == "megatron" or getattr(self.moe, name) == 0,
+                   "0 with actor.backend=local (the router's losses are megatron-core's: set actor.backend=megatron)")
         yield "lr", self.lr > 0, "> 0"
         yield "grad_clip", self.grad_clip > 0, "> 0"
         yield from _at_least(self, 1, "micro_batch_size")
@@ -528,6 +553,12 @@ def cross_section_rules(c: Config) -> Iterator[Rule]:
            "policy_servers with soup.history_placement=colocated, whose history servers share them)")
     yield ("launch.slurm.rollout_nodes", c.launch.slurm.rollout_nodes == 0 or sglang.servers_from == "serve",
            "0 unless rollout.sglang.servers_from=serve (rollout nodes run `soup-megatron serve`)")
+    yield ("actor.routing_replay", c.actor.routing_replay != "rollout" or c.rollout.backend == "local",
+           "none or recorded with rollout.backend=sglang: its servers are not started to return the experts "
+           "they route to, so replaying the rollout's routing needs rollout.backend=local")
+    yield ("actor.routing_replay", c.actor.routing_replay == "none" or c.actor.backend == "local",
+           "none with actor.backend=megatron: megatron's RouterReplay is not wired into this actor yet "
+           "(actor.backend=local replays)")
     yield ("reward.type", c.data.source != "countdown" or c.reward.type in ("countdown", "custom"),
            "countdown (or custom) with data.source=countdown")
     yield ("reward.type", c.reward.type != "countdown" or c.data.source != "arithmetic",

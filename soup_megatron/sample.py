@@ -9,6 +9,9 @@ prefix. Version -1 is never used for response tokens; the initial policy is vers
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
 
 from .data.prompt import Prompt
 
@@ -44,6 +47,9 @@ class Sample:
     cut: int = 0  # number of prefix tokens
     reward: float = 0.0
     advantage: float = 0.0
+    # a MoE policy's experts per position of prompt + response but the last, as the rollout engine chose them
+    # (int16 [positions, layers, k]; actor.routing_replay=rollout): None when no engine computed them
+    routing: Optional[torch.Tensor] = None
 
     def response_trajectory(self) -> Trajectory:
         return Trajectory(self.prompt.uid, list(self.response_ids), list(self.behaviour_logp),

@@ -61,6 +61,12 @@ def tiny_model_4_layers(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_moe_model(tmp_path_factory):
+    """The tiny model as a Qwen3-MoE: every MLP 4 experts, top-2, two key/value heads."""
+    return built_once(tmp_path_factory, "tiny_moe", [*TINY, "model.tiny.num_kv_heads=2", "model.tiny.num_experts=4"])
+
+
+@pytest.fixture(scope="session")
 def demo_model(tmp_path_factory):
     """The README demo's model (configs/tiny_cpu.yaml: 0.82M parameters, 600 SFT steps); slow tier."""
     return built_once(tmp_path_factory, "demo", [])

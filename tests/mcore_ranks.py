@@ -23,6 +23,7 @@ from soup_megatron.algo.loss import LossConfig, LossScale, advantage_weights  # 
 from soup_megatron.algo.rollout_correction import rollout_correction  # noqa: E402
 from soup_megatron.algo.stats import segment_stats  # noqa: E402
 from soup_megatron.config import ActorConfig, MegatronConfig  # noqa: E402
+from soup_megatron.model.hf import fuse_experts  # noqa: E402
 from soup_megatron.sample import CONTINUATION, PREFIX, PROMPT  # noqa: E402
 
 
@@ -32,10 +33,13 @@ def logits_differences(model_dirs: list[str], tp: int) -> dict:
     from transformers import AutoModelForCausalLM
 
     from soup_megatron.mcore import checkpoint, parallel
+    from soup_megatron.mcore.cpu_compat import cuda_on_cpu
     from soup_megatron.mcore.model import build_gpt_model, padded_vocab_size, read_architecture
     from soup_megatron.mcore.weights import chunk_params
 
-    mc = MegatronConfig(tensor_parallel=tp)
+    # megatron-core runs MoE layers under tensor parallelism only with sequence parallelism (the sequence, 22
+    # positions, splits over the ranks between layers)
+    mc = MegatronConfig(tensor_parallel=tp, sequence_parallel=tp > 1)
     layout = parallel.initialize(mc)
     out = {}
     for d in model_dirs:
@@ -43,9 +47,9 @@ def logits_differences(model_dirs: list[str], tp: int) -> dict:
         model = build_gpt_model(arch, mc)
         checkpoint.load_hf_into([model], [chunk_params(arch, range(arch.num_layers), True, True, False)], arch,
                                 Path(d), layout, padded_vocab_size(arch.vocab_size, mc))
-        ids = torch.randint(0, arch.vocab_size, (3, 21), generator=torch.Generator().manual_seed(0))
-        with torch.no_grad():
-            local = model(input_ids=ids, position_ids=torch.arange(21)[None].expand(3, -1), attention_mask=None)
+        ids = torch.randint(0, arch.vocab_size, (3, 22), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad(), cuda_on_cpu():  # a MoE router asks for the current device
+            local = model(input_ids=ids, position_ids=torch.arange(22)[None].expand(3, -1), attention_mask=None)
             parts = [torch.empty_like(local) for _ in range(tp)]
             dist.all_gather(parts, local.contiguous(), group=ps.get_tensor_model_parallel_group())
             ours = torch.cat(parts, -1)
@@ -95,14 +99,15 @@ def _max_rel(a: dict, b: dict) -> float:
     return max(float((a[k] - b[k]).abs().max() / b[k].abs().max().clamp(min=1e-12)) for k in a)
 
 
-def actor_parity(model_dir: str, tp: int, pp: int, vp: int, cp: int, sp: bool, work: Path, max_tokens: int = 0
-                 ) -> dict:
+def actor_parity(model_dir: str, tp: int, pp: int, vp: int, cp: int, sp: bool, work: Path, max_tokens: int = 0,
+                 ep: int = 1) -> dict:
     """One SOUP update on the megatron actor (TP=tp, with sequence parallelism if sp, x PP=pp with vp model
-    chunks per stage x CP=cp, the rest data parallel; micro-batches by a token budget when max_tokens > 0)
+    chunks per stage x CP=cp, the rest data parallel, a MoE model's experts over EP=ep of those; micro-batches
+    by a token budget when max_tokens > 0)
     vs the local actor (micro-batches of 3 rows), with a TIS rollout correction on the continuation. Every
     rank calls the actor's per-rank methods directly (SPMD), so gradients can be compared too."""
     megatron = MegatronConfig(tensor_parallel=tp, pipeline_parallel=pp, virtual_pipeline=vp, context_parallel=cp,
-                              sequence_parallel=sp)
+                              sequence_parallel=sp, expert_parallel=ep)
     acfg = ActorConfig(lr=1e-3, grad_clip=0.3, micro_batch_size=3, megatron=megatron)
     loss_cfg = LossConfig(prefix_mode="clip", loss_agg="token_mean", entropy_coef=0.01)
     mega_cfg = ActorConfig(**{**acfg.__dict__, "backend": "megatron", "max_tokens_per_micro_batch": max_tokens})
@@ -142,6 +147,11 @@ def actor_parity(model_dir: str, tp: int, pp: int, vp: int, cp: int, sp: bool, w
     weights_fresh = _exported(fresh)
     if dist.get_rank() != 0:
         return {}
+    # the megatron actor exports a MoE layer's experts one tensor each, as checkpoints store them; the local
+    # (transformers) model holds them fused
+    grads_mega, after_mega, weights_second, weights_again, weights_fresh = (
+        None if d is None else fuse_experts(d, after_local)
+        for d in (grads_mega, after_mega, weights_second, weights_again, weights_fresh))
     update_local = {k: after_local[k] - before[k] for k in after_mega}
     update_mega = {k: after_mega[k] - before[k] for k in after_mega}
     # Adam's first update is lr * g / (|g| + eps): where |g| is near eps (1e-8) it turns fp32 rounding of g
@@ -182,6 +192,7 @@ def main() -> None:
     parser.add_argument("--vp", type=int, default=1)
     parser.add_argument("--cp", type=int, default=1)
     parser.add_argument("--sp", action="store_true", help="sequence parallelism (with tp > 1)")
+    parser.add_argument("--ep", type=int, default=1, help="expert parallelism (a MoE model)")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--work", type=Path)
     parser.add_argument("--max-tokens", type=int, default=0, help="the megatron actor's token budget per micro-batch")
@@ -190,7 +201,8 @@ def main() -> None:
     if args.check == "logits":
         result = logits_differences(args.models, args.tp)
     else:
-        result = actor_parity(args.models[0], args.tp, args.pp, args.vp, args.cp, args.sp, args.work, args.max_tokens)
+        result = actor_parity(args.models[0], args.tp, args.pp, args.vp, args.cp, args.sp, args.work, args.max_tokens,
+                              args.ep)
     if dist.get_rank() == 0:
         args.out.write_text(json.dumps(result, indent=1))
 

@@ -1,8 +1,8 @@
 """HF checkpoint -> megatron torch_dist checkpoint (loads under any TP/PP layout afterwards).
 
-    python tools/convert_hf_to_megatron.py --hf DIR --out DIR [--tp N --pp M]
+    python tools/convert_hf_to_megatron.py --hf DIR --out DIR [--tp N --pp M --ep E]
 
-Starts tp x pp local processes itself; under torchrun / srun it uses the launcher's ranks.
+Starts tp x pp x ep local processes itself; under torchrun / srun it uses the launcher's ranks.
 """
 
 import sys

@@ -27,6 +27,9 @@ class TokenBatch:
     old_logp: Optional[torch.Tensor] = None  # [N, T-1] pi_old, filled by the actor before the update
     ref_logp: Optional[torch.Tensor] = None  # [N, T-1] reference policy, when a KL term is used
     correction: Optional[torch.Tensor] = None  # [N, T-1] rollout correction weights c_t (algo.rollout_correction)
+    # [N, T-1, layers, k] int16: the experts a MoE layer uses at each input position in the update (routing
+    # replay, model/routing.py); NOT_GIVEN (-1) where the router chooses; None = every router chooses
+    routing: Optional[torch.Tensor] = None
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -45,7 +48,7 @@ def trim(batch: TokenBatch) -> TokenBatch:
     cut = {}
     for f in fields(batch):
         value = getattr(batch, f.name)
-        if value is not None and value.dim() == 2:
+        if value is not None and value.dim() >= 2:
             cut[f.name] = value[:, : width if value.shape[1] == batch.input_ids.shape[1] else width - 1]
     return replace(batch, **cut)
 
@@ -107,9 +110,11 @@ class Actor(Protocol):
     version: int  # number of optimizer updates applied to the policy's weights (= trainer steps taken)
     places: list[dict]  # each rank's host and layout ranks, in rank order (one entry for a single process)
 
-    def logprobs(self, batch: TokenBatch, temperature: float, with_entropy: bool = False
-                 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """[N, T-1] log-probs of every target token under the current weights (no gradient)."""
+    def logprobs(self, batch: TokenBatch, temperature: float, with_entropy: bool = False, with_routing: bool = False
+                 ) -> tuple:
+        """[N, T-1] log-probs of every target token under the current weights (no gradient), the entropy
+        with `with_entropy`, routing `batch.routing` where given; with `with_routing` a MoE model's natural
+        routing [N, T-1, layers, k] too (what its routers chose, replayed or not), as a third element."""
 
     def rows_per_update(self, rows: int) -> int:
         """The fewest rows >= `rows` one optimizer update can be split into (over data-parallel ranks and

@@ -1,7 +1,10 @@
-"""Local PyTorch actor on the Hugging Face model (CPU or one GPU), micro-batched."""
+"""Local PyTorch actor on the Hugging Face model (CPU or one GPU), micro-batched. A mixture-of-experts model's
+routers are tapped (model/routing.py): the log-prob pass reports what they chose, and `batch.routing`,
+where given, is replayed in every pass."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 from pathlib import Path
 
@@ -10,6 +13,7 @@ import torch
 from ..algo.loss import LossConfig, LossScale, aggregation_weights, loss_mask, soup_loss
 from ..config import ActorConfig
 from ..model.hf import copy_side_files, load_model, load_weights_into, read_state_dict, token_logprobs
+from ..model.routing import RoutingTap, fit_positions, routing_shape
 from .base import PER_TOKEN_STATS, TokenBatch, padding_share, per_token_stats, plan_micro_batches
 
 
@@ -20,6 +24,7 @@ class LocalActor:
         self.cfg = cfg
         self.version = 0
         self.places = [{"host": socket.gethostname(), "rank": 0}]
+        self.routing = RoutingTap(self.model) if routing_shape(self.model) else None
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     def _plan(self, batch: TokenBatch) -> tuple[list[int], list[list[int]]]:
@@ -36,17 +41,34 @@ class LocalActor:
             yield rows, batch.select(rows)
 
     @torch.no_grad()
-    def logprobs(self, batch: TokenBatch, temperature: float, with_entropy: bool = False):
+    def logprobs(self, batch: TokenBatch, temperature: float, with_entropy: bool = False, with_routing: bool = False):
         self.model.eval()
         width = batch.input_ids.shape[1] - 1
         logp = torch.zeros(len(batch), width)
         entropy = torch.zeros(len(batch), width) if with_entropy else None
+        routing = None
+        if with_routing:
+            if self.routing is None:
+                raise ValueError(f"{self.model_path}: routing asked of a dense model")
+            routing = torch.full((len(batch), width, *routing_shape(self.model)), -1, dtype=torch.int16)
         for rows, mb in self._micro_batches(batch, self._plan(batch)[1]):
-            lp, ent = token_logprobs(self.model, mb.input_ids, mb.attention_mask, temperature, with_entropy)
+            with self._replaying(mb):
+                lp, ent = token_logprobs(self.model, mb.input_ids, mb.attention_mask, temperature, with_entropy)
             logp[rows, : lp.shape[1]] = lp
             if with_entropy:
                 entropy[rows, : ent.shape[1]] = ent
-        return logp, entropy
+            if self.routing is not None:
+                chosen = self.routing.take(*mb.input_ids.shape)[:, :-1]
+                if with_routing:
+                    routing[rows, : chosen.shape[1]] = chosen
+        return (logp, entropy, routing) if with_routing else (logp, entropy)
+
+    def _replaying(self, mb: TokenBatch):
+        """The context of a forward pass of micro-batch `mb`: its routing replayed (a MoE model)."""
+        if self.routing is None:
+            return contextlib.nullcontext()
+        given = None if mb.routing is None else fit_positions(mb.routing, mb.input_ids.shape[1])
+        return self.routing.replaying(given)
 
     def rows_per_update(self, rows: int) -> int:
         return max(rows, 1)
@@ -62,7 +84,10 @@ class LocalActor:
         lengths, plans = self._plan(batch)
         for rows, mb in self._micro_batches(batch, plans):
             # entropy too: it is logged per segment
-            logp, entropy = token_logprobs(self.model, mb.input_ids, mb.attention_mask, temperature, True)
+            with self._replaying(mb):
+                logp, entropy = token_logprobs(self.model, mb.input_ids, mb.attention_mask, temperature, True)
+            if self.routing is not None:
+                self.routing.discard()
             weights = aggregation_weights(loss_mask(mb.segment, loss_cfg.prefix_mode), loss_cfg.loss_agg,
                                           scale.sequences, scale.tokens)
             loss, tok = soup_loss(logp, mb.old_logp, mb.behaviour_logp, mb.advantages, mb.segment, weights,

@@ -27,7 +27,7 @@ from ..algo.loss import LossConfig, LossScale, aggregation_weights, loss_mask, s
 from ..config import ActorConfig, MegatronConfig
 from ..mcore import checkpoint, cpu_compat, parallel
 from ..mcore.logprobs import vocab_parallel_logprobs
-from ..mcore.model import padded_vocab_size, read_architecture
+from ..mcore.model import Architecture, padded_vocab_size, read_architecture
 from ..mcore.weights import build_chunks, mark_tensor_parallel
 from ..model.hf import CheckpointError
 from .base import PER_TOKEN_STATS, TokenBatch, padding_share, per_token_stats, plan_micro_batches
@@ -71,13 +71,14 @@ class MegatronActor:
             parallel.check_batch_split(samples_per_update, self.layout)
         self.device = (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
                        else torch.device("cpu"))
-        self.chunks, self.params = build_chunks(self.arch, mc, self.layout)  # one per virtual pipeline stage
+        self.chunks, self.params = build_chunks(self.arch, mc, self.layout, cfg.moe)  # one per virtual pipeline stage
         for chunk, params in zip(self.chunks, self.params):
             mark_tensor_parallel(chunk, params)
         self.padded_vocab = padded_vocab_size(self.arch.vocab_size, mc)
         self.vocab_start = self.layout.tp_rank * self.padded_vocab // self.layout.tp
         if mc.checkpoint:
-            if checkpoint.read_metadata(Path(mc.checkpoint)).get("architecture") != asdict(self.arch):
+            saved = checkpoint.read_metadata(Path(mc.checkpoint)).get("architecture")
+            if saved is None or asdict(Architecture(**saved)) != asdict(self.arch):
                 raise CheckpointError(f"actor.megatron.checkpoint={mc.checkpoint} was converted from another model "
                                       f"than model.path={model_path} (architectures differ)")
             checkpoint.load_distributed(Path(mc.checkpoint), self.chunks, None, self.layout)
@@ -336,8 +337,13 @@ class MegatronActor:
                                     {"version": version, "has_optimizer": True, "architecture": asdict(self.arch),
                                      "params_dtype": self.cfg.megatron.params_dtype,
                                      "distributed_optimizer": self.sharded_optimizer,
-                                     "saved_with": {"tp": self.layout.tp, "pp": self.layout.pp}},
+                                     "saved_with": self._saved_with()},
                                     hf_files_from=self.model_path)
+
+    def _saved_with(self) -> dict:
+        """The sizes a sharded optimizer's state is tied to (expert parallel only when used: states saved
+        before it existed have none)."""
+        return {"tp": self.layout.tp, "pp": self.layout.pp, **({"ep": self.layout.ep} if self.layout.ep > 1 else {})}
 
     def _load_state(self, path: Path) -> int:
         meta = checkpoint.read_metadata(path)
@@ -348,10 +354,10 @@ class MegatronActor:
                                   f"optimizer and this actor's is {'sharded' if sharded else 'replicated'} "
                                   "(actor.megatron.distributed_optimizer with more than one data x context-parallel "
                                   "rank); resume with the same setting and data x context parallel > 1 or = 1 as saved")
-        here = {"tp": self.layout.tp, "pp": self.layout.pp}
+        here = self._saved_with()
         if sharded and meta.get("saved_with") != here:
             # megatron-core 0.16's layout-free format for it fails with torch's Adam (no TE / apex)
             raise CheckpointError(f"{path}: the distributed optimizer's state was saved at {meta.get('saved_with')} "
-                                  f"and loads only under the same tensor / pipeline sizes (data parallel may "
-                                  f"change), not {here}")
+                                  f"and loads only under the same tensor / pipeline / expert sizes (data parallel "
+                                  f"may change), not {here}")
         return checkpoint.load_distributed(path, self.chunks, self.optimizer, self.layout)["version"]

@@ -1,9 +1,10 @@
 """Weights in and out of the megatron model.
 
 - HF -> model: each rank reads only the HF tensors of its own parameters, one at a time.
-- model -> HF: tensors are gathered from the tensor-parallel ranks one parameter at a time and
-  written by rank 0 in safetensors shards of bounded size (the full model never sits in one rank's
-  memory besides its own slice).
+- model -> HF: tensors are gathered from the tensor-parallel ranks one parameter at a time (a MoE
+  expert's also from the expert-parallel ranks, the same local expert of each at once) and written by
+  rank 0 in safetensors shards of bounded size (the full model never sits in one rank's memory besides
+  its own slice).
 - Distributed checkpoints (megatron `torch_dist`): model, megatron's optimizer state (fp32 main
   weights, Adam moments; saved per parameter, so a checkpoint loads under another TP/PP/DP layout),
   per-rank RNG state and metadata.
@@ -22,7 +23,7 @@ from tqdm import tqdm
 from ..model.hf import CheckpointError, HFReader, copy_side_files
 from .model import Architecture
 from .parallel import Layout
-from .weights import ParamMap, hf_names, iter_local, stage_params, to_hf, to_megatron
+from .weights import ParamMap, expert_name, hf_names, iter_local, stage_params, to_hf, to_megatron
 
 SHARD_BYTES = 2 * 1024 ** 3
 DIST_MARKER = "soup_megatron.json"  # written last into a distributed checkpoint: its presence means complete
@@ -62,56 +63,91 @@ def iter_hf_tensors(models: list, params: list[list[ParamMap]], arch: Architectu
                     if not (arch.tied_embeddings and p.megatron == "output_layer.weight")]
         if mine:
             own = {p.megatron: tensor for p, tensor in iter_local(models[chunk], params[chunk])}
+            exporter = layout.dp_rank == 0 and layout.cp_rank == 0 and layout.tp_rank == 0
             for p in exported:
-                tensors = _gather_hf(p, own[p.megatron], arch, layout)
-                if stage > 0 and layout.dp_rank == 0 and layout.cp_rank == 0 and layout.tp_rank == 0:
-                    _send_to_driver(tensors)
-                bar.update(len(p.hf))
-                yield from zip(p.hf, tensors if layout.is_driver else [None] * len(p.hf))
+                gather = _gather_hf if p.expert is None else _gather_experts
+                named = gather(p, own[p.megatron], arch, layout)
+                if stage > 0 and exporter:
+                    _send_to_driver(named)
+                bar.update(len(named))
+                yield from (named if layout.is_driver else ((name, None) for name, _ in named))
         elif layout.is_driver:
-            for p in exported:
-                bar.update(len(p.hf))
-                yield from zip(p.hf, _receive_from_stage(stage))
+            expected = sum(len(p.hf) for p in exported)  # the stage's names, all experts included
+            while expected:
+                named = _receive_from_stage(stage)
+                expected -= len(named)
+                bar.update(len(named))
+                yield from named
     bar.close()
 
 
-def _gather_hf(p: ParamMap, local: torch.Tensor, arch: Architecture, layout: Layout) -> list[Optional[torch.Tensor]]:
-    """The HF tensors of `p` on tensor-parallel rank 0 of replica 0, context-parallel rank 0 (copies: callers
-    may keep them while training goes on); None elsewhere."""
+def _gather_hf(p: ParamMap, local: torch.Tensor, arch: Architecture, layout: Layout
+               ) -> list[tuple[str, Optional[torch.Tensor]]]:
+    """(HF name, tensor) of `p`, the tensors on tensor-parallel rank 0 of replica 0, context-parallel rank 0
+    (copies: callers may keep them while training goes on), None elsewhere."""
     from megatron.core import parallel_state as ps
 
     if layout.dp_rank != 0 or layout.cp_rank != 0:
-        return [None] * len(p.hf)
+        return [(name, None) for name in p.hf]
     local = local.detach()
     if layout.tp > 1 and p.kind != "replicated":
         shards = [torch.empty_like(local) for _ in range(layout.tp)]
         dist.all_gather(shards, local.contiguous(), group=ps.get_tensor_model_parallel_group())
     else:
         shards = [local.clone()] * layout.tp
-    return to_hf(p, [s.cpu() for s in shards], arch) if layout.tp_rank == 0 else [None] * len(p.hf)
+    tensors = to_hf(p, [s.cpu() for s in shards], arch) if layout.tp_rank == 0 else [None] * len(p.hf)
+    return list(zip(p.hf, tensors))
+
+
+def _gather_experts(p: ParamMap, local: torch.Tensor, arch: Architecture, layout: Layout
+                    ) -> list[tuple[str, Optional[torch.Tensor]]]:
+    """(HF name, tensor) of local expert `p.expert` of every expert-parallel rank: the tensor-parallel slices
+    are gathered, then the expert-parallel ranks exchange their HF tensors. Every rank takes part (the
+    expert-parallel ranks are data- or context-parallel ones); the tensors are on the exporting rank
+    (tensor-, data- and context-parallel rank 0, which is expert-parallel rank 0), None elsewhere."""
+    from megatron.core import parallel_state as ps
+
+    local = local.detach()
+    if layout.tp > 1:
+        shards = [torch.empty_like(local) for _ in range(layout.tp)]
+        dist.all_gather(shards, local.contiguous(), group=ps.get_expert_tensor_parallel_group())
+    else:
+        shards = [local.clone()]
+    tensors = [t.contiguous() for t in to_hf(p, [s.cpu() for s in shards], arch)]
+    per_rank = [tensors]
+    if layout.ep > 1:
+        per_rank = [[torch.empty_like(t) for t in tensors] for _ in range(layout.ep)]
+        for i, t in enumerate(tensors):
+            dist.all_gather([theirs[i] for theirs in per_rank], t, group=ps.get_expert_model_parallel_group())
+    exporter = layout.dp_rank == 0 and layout.cp_rank == 0 and layout.tp_rank == 0
+    if exporter and layout.ep_rank != 0:
+        raise RuntimeError(f"rank {layout.rank} exports the weights and is expert-parallel rank {layout.ep_rank}, not 0")
+    per_expert = arch.num_experts // layout.ep
+    return [(expert_name(name, ep_rank * per_expert + p.expert), t if exporter else None)
+            for ep_rank, theirs in enumerate(per_rank) for name, t in zip(p.hf, theirs)]
 
 
 def _wire_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
-def _send_to_driver(tensors: list[torch.Tensor]) -> None:
-    dist.send_object_list([[(t.shape, t.dtype) for t in tensors]], dst=0)
-    for t in tensors:
+def _send_to_driver(named: list[tuple[str, torch.Tensor]]) -> None:
+    dist.send_object_list([[(name, t.shape, t.dtype) for name, t in named]], dst=0)
+    for _, t in named:
         dist.send(t.to(_wire_device()), dst=0)
 
 
-def _receive_from_stage(stage: int) -> list[torch.Tensor]:
+def _receive_from_stage(stage: int) -> list[tuple[str, torch.Tensor]]:
     from megatron.core import parallel_state as ps
 
     sender = dist.get_process_group_ranks(ps.get_pipeline_model_parallel_group())[stage]
     header = [None]
     dist.recv_object_list(header, src=sender)
     out = []
-    for shape, dtype in header[0]:
+    for name, shape, dtype in header[0]:
         t = torch.empty(shape, dtype=dtype, device=_wire_device())
         dist.recv(t, src=sender)
-        out.append(t.cpu())
+        out.append((name, t.cpu()))
     return out
 
 

@@ -39,9 +39,16 @@ def _checkpoint_dtype(hf: Path) -> str:
     return "bfloat16" if dtype == torch.bfloat16 else "float32"
 
 
-def hf_to_megatron(hf: Path, out: Path, tp: int, pp: int) -> None:
+def _megatron_config(tp: int, pp: int = 1, ep: int = 1, params_dtype: str = "float32") -> MegatronConfig:
+    """The layout a conversion runs under: tp x pp x ep ranks (the expert-parallel ones are its data-parallel
+    ranks); sequence parallelism, which MoE layers need with tensor parallelism, changes no weight."""
+    return MegatronConfig(tensor_parallel=tp, pipeline_parallel=pp, expert_parallel=ep, sequence_parallel=tp > 1,
+                          params_dtype=params_dtype)
+
+
+def hf_to_megatron(hf: Path, out: Path, tp: int, pp: int, ep: int = 1) -> None:
     arch = read_architecture(hf)
-    mc = MegatronConfig(tensor_parallel=tp, pipeline_parallel=pp, params_dtype=_checkpoint_dtype(hf))
+    mc = _megatron_config(tp, pp, ep, _checkpoint_dtype(hf))
     layout = parallel.initialize(mc)
     models, params = build_chunks(arch, mc, layout)
     checkpoint.load_hf_into(models, params, arch, hf, layout, padded_vocab_size(arch.vocab_size, mc),
@@ -49,24 +56,24 @@ def hf_to_megatron(hf: Path, out: Path, tp: int, pp: int) -> None:
     tmp = _shared_tmp(out, layout)
     checkpoint.save_distributed(tmp, models, None, layout,
                                 {"architecture": asdict(arch), "has_optimizer": False, "source": str(hf),
-                                 "params_dtype": mc.params_dtype, "saved_with": {"tp": tp, "pp": pp}},
+                                 "params_dtype": mc.params_dtype, "saved_with": {"tp": tp, "pp": pp, "ep": ep}},
                                 hf_files_from=hf)
     if layout.is_driver:
         os.replace(tmp, out)
     dist.barrier()
 
 
-def megatron_to_hf(megatron: Path, out: Path, hf_template: Path | None, tp: int) -> None:
+def megatron_to_hf(megatron: Path, out: Path, hf_template: Path | None, tp: int, ep: int = 1) -> None:
     meta = checkpoint.read_metadata(megatron)
     config_dir = hf_template or megatron / checkpoint.HF_CONFIG_DIR
     arch = read_architecture(config_dir)
-    if asdict(arch) != meta["architecture"]:
-        saved = meta["architecture"]
+    saved = asdict(Architecture(**meta["architecture"]))  # fields added since it was saved take their defaults
+    if asdict(arch) != saved:
         diff = {k: (saved.get(k), v) for k, v in asdict(arch).items() if saved.get(k) != v}
         raise CheckpointError(f"--hf-template {config_dir} does not describe the model in {megatron}: "
                               + ", ".join(f"{k} is {a} in the checkpoint, {b} in the template"
                                           for k, (a, b) in diff.items()))
-    mc = MegatronConfig(tensor_parallel=tp, params_dtype=meta.get("params_dtype", "float32"))
+    mc = _megatron_config(tp, ep=ep, params_dtype=meta.get("params_dtype", "float32"))
     layout = parallel.initialize(mc)
     models, params = build_chunks(arch, mc, layout)
     checkpoint.load_distributed(megatron, models, None, layout)
@@ -96,12 +103,14 @@ def _parser() -> argparse.ArgumentParser:
     to_mcore.add_argument("--out", required=True, type=Path, help="new directory for the megatron checkpoint")
     to_mcore.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks that write the shards")
     to_mcore.add_argument("--pp", type=int, default=1, help="pipeline stages that write the shards")
+    to_mcore.add_argument("--ep", type=int, default=1, help="expert-parallel ranks that write a MoE model's shards")
     to_hf = sub.add_parser("megatron-to-hf", help="megatron checkpoint (converted or saved by training) -> HF")
     to_hf.add_argument("--megatron", required=True, type=Path, help="megatron checkpoint directory")
     to_hf.add_argument("--out", required=True, type=Path, help="new directory for the HF checkpoint")
     to_hf.add_argument("--hf-template", type=Path, default=None,
                        help="HF directory whose config/tokenizer to use (default: the checkpoint's hf_config/)")
     to_hf.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks that load and gather the weights")
+    to_hf.add_argument("--ep", type=int, default=1, help="expert-parallel ranks that load a MoE model's experts")
     return parser
 
 
@@ -109,19 +118,19 @@ def _check(args) -> int:
     """Paths and sizes, before any process starts; returns how many ranks the conversion needs."""
     if args.out.exists():
         raise CheckpointError(f"--out {args.out} already exists; choose a new directory")
-    if args.tp < 1 or getattr(args, "pp", 1) < 1:
-        raise CheckpointError("--tp and --pp must be >= 1")
+    if args.tp < 1 or getattr(args, "pp", 1) < 1 or args.ep < 1:
+        raise CheckpointError("--tp, --pp and --ep must be >= 1")
     if args.direction == "hf-to-megatron":
         arch = read_architecture(args.hf)
         if not list(args.hf.glob("*.safetensors")):
             raise CheckpointError(f"--hf {args.hf}: no *.safetensors weights")
-        check_parallel_sizes(arch, MegatronConfig(tensor_parallel=args.tp, pipeline_parallel=args.pp))
-        return args.tp * args.pp
+        check_parallel_sizes(arch, _megatron_config(args.tp, args.pp, args.ep))
+        return args.tp * args.pp * args.ep
     meta = checkpoint.read_metadata(args.megatron)
     if args.hf_template is not None:
         read_architecture(args.hf_template)
-    check_parallel_sizes(Architecture(**meta["architecture"]), MegatronConfig(tensor_parallel=args.tp))
-    return args.tp
+    check_parallel_sizes(Architecture(**meta["architecture"]), _megatron_config(args.tp, ep=args.ep))
+    return args.tp * args.ep
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,9 +145,9 @@ def _convert(args, argv: list[str]) -> int:
         return subprocess.call([sys.executable, "-m", "torch.distributed.run", "--standalone",
                                 f"--nproc-per-node={ranks}", "-m", "soup_megatron.mcore.convert", *argv])
     if args.direction == "hf-to-megatron":
-        hf_to_megatron(args.hf, args.out, args.tp, args.pp)
+        hf_to_megatron(args.hf, args.out, args.tp, args.pp, args.ep)
     else:
-        megatron_to_hf(args.megatron, args.out, args.hf_template, args.tp)
+        megatron_to_hf(args.megatron, args.out, args.hf_template, args.tp, args.ep)
     log.info(f"wrote {args.out}")  # rank 0 only
     return 0
 

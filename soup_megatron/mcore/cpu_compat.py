@@ -17,7 +17,14 @@ writer copy tensors to host memory blocking, as there is no device to synchronis
 non-blocking path ends in `torch.cuda.synchronize()`), and posts pipeline stages' shape messages in an
 order gloo pairs correctly (`_exchange_shapes`), and makes megatron's RNG tracker the one whose fork is a
 plain context: layers fork a per-rank CUDA RNG stream around dropout in sequence-parallel regions, there
-is no CUDA RNG, and every dropout of this actor is 0. With CUDA present all of this does nothing.
+is no CUDA RNG, and every dropout of this actor is 0. For mixture-of-experts layers it binds the Transformer
+Engine kernels megatron's MoE code tests for (`te_general_gemm`, `fused_*`) to None when TE is absent
+(megatron leaves them unbound and then reads them), gives the alltoall token dispatcher no side stream (it
+makes a `torch.cuda.Stream` to copy its split sizes to the host) and hands gloo's `all_to_all_single` those
+split sizes as numpy arrays, as on a GPU (it refuses tensors); under tensor parallelism the dispatcher also
+gathers and reduce-scatters pieces of unequal length over the tensor-parallel ranks, which gloo cannot, so
+those two go through equal-length collectives (`_gather_uneven`, `_reduce_scatter_uneven`). With CUDA present
+all of this does nothing.
 Core attention is our SDPA module rather than a patch (megatron's local one uses a CUDA buffer).
 """
 
@@ -95,6 +102,73 @@ def _exchange_shapes(self, tensor_send_next, tensor_send_prev, recv_prev, recv_n
     return tuple([0, 0, 0] if t is None else t.tolist() for t in (from_prev, from_next))
 
 
+_TE_KERNELS = ("te_general_gemm", "fused_compute_score_for_moe_aux_loss", "fused_moe_aux_loss", "fused_permute",
+               "fused_permute_with_probs", "fused_sort_chunks_by_index", "fused_sort_chunks_by_index_with_probs",
+               "fused_topk_with_score_function", "fused_unpermute")
+
+
+def _split_sizes_as_lists(self, point: str, tokens_per_expert=None):
+    """megatron's MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize without CUDA: at the point where it
+    would copy the all-to-all split sizes to the host on a side stream, make them numpy arrays as it does
+    (they are already on the host; gloo takes sequences, not tensors); there is nothing to synchronise."""
+    if not self.drop_and_pad and point == self.cuda_dtoh_point:
+        for name in ("input_splits", "output_splits", "output_splits_tp"):
+            value = getattr(self, name)
+            if torch.is_tensor(value):
+                setattr(self, name, value.numpy())
+    return tokens_per_expert
+
+
+def _gather_uneven(gather):
+    """megatron's _gather_along_first_dim, whose pieces of unequal length (`output_split_sizes`) gloo's
+    all_gather refuses: each rank's piece padded to the longest, gathered, and the padding cut off."""
+    @functools.wraps(gather)
+    def wrapper(input_, group, output_split_sizes=None, use_global_buffer=False):
+        import torch.distributed as dist
+
+        if output_split_sizes is None or group.size() == 1:
+            return gather(input_, group, output_split_sizes, use_global_buffer)
+        sizes = [int(n) for n in output_split_sizes]
+        padded = input_.new_zeros(max(sizes), *input_.shape[1:])
+        padded[: input_.shape[0]] = input_
+        pieces = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(pieces, padded.contiguous(), group=group)
+        return torch.cat([piece[:n] for piece, n in zip(pieces, sizes)])
+
+    return wrapper
+
+
+def _reduce_scatter_uneven(reduce_scatter):
+    """megatron's _reduce_scatter_along_first_dim with pieces of unequal length (`input_split_sizes`), which
+    gloo's reduce_scatter refuses: the whole tensor summed over the ranks, then this rank's piece taken."""
+    @functools.wraps(reduce_scatter)
+    def wrapper(input_, group, input_split_sizes=None, use_global_buffer=False):
+        import torch.distributed as dist
+
+        if input_split_sizes is None or group.size() == 1:
+            return reduce_scatter(input_, group, input_split_sizes, use_global_buffer)
+        summed = input_.contiguous().clone()
+        dist.all_reduce(summed, group=group)
+        return torch.split(summed, [int(n) for n in input_split_sizes], dim=0)[group.rank()].clone()
+
+    return wrapper
+
+
+def _enable_moe() -> None:
+    from megatron.core.tensor_parallel import mappings
+    from megatron.core.transformer.moe import moe_utils
+    from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
+
+    mappings._gather_along_first_dim = _gather_uneven(mappings._gather_along_first_dim)
+    mappings._reduce_scatter_along_first_dim = _reduce_scatter_uneven(mappings._reduce_scatter_along_first_dim)
+
+    for name in _TE_KERNELS:
+        if not hasattr(moe_utils, name):
+            setattr(moe_utils, name, None)
+    MoEAlltoAllTokenDispatcher.cuda_dtoh_stream = "no stream: CPU"  # set, so that no torch.cuda.Stream is made
+    MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize = _split_sizes_as_lists
+
+
 def enable() -> None:
     global _enabled
     if _enabled or not cpu_only():
@@ -108,6 +182,7 @@ def enable() -> None:
     RotaryEmbedding.get_emb = _on_cpu(RotaryEmbedding.get_emb)
     P2PCommunicator._communicate_shapes = _exchange_shapes
     initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
+    _enable_moe()
     dist_checkpointing.save = _on_cpu(dist_checkpointing.save)
     dist_checkpointing.load = _on_cpu(dist_checkpointing.load)
     preload = FileSystemWriterAsync.preload_tensors

@@ -1,8 +1,10 @@
 """A megatron-core GPTModel whose architecture is read from an HF checkpoint's `config.json`.
 
-Supported families (dense decoders with RMSNorm, SwiGLU and RoPE): Llama, Mistral, Qwen2, Qwen3
-(q/k RMSNorm). Layer spec: Transformer Engine's when TE imports and a GPU is present (FP8 from
-config), otherwise megatron-core's local spec with a torch-SDPA core attention.
+Supported families (decoders with RMSNorm, SwiGLU and RoPE): Llama, Mistral, Qwen2, Qwen3 (q/k RMSNorm),
+and Qwen3-MoE (Qwen3 whose every MLP is a mixture of experts: a softmax router picks top-k of E SwiGLU
+experts, no shared expert). Layer spec: Transformer Engine's when TE imports and a GPU is present (FP8 from
+config), otherwise megatron-core's local spec with a torch-SDPA core attention; experts are megatron's
+SequentialMLP (one GEMM per expert; grouped GEMM needs a GPU) behind the alltoall token dispatcher.
 """
 
 from __future__ import annotations
@@ -14,11 +16,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..config import MegatronConfig
+from ..config import MegatronConfig, MoEConfig
 from ..errors import SoupError
 
 SUPPORTED = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-             "qwen3": "Qwen3ForCausalLM"}
+             "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
 
 
 class UnsupportedModel(SoupError, ValueError):
@@ -44,6 +46,14 @@ class Architecture:
     max_positions: int
     rope_theta: float
     rope_scaling: dict | None
+    num_experts: int = 0  # 0: a dense model
+    moe_top_k: int = 0  # experts per token
+    moe_ffn_hidden_size: int = 0  # one expert's intermediate size
+    moe_norm_topk: bool = False  # the top-k probabilities renormalised to sum to 1 (HF norm_topk_prob)
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
 
     @classmethod
     def from_hf(cls, hf_config) -> "Architecture":
@@ -57,6 +67,16 @@ class Architecture:
             if hf_config.sliding_window < hf_config.max_position_embeddings:
                 raise UnsupportedModel(f"mistral sliding_window={hf_config.sliding_window} is not supported "
                                        "(only full attention)")
+        if family == "qwen3_moe" and (getattr(hf_config, "decoder_sparse_step", 1) != 1
+                                      or getattr(hf_config, "mlp_only_layers", None)):
+            raise UnsupportedModel(f"qwen3_moe with decoder_sparse_step={hf_config.decoder_sparse_step} and "
+                                   f"mlp_only_layers={hf_config.mlp_only_layers}: only models whose every layer is "
+                                   "a mixture of experts are supported (decoder_sparse_step=1, no mlp_only_layers)")
+        moe = {}
+        if family == "qwen3_moe":
+            moe = dict(num_experts=hf_config.num_experts, moe_top_k=hf_config.num_experts_per_tok,
+                       moe_ffn_hidden_size=hf_config.moe_intermediate_size,
+                       moe_norm_topk=bool(hf_config.norm_topk_prob))
         rope = dict(getattr(hf_config, "rope_parameters", None) or {})
         theta = rope.pop("rope_theta", None) or getattr(hf_config, "rope_theta", 10000.0)
         rope_type = rope.get("rope_type", rope.get("type", "default"))
@@ -71,11 +91,12 @@ class Architecture:
             ffn_hidden_size=hf_config.intermediate_size,
             norm_eps=hf_config.rms_norm_eps,
             qkv_bias=family == "qwen2" or bool(getattr(hf_config, "attention_bias", False)),
-            qk_norm=family == "qwen3",
+            qk_norm=family in ("qwen3", "qwen3_moe"),
             tied_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
             max_positions=hf_config.max_position_embeddings,
             rope_theta=float(theta),
             rope_scaling=None if rope_type == "default" else {"rope_type": rope_type, **rope},
+            **moe,
         )
 
 
@@ -133,6 +154,19 @@ def check_parallel_sizes(arch: Architecture, cfg: MegatronConfig) -> None:
         if count % tp:
             raise UnsupportedModel(f"actor.megatron.tensor_parallel={tp} does not divide the model's {what}={count} "
                                    f"({count} / {tp} = {count / tp:.2f})")
+    ep = cfg.expert_parallel
+    if ep > 1 and not arch.is_moe:
+        raise UnsupportedModel(f"actor.megatron.expert_parallel={ep} needs a mixture-of-experts model; "
+                               f"{arch.family} is dense (set expert_parallel=1)")
+    if arch.is_moe and arch.num_experts % ep:
+        raise UnsupportedModel(f"actor.megatron.expert_parallel={ep} does not divide the model's num_experts="
+                               f"{arch.num_experts} ({arch.num_experts} / {ep} = {arch.num_experts / ep:.2f})")
+    if arch.is_moe and tp > 1 and not cfg.sequence_parallel:
+        raise UnsupportedModel(f"actor.megatron.tensor_parallel={tp} with a mixture-of-experts model needs "
+                               "actor.megatron.sequence_parallel=true (megatron-core requires it for MoE layers)")
+    if arch.is_moe and arch.moe_ffn_hidden_size % tp:
+        raise UnsupportedModel(f"actor.megatron.tensor_parallel={tp} does not divide the model's "
+                               f"moe_intermediate_size={arch.moe_ffn_hidden_size} (experts are split like the MLP)")
     if arch.num_layers % (pp * vp):
         raise UnsupportedModel(f"pipeline_parallel={pp} x virtual_pipeline={vp} = {pp * vp} does not divide "
                                f"num_hidden_layers={arch.num_layers}")
@@ -150,7 +184,30 @@ def transformer_engine_available() -> bool:
     return True
 
 
-def transformer_config(arch: Architecture, cfg: MegatronConfig, use_te: bool):
+def moe_arguments(arch: Architecture, cfg: MegatronConfig, moe: MoEConfig) -> dict:
+    """TransformerConfig's mixture-of-experts arguments ({} for a dense model). HF's router takes the softmax
+    over all experts, then the top-k, renormalised with norm_topk_prob; megatron's `pre_softmax=False` takes
+    the softmax over the top-k logits, which is the renormalised top-k, and `pre_softmax=True` is the other."""
+    if not arch.is_moe:
+        return {}
+    balancing = "aux_loss" if moe.aux_loss_coef > 0 else "none"
+    return dict(
+        num_moe_experts=arch.num_experts,
+        moe_router_topk=arch.moe_top_k,
+        moe_ffn_hidden_size=arch.moe_ffn_hidden_size,
+        moe_router_pre_softmax=not arch.moe_norm_topk,
+        moe_router_score_function="softmax",
+        moe_router_load_balancing_type=balancing,
+        moe_aux_loss_coeff=moe.aux_loss_coef,
+        moe_z_loss_coeff=moe.z_loss_coef or None,
+        moe_router_dtype={"float32": "fp32", "float64": "fp64", "params": None}[moe.router_dtype],
+        expert_model_parallel_size=cfg.expert_parallel,
+        moe_grouped_gemm=False,  # one GEMM per expert (SequentialMLP): grouped GEMM kernels need a GPU
+        moe_permute_fusion=False,
+    )
+
+
+def transformer_config(arch: Architecture, cfg: MegatronConfig, use_te: bool, moe: MoEConfig = MoEConfig()):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     if cfg.fp8 and not use_te:
@@ -204,6 +261,7 @@ def transformer_config(arch: Architecture, cfg: MegatronConfig, use_te: bool):
         persist_layer_norm=False,
         **fp8,
         **recompute,
+        **moe_arguments(arch, cfg, moe),
     )
 
 
@@ -218,34 +276,42 @@ class TorchRMSNorm(torch.nn.RMSNorm):
         self.weight.sequence_parallel = config.sequence_parallel
 
 
-def local_layer_spec(qk_norm: bool):
+def local_layer_spec(arch: Architecture):
     """The layer of the local (no Transformer Engine) backend, a ModuleSpec of its own: megatron's parallel
-    linear layers, SDPA core attention (megatron's local one uses a CUDA buffer) and torch norms."""
+    linear layers, SDPA core attention (megatron's local one uses a CUDA buffer) and torch norms; for a
+    mixture-of-experts model a MoELayer of SequentialMLP experts in place of the MLP."""
     from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
     from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
     from megatron.core.transformer.enums import AttnMaskType
     from megatron.core.transformer.identity_op import IdentityOp
     from megatron.core.transformer.mlp import MLP, MLPSubmodules
+    from megatron.core.transformer.moe.experts import SequentialMLP
+    from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
     from megatron.core.transformer.spec_utils import ModuleSpec
     from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
     from .sdpa_attention import SDPACoreAttention
 
-    qk = TorchRMSNorm if qk_norm else IdentityOp
+    qk = TorchRMSNorm if arch.qk_norm else IdentityOp
     attention = ModuleSpec(module=SelfAttention, params={"attn_mask_type": AttnMaskType.causal},
                            submodules=SelfAttentionSubmodules(linear_qkv=ColumnParallelLinear,
                                                               core_attention=SDPACoreAttention,
                                                               linear_proj=RowParallelLinear,
                                                               q_layernorm=qk, k_layernorm=qk))
-    mlp = ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear,
-                                                          linear_fc2=RowParallelLinear))
+    linears = MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
+    # checkpoint keys as the Transformer Engine layer names them (its norms are fused into the linears; a
+    # MoE layer's pre-MLP norm stays a module of its own there too)
+    keys = {"input_layernorm.": "self_attention.linear_qkv.layer_norm_"}
+    if arch.is_moe:
+        mlp = ModuleSpec(module=MoELayer, submodules=MoESubmodules(
+            experts=ModuleSpec(module=SequentialMLP, submodules=linears), shared_experts=None))
+    else:
+        mlp = ModuleSpec(module=MLP, submodules=linears)
+        keys["pre_mlp_layernorm."] = "mlp.linear_fc1.layer_norm_"
     return ModuleSpec(module=TransformerLayer, submodules=TransformerLayerSubmodules(
         input_layernorm=TorchRMSNorm, self_attention=attention, self_attn_bda=get_bias_dropout_add,
-        pre_mlp_layernorm=TorchRMSNorm, mlp=mlp, mlp_bda=get_bias_dropout_add,
-        # checkpoint keys as the Transformer Engine layer names them (its norms are fused into the linears)
-        sharded_state_dict_keys_map={"input_layernorm.": "self_attention.linear_qkv.layer_norm_",
-                                     "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"}))
+        pre_mlp_layernorm=TorchRMSNorm, mlp=mlp, mlp_bda=get_bias_dropout_add, sharded_state_dict_keys_map=keys))
 
 
 def layer_spec(arch: Architecture, cfg: MegatronConfig, use_te: bool):
@@ -254,14 +320,15 @@ def layer_spec(arch: Architecture, cfg: MegatronConfig, use_te: bool):
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
     if use_te:
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_norm)
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
+            num_experts=arch.num_experts or None, moe_grouped_gemm=False, qk_layernorm=arch.qk_norm)
     chunk_layers = arch.num_layers // (cfg.pipeline_parallel * cfg.virtual_pipeline)
-    return TransformerBlockSubmodules(layer_specs=[local_layer_spec(arch.qk_norm)] * chunk_layers,
+    return TransformerBlockSubmodules(layer_specs=[local_layer_spec(arch)] * chunk_layers,
                                       layer_norm=TorchRMSNorm)
 
 
 def build_gpt_model(arch: Architecture, cfg: MegatronConfig, pre_process: bool = True, post_process: bool = True,
-                    vp_stage: int | None = None):
+                    vp_stage: int | None = None, moe: MoEConfig = MoEConfig()):
     """One model chunk of this rank (its pipeline stage, its tensor-parallel slices)."""
     from megatron.core.models.gpt import GPTModel
 
@@ -272,7 +339,7 @@ def build_gpt_model(arch: Architecture, cfg: MegatronConfig, pre_process: bool =
     use_te = transformer_engine_available()
     with cpu_compat.cuda_on_cpu():  # a tied last stage moves its embedding copy with `.cuda()`
         model = GPTModel(
-            config=transformer_config(arch, cfg, use_te),
+            config=transformer_config(arch, cfg, use_te, moe),
             transformer_layer_spec=layer_spec(arch, cfg, use_te),
             vocab_size=padded_vocab_size(arch.vocab_size, cfg),
             max_sequence_length=arch.max_positions,

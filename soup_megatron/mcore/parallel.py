@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import tempfile
@@ -32,6 +33,8 @@ class Layout:
     pp_rank: int
     dp_rank: int  # replica index: the context-parallel ranks of a replica share it (and its samples)
     cp_rank: int
+    ep: int = 1  # expert-parallel ranks (a mixture-of-experts model's experts split over them)
+    ep_rank: int = 0
 
     @property
     def is_driver(self) -> bool:
@@ -99,13 +102,15 @@ def initialize(cfg: MegatronConfig) -> Layout:
     from megatron.core import parallel_state as ps
 
     model_parallel = cfg.tensor_parallel * cfg.pipeline_parallel * cfg.context_parallel
+    # experts are split over ranks carved out of the data- and context-parallel ones
+    fewest = cfg.tensor_parallel * cfg.pipeline_parallel * math.lcm(cfg.context_parallel, cfg.expert_parallel)
     rank, world, local = _launcher_env()
-    if world_size() == 1 and model_parallel > 1:
+    if world_size() == 1 and fewest > 1:
         raise ParallelError(
             f"actor.megatron: tensor_parallel {cfg.tensor_parallel} x pipeline_parallel {cfg.pipeline_parallel} x "
-            f"context_parallel {cfg.context_parallel} = {model_parallel} processes are needed, and this is one "
-            f"process: launch with `torchrun --nproc-per-node {model_parallel} -m soup_megatron.cli train ...` "
-            "(or srun with that many tasks)")
+            f"context_parallel {cfg.context_parallel} (with expert_parallel {cfg.expert_parallel}) need {fewest} "
+            f"processes, and this is one process: launch with `torchrun --nproc-per-node {fewest} -m "
+            "soup_megatron.cli train ...` (or srun with that many tasks)")
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if torch.cuda.is_available():
@@ -120,10 +125,15 @@ def initialize(cfg: MegatronConfig) -> Layout:
         raise ParallelError(f"world size {world} is not a multiple of tensor_parallel x pipeline_parallel x "
                             f"context_parallel = {cfg.tensor_parallel} x {cfg.pipeline_parallel} x "
                             f"{cfg.context_parallel} = {model_parallel}")
-    wanted = (cfg.tensor_parallel, cfg.pipeline_parallel, cfg.context_parallel)
+    if (world // cfg.pipeline_parallel) % (cfg.tensor_parallel * cfg.expert_parallel):
+        raise ParallelError(f"actor.megatron.expert_parallel={cfg.expert_parallel}: the {world // cfg.pipeline_parallel} "
+                            f"ranks of a pipeline stage do not split into tensor_parallel {cfg.tensor_parallel} x "
+                            f"expert_parallel {cfg.expert_parallel} (world {world} / pipeline_parallel "
+                            f"{cfg.pipeline_parallel}); choose expert_parallel dividing data x context parallel")
+    wanted = (cfg.tensor_parallel, cfg.pipeline_parallel, cfg.context_parallel, cfg.expert_parallel)
     if ps.model_parallel_is_initialized():
         current = (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(),
-                   ps.get_context_parallel_world_size())
+                   ps.get_context_parallel_world_size(), ps.get_expert_model_parallel_world_size())
         if current != wanted:
             ps.destroy_model_parallel()
     if not ps.model_parallel_is_initialized():
@@ -132,6 +142,7 @@ def initialize(cfg: MegatronConfig) -> Layout:
             pipeline_model_parallel_size=cfg.pipeline_parallel,
             virtual_pipeline_model_parallel_size=cfg.virtual_pipeline if cfg.virtual_pipeline > 1 else None,
             context_parallel_size=cfg.context_parallel,
+            expert_model_parallel_size=cfg.expert_parallel,
         )
     if torch.cuda.is_available():  # megatron's layers (TE, sequence parallel) fork these streams; dropout is 0
         from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
@@ -140,7 +151,8 @@ def initialize(cfg: MegatronConfig) -> Layout:
     return Layout(rank=dist.get_rank(), world=world, tp=cfg.tensor_parallel, pp=cfg.pipeline_parallel,
                   vp=cfg.virtual_pipeline, cp=cfg.context_parallel, dp=ps.get_data_parallel_world_size(),
                   tp_rank=ps.get_tensor_model_parallel_rank(), pp_rank=ps.get_pipeline_model_parallel_rank(),
-                  dp_rank=ps.get_data_parallel_rank(), cp_rank=ps.get_context_parallel_rank())
+                  dp_rank=ps.get_data_parallel_rank(), cp_rank=ps.get_context_parallel_rank(),
+                  ep=cfg.expert_parallel, ep_rank=ps.get_expert_model_parallel_rank())
 
 
 def rank_places(layout: Layout) -> list[dict]:

@@ -6,13 +6,17 @@ Each Megatron parameter comes from one or more HF tensors and is split across te
     linear_fc1    [gate_r; up_r] on rank r: gate and up are split by rows separately, then stacked
     linear_proj, linear_fc2                         split by columns (row-parallel)
     word embeddings, output layer                   split by rows after padding the vocabulary with zeros
-    norms                                           replicated
+    norms, a MoE layer's router                     replicated
+    a MoE layer's experts                           expert-parallel rank e of ep holds global experts
+                                                    e E/ep ... (e + 1) E/ep - 1 as local_experts.0, 1, ...; each
+                                                    one's fc1 / fc2 split over tensor-parallel ranks as above
 
 `to_megatron` makes one rank's slice from HF tensors; `to_hf` rebuilds the HF tensors from all ranks' slices.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -27,9 +31,32 @@ class ParamMap:
     hf: tuple[str, ...]
     kind: str  # qkv | gate_up | column | row | vocab | replicated
     layer: int | None = None  # global layer index (for pipeline placement)
+    expert: int | None = None  # a MoE expert's index among this expert-parallel rank's experts
 
 
-def layer_params(arch: Architecture, layer: int, local: int, te_spec: bool) -> list[ParamMap]:
+def expert_params(arch: Architecture, layer: int, local: int, ep_rank: int, ep: int) -> list[ParamMap]:
+    """The router and this expert-parallel rank's experts of a MoE layer."""
+    m, h = f"decoder.layers.{local}.mlp.", f"model.layers.{layer}.mlp."
+    out = [ParamMap(m + "router.weight", (h + "gate.weight",), "replicated", layer)]
+    per_rank = arch.num_experts // ep
+    for i in range(per_rank):
+        mine, hf = f"{m}experts.local_experts.{i}.", f"{h}experts.{ep_rank * per_rank + i}."
+        out += [ParamMap(mine + "linear_fc1.weight", (hf + "gate_proj.weight", hf + "up_proj.weight"), "gate_up",
+                         layer, i),
+                ParamMap(mine + "linear_fc2.weight", (hf + "down_proj.weight",), "row", layer, i)]
+    return out
+
+
+_EXPERT = re.compile(r"\.experts\.\d+\.")
+
+
+def expert_name(hf_name: str, expert: int) -> str:
+    """`hf_name` of an expert's tensor renamed to global expert `expert`'s."""
+    return _EXPERT.sub(f".experts.{expert}.", hf_name, count=1)
+
+
+def layer_params(arch: Architecture, layer: int, local: int, te_spec: bool, ep_rank: int = 0, ep: int = 1
+                 ) -> list[ParamMap]:
     m, h = f"decoder.layers.{local}.", f"model.layers.{layer}."
     attn = h + "self_attn."
     out = [
@@ -38,11 +65,18 @@ def layer_params(arch: Architecture, layer: int, local: int, te_spec: bool) -> l
         ParamMap(m + "self_attention.linear_qkv.weight",
                  (attn + "q_proj.weight", attn + "k_proj.weight", attn + "v_proj.weight"), "qkv", layer),
         ParamMap(m + "self_attention.linear_proj.weight", (attn + "o_proj.weight",), "row", layer),
-        ParamMap(m + ("mlp.linear_fc1.layer_norm_weight" if te_spec else "pre_mlp_layernorm.weight"),
-                 (h + "post_attention_layernorm.weight",), "replicated", layer),
-        ParamMap(m + "mlp.linear_fc1.weight", (h + "mlp.gate_proj.weight", h + "mlp.up_proj.weight"), "gate_up", layer),
-        ParamMap(m + "mlp.linear_fc2.weight", (h + "mlp.down_proj.weight",), "row", layer),
     ]
+    if arch.is_moe:  # Transformer Engine fuses the pre-MLP norm into a dense MLP's fc1 only
+        out += [ParamMap(m + "pre_mlp_layernorm.weight", (h + "post_attention_layernorm.weight",), "replicated", layer),
+                *expert_params(arch, layer, local, ep_rank, ep)]
+    else:
+        out += [
+            ParamMap(m + ("mlp.linear_fc1.layer_norm_weight" if te_spec else "pre_mlp_layernorm.weight"),
+                     (h + "post_attention_layernorm.weight",), "replicated", layer),
+            ParamMap(m + "mlp.linear_fc1.weight", (h + "mlp.gate_proj.weight", h + "mlp.up_proj.weight"), "gate_up",
+                     layer),
+            ParamMap(m + "mlp.linear_fc2.weight", (h + "mlp.down_proj.weight",), "row", layer),
+        ]
     if arch.qkv_bias:
         out.append(ParamMap(m + "self_attention.linear_qkv.bias",
                             (attn + "q_proj.bias", attn + "k_proj.bias", attn + "v_proj.bias"), "qkv", layer))
@@ -53,13 +87,14 @@ def layer_params(arch: Architecture, layer: int, local: int, te_spec: bool) -> l
 
 
 def chunk_params(arch: Architecture, layers: range, pre_process: bool, post_process: bool,
-                 te_spec: bool) -> list[ParamMap]:
-    """Every parameter of one model chunk holding global layers `layers` (local indices from 0)."""
+                 te_spec: bool, ep_rank: int = 0, ep: int = 1) -> list[ParamMap]:
+    """Every parameter of one model chunk holding global layers `layers` (local indices from 0), with the
+    experts of expert-parallel rank `ep_rank` of `ep`."""
     out = []
     if pre_process:
         out.append(ParamMap("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), "vocab"))
     for local, layer in enumerate(layers):
-        out += layer_params(arch, layer, local, te_spec)
+        out += layer_params(arch, layer, local, te_spec, ep_rank, ep)
     if post_process:
         out.append(ParamMap("decoder.final_layernorm.weight", ("model.norm.weight",), "replicated"))
         if not arch.tied_embeddings:
@@ -79,11 +114,11 @@ def chunk_layers(arch: Architecture, stage: int, stages: int, chunk: int = 0, ch
 
 
 def stage_params(arch: Architecture, stage: int, stages: int, te_spec: bool, chunk: int = 0,
-                 chunks: int = 1) -> list[ParamMap]:
+                 chunks: int = 1, ep_rank: int = 0, ep: int = 1) -> list[ParamMap]:
     """Weight map of one model chunk of a pipeline stage: the embedding on the very first piece, the final
     norm and output layer on the very last."""
     return chunk_params(arch, chunk_layers(arch, stage, stages, chunk, chunks),
-                        *model_ends(stage, stages, chunk, chunks), te_spec)
+                        *model_ends(stage, stages, chunk, chunks), te_spec, ep_rank, ep)
 
 
 def model_ends(stage: int, stages: int, chunk: int, chunks: int) -> tuple[bool, bool]:
@@ -91,9 +126,11 @@ def model_ends(stage: int, stages: int, chunk: int, chunks: int) -> tuple[bool, 
     return stage == 0 and chunk == 0, stage == stages - 1 and chunk == chunks - 1
 
 
-def build_chunks(arch: Architecture, mc, layout) -> tuple[list, list[list[ParamMap]]]:
+def build_chunks(arch: Architecture, mc, layout, moe=None) -> tuple[list, list[list[ParamMap]]]:
     """This rank's model chunks (one per virtual pipeline stage; a single one without interleaving, each
-    holding its tensor-parallel slices) and their weight maps."""
+    holding its tensor-parallel slices and its experts) and their weight maps. `moe`: the router's training
+    settings (MoEConfig; its defaults when None)."""
+    from ..config import MoEConfig
     from .model import build_gpt_model, transformer_engine_available
 
     te_spec = transformer_engine_available()
@@ -101,8 +138,9 @@ def build_chunks(arch: Architecture, mc, layout) -> tuple[list, list[list[ParamM
     for chunk in range(layout.vp):
         first, last = model_ends(layout.pp_rank, layout.pp, chunk, layout.vp)
         models.append(build_gpt_model(arch, mc, pre_process=first, post_process=last,
-                                      vp_stage=chunk if layout.vp > 1 else None))
-        params.append(stage_params(arch, layout.pp_rank, layout.pp, te_spec, chunk, layout.vp))
+                                      vp_stage=chunk if layout.vp > 1 else None, moe=moe or MoEConfig()))
+        params.append(stage_params(arch, layout.pp_rank, layout.pp, te_spec, chunk, layout.vp, layout.ep_rank,
+                                   layout.ep))
     return models, params
 
 

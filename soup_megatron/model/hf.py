@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -120,10 +121,37 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return {name: reader.get(name) for name in reader.names()}
 
 
+_EXPERT_TENSOR = re.compile(r"(.*\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight")
+
+
+def fuse_experts(state: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` with a MoE layer's per-expert tensors as the model holds them. Checkpoints (and exports of the
+    megatron actor) store `<layer>.mlp.experts.<e>.{gate,up,down}_proj.weight`; transformers' Qwen3-MoE holds
+    `experts.gate_up_proj` [E, 2I, H] (each expert's gate rows, then its up rows) and `experts.down_proj`
+    [E, H, I]. Tensors of a model that holds them per expert are left as they are."""
+    out: dict[str, torch.Tensor] = {}
+    fused: dict[str, dict[tuple[int, str], torch.Tensor]] = {}
+    for name, tensor in state.items():
+        match = _EXPERT_TENSOR.fullmatch(name)
+        if match and f"{match[1]}.gate_up_proj" in own:
+            fused.setdefault(match[1], {})[int(match[2]), match[3]] = tensor
+        else:
+            out[name] = tensor
+    for prefix, parts in fused.items():
+        experts = range(1 + max(e for e, _ in parts))
+        if len(parts) != 3 * len(experts):
+            raise CheckpointError(f"{prefix}: the experts' tensors are incomplete ({len(parts)} of "
+                                  f"{3 * len(experts)} gate/up/down projections)")
+        out[f"{prefix}.gate_up_proj"] = torch.stack([torch.cat([parts[e, "gate_proj"], parts[e, "up_proj"]])
+                                                     for e in experts])
+        out[f"{prefix}.down_proj"] = torch.stack([parts[e, "down_proj"] for e in experts])
+    return out
+
+
 def load_weights_into(model, source: Path | Mapping[str, torch.Tensor]) -> None:
     """Copy weights into `model`; refuses (and changes nothing) when names or shapes do not match."""
-    state = read_state_dict(source) if isinstance(source, (str, Path)) else source
     own = model.state_dict()
+    state = fuse_experts(read_state_dict(source) if isinstance(source, (str, Path)) else source, own)
     tied = getattr(model.config, "tie_word_embeddings", False)
     missing = [k for k in own if k not in state and not (tied and k == "lm_head.weight")]
     unexpected = [k for k in state if k not in own]

@@ -1,5 +1,5 @@
 """The demo model, made locally with nothing downloaded: a character tokenizer built with `tokenizers`
-and a ~1M-parameter Qwen2 (`transformers`), saved as an ordinary HF checkpoint directory, then
+and a ~1M-parameter Qwen2 (`transformers`; a Qwen3-MoE with model.tiny.num_experts), saved as an ordinary HF checkpoint directory, then
 warm-started by a short SFT on a built-in task so the starting policy is weak but not hopeless.
 """
 
@@ -36,24 +36,21 @@ def build_tokenizer():
 
 
 def build_tiny_model(cfg: Config, vocab_size: int, eos_id: int):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    """A Qwen2 of model.tiny's shape, or with num_experts > 0 a Qwen3-MoE: every MLP num_experts SwiGLU
+    experts of intermediate_size, top_k of them per token (renormalised), q/k norms, no shared expert."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     t = cfg.model.tiny
-    hf_cfg = Qwen2Config(
-        vocab_size=vocab_size,
-        hidden_size=t.hidden_size,
-        num_hidden_layers=t.num_layers,
-        num_attention_heads=t.num_heads,
-        num_key_value_heads=t.num_kv_heads,
-        intermediate_size=t.intermediate_size,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        bos_token_id=eos_id,
-        eos_token_id=eos_id,
-        pad_token_id=eos_id,
-    )
+    shape = dict(vocab_size=vocab_size, hidden_size=t.hidden_size, num_hidden_layers=t.num_layers,
+                 num_attention_heads=t.num_heads, num_key_value_heads=t.num_kv_heads,
+                 intermediate_size=t.intermediate_size, max_position_embeddings=512, tie_word_embeddings=True,
+                 bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id)
     torch.manual_seed(cfg.seed)
-    return Qwen2ForCausalLM(hf_cfg)
+    if t.num_experts:
+        return Qwen3MoeForCausalLM(Qwen3MoeConfig(
+            **shape, head_dim=t.hidden_size // t.num_heads, num_experts=t.num_experts, num_experts_per_tok=t.top_k,
+            moe_intermediate_size=t.intermediate_size, norm_topk_prob=True, router_aux_loss_coef=0.0))
+    return Qwen2ForCausalLM(Qwen2Config(**shape))
 
 
 def sft_batches(tokenizer, examples: list[tuple[str, str]], batch_size: int, steps: int, seed: int):

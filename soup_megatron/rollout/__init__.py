@@ -13,14 +13,17 @@ from .base import Generation, GenerationRequest, RolloutEngine
 
 
 def build_engine(cfg: RolloutConfig, model_path: str | Path, version: int = 0, run_dir: str | Path | None = None,
-                 group: str = "policy", server: int | None = None) -> RolloutEngine:
+                 group: str = "policy", server: int | None = None, return_routing: bool = False) -> RolloutEngine:
     """An engine serving `model_path` as `version`. SGLang servers already serve the weights they were
     launched with; their engine only records the version (it loads others with `load_weights`).
-    `server`: only that server of the group (SGLang), so that servers of one group can hold different weights."""
+    `server`: only that server of the group (SGLang), so that servers of one group can hold different weights.
+    `return_routing`: generations carry a MoE model's routing (the in-process engine only)."""
     if cfg.backend == "local":
         from .local import LocalEngine
 
-        return LocalEngine(model_path, version)
+        return LocalEngine(model_path, version, return_routing=return_routing)
+    if return_routing:
+        raise ValueError("rollout.backend=sglang does not return the experts it routes to here")
     if cfg.backend == "sglang":
         from ..model.hf import stop_token_ids
         from .sglang_engine import SGLangEngine

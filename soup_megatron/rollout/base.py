@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Protocol, Sequence
+from typing import Mapping, Optional, Protocol, Sequence
 
 import torch
 
@@ -31,6 +31,9 @@ class Generation:
     logprobs: list[float]
     finish_reason: str  # "stop" (a stop token generated, and included: any EOS id the checkpoint names) | "length"
     version: int
+    # with routing returned (a MoE model): int16 [context + new tokens - 1, layers, k], the experts each layer
+    # chose for every position the engine computed (model/routing.py)
+    routing: Optional[torch.Tensor] = None
 
 
 class RolloutEngine(Protocol):

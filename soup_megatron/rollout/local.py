@@ -2,7 +2,9 @@
 
 Finished rows leave the batch (their cache rows are dropped once a quarter of the batch is done), so
 a batch whose rows need fewer new tokens, as SOUP continuations do, costs fewer decode FLOPs than a
-batch of full on-policy samples.
+batch of full on-policy samples. With `return_routing` (a mixture-of-experts model, for routing replay)
+each generation also carries the experts every layer chose for each position it computed: the context's
+in the prefill, then each generated token but the last as it is fed back.
 """
 
 from __future__ import annotations
@@ -22,12 +24,14 @@ from ..model.hf import (
     stop_token_ids,
     token_logprobs,
 )
+from ..model.routing import RoutingTap
 from .base import Generation, GenerationRequest, WeightSource
 
 
 class LocalEngine:
-    def __init__(self, model_path: str | Path, version: int = 0, max_batch: int = 256):
+    def __init__(self, model_path: str | Path, version: int = 0, max_batch: int = 256, return_routing: bool = False):
         self.model = load_model(model_path)
+        self.routing = RoutingTap(self.model) if return_routing else None
         tokenizer = load_tokenizer(model_path)
         self.pad_id = pad_token_id(tokenizer)
         self.stop_ids = stop_token_ids(model_path, tokenizer)  # a response ends at any of them
@@ -62,10 +66,13 @@ class LocalEngine:
         step_ids, step_pos = ids, positions
         produced = 0
         finished = torch.zeros(len(active), dtype=torch.bool)
+        routed: dict[int, list[torch.Tensor]] = {idx: [] for idx in active.tolist()}
         while True:
             out = self.model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos,
                              past_key_values=cache, use_cache=True)
             cache = out.past_key_values
+            if self.routing is not None:
+                self._keep_routing(routed, active, finished, mask, step_ids.shape[1])
             logits = out.logits[:, -1].float()
             if temperature > 0:
                 logp_all = F.log_softmax(logits / temperature, dim=-1)
@@ -97,7 +104,23 @@ class LocalEngine:
             mask = torch.cat([mask, torch.ones((len(active), 1), dtype=mask.dtype)], dim=1)
             step_pos = step_pos[:, -1:] + 1
             step_ids = token[:, None]
+        for idx, parts in routed.items():
+            if self.routing is not None:
+                results[idx].routing = torch.cat(parts)
         return results
+
+    def _keep_routing(self, routed: dict, active: torch.Tensor, finished: torch.Tensor, mask: torch.Tensor,
+                      width: int) -> None:
+        """The experts of the positions just computed that the row's sample needs: its whole (left-padded)
+        context in the prefill, then the fed-back token of each row still generating (a row's last token
+        is never fed back: it predicts nothing)."""
+        chosen = self.routing.take(len(active), width)
+        prefill = width > 1
+        for row, (idx, done) in enumerate(zip(active.tolist(), finished.tolist())):
+            if prefill:
+                routed[idx].append(chosen[row, width - int(mask[row].sum()):])
+            elif not done:
+                routed[idx].append(chosen[row])
 
     @torch.no_grad()
     def score(self, contexts: Sequence[Sequence[int]], targets: Sequence[Sequence[int]],

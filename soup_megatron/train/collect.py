@@ -129,6 +129,7 @@ class Collector:
             s.versions += [g.version] * len(g.token_ids)
             s.segments += [CONTINUATION] * len(g.token_ids)
             s.finish_reason = g.finish_reason
+            s.routing = g.routing
         info = {"mix/replay_misses": float(misses),
                 "tokens/decoded": float(sum(len(g.token_ids) for g in generations)),
                 "tokens/prefix": float(sum(s.cut for s in samples)),

@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Optional
 
 from ..actor import build_actor
-from ..config import ActorConfig, Config, RolloutConfig, samples_per_update
+from ..config import ActorConfig, Config, ConfigError, RolloutConfig, samples_per_update
 from ..log import get_logger
+from ..model.routing import is_moe_checkpoint
 from ..rollout import RolloutEngine, build_engine
 from .weight_sync import WeightSync, sync_mode
 
@@ -50,6 +51,9 @@ class Runtime:
 
     def __init__(self, cfg: Config, out_dir: Path, history_servers: bool):
         self.servers = self.engine = self.ref_engine = self.colocated_history = None
+        if cfg.actor.routing_replay != "none" and not is_moe_checkpoint(cfg.model.path):
+            raise ConfigError(f"actor.routing_replay={cfg.actor.routing_replay}: model.path={cfg.model.path} is a dense "
+                              "model (no experts to route to); set actor.routing_replay=none")
         self.actor = build_actor(cfg.actor, cfg.model.path, samples_per_update(cfg))
         try:
             if cfg.rollout.backend == "sglang":
@@ -58,7 +62,8 @@ class Runtime:
                 self.servers = RolloutServers(cfg.rollout.sglang, cfg.model.path, out_dir,
                                               ["policy"] + (["history"] if history_servers else []),
                                               colocated=cfg.soup.history_placement == "colocated").start()
-            self.engine = build_engine(cfg.rollout, cfg.model.path, 0, out_dir)
+            self.engine = build_engine(cfg.rollout, cfg.model.path, 0, out_dir,
+                                       return_routing=cfg.actor.routing_replay == "rollout")
             self.weight_sync = WeightSync(sync_mode(cfg.rollout.backend, cfg.rollout.weight_sync), self.actor,
                                           self.engine, out_dir)
             if cfg.algo.kl_coef > 0:

@@ -21,7 +21,8 @@ from ..algo.stats import mean_over_updates, segment_stats
 from ..config import Config
 from ..model.hf import pad_rows
 from ..rollout.base import RolloutEngine
-from ..sample import CONTINUATION, PROMPT, Sample
+from ..model.routing import NOT_GIVEN, disagreement
+from ..sample import CONTINUATION, PROMPT, SEGMENT_NAMES, Sample
 from .stage import Timer, step_seed
 
 
@@ -55,7 +56,8 @@ class Updater:
                 segment[i, p - 1: p - 1 + r] = torch.tensor(s.segments, dtype=torch.long)
             behaviour[i, p - 1: p - 1 + r] = torch.tensor(s.behaviour_logp)
             versions[i, p - 1: p - 1 + r] = torch.tensor(s.versions, dtype=torch.long)
-        return TokenBatch(ids, mask, segment, behaviour, versions, torch.tensor([s.advantage for s in samples]))
+        return TokenBatch(ids, mask, segment, behaviour, versions, torch.tensor([s.advantage for s in samples]),
+                          routing=rollout_routing(samples, width - 1))
 
     def check_staleness(self, batch: TokenBatch) -> dict:
         """Per continuation token the update trains on: the trainer's version minus the version that wrote it;
@@ -86,9 +88,19 @@ class Updater:
             trained = [self._rows_to_train(rows, zero) for rows in updates]
             scored = sorted(set().union(*(r.tolist() for r in trained)))
             batch.old_logp = torch.zeros_like(batch.behaviour_logp)
+            routing = {}
             if scored:
                 rows = torch.tensor(scored)
-                old_logp, _ = self.actor.logprobs(batch.select(rows), c.rollout.temperature)
+                if c.actor.routing_replay == "none":
+                    old_logp, _ = self.actor.logprobs(batch.select(rows), c.rollout.temperature)
+                else:
+                    if c.actor.routing_replay == "recorded":
+                        batch.routing = None  # the log-prob pass routes freely; the update replays its choice
+                    old_logp, _, natural = self.actor.logprobs(batch.select(rows), c.rollout.temperature,
+                                                               with_routing=True)
+                    routing = replay_routing(batch, rows, natural)
+                    if c.actor.routing_replay == "recorded":
+                        routing = {}  # nothing was given: the update replays the log-prob pass's own choice
                 batch.old_logp[rows, : old_logp.shape[1]] = old_logp
             if self.ref_engine is not None:
                 batch.ref_logp = self._reference_logprobs(batch)
@@ -117,6 +129,7 @@ class Updater:
             self.actor.version = step + 1
         stats = mean_over_updates(per_update)
         stats.update(correction)
+        stats.update(routing)
         stats.update({"train/zero_loss_samples": float(zero.sum()),
                       "train/samples_trained": float(sum(len(r) for r in trained)) / c.algo.epochs,
                       "train/updates_skipped": float(len(updates) - len(per_update))})
@@ -149,6 +162,49 @@ class Updater:
         for i, s in enumerate(scores):
             ref[i, : len(s)] = torch.tensor(s)
         return ref
+
+
+def rollout_routing(samples: list[Sample], positions: int) -> Optional[torch.Tensor]:
+    """The rollout engine's routing of each sample as [N, positions, layers, k] (NOT_GIVEN past a sample's
+    end and for a sample without one), or None when no sample has one."""
+    given = [s for s in samples if s.routing is not None]
+    if not given:
+        return None
+    out = torch.full((len(samples), positions, *given[0].routing.shape[1:]), NOT_GIVEN, dtype=torch.int16)
+    for i, s in enumerate(samples):
+        if s.routing is None:
+            continue
+        expected = len(s.prompt_ids) + len(s.response_ids) - 1
+        if s.routing.shape[0] != expected:
+            raise RuntimeError(f"the rollout engine returned routing for {s.routing.shape[0]} positions of a sample "
+                               f"of {expected + 1} tokens (expected {expected}: all but the last)")
+        out[i, :expected] = s.routing
+    return out
+
+
+def replay_routing(batch: TokenBatch, rows: torch.Tensor, natural: torch.Tensor) -> dict:
+    """Set what the update replays: the routing given with the batch (the rollout engine's) and, where none
+    is given, `natural`, what the trainer's log-prob pass of `rows` chose. Returns how often the two differ
+    (any layer's expert set) among the positions given, per segment of the token each position predicts,
+    and the share of positions given."""
+    positions = natural.shape[1]
+    given = batch.routing[rows, :positions] if batch.routing is not None else torch.full_like(natural, NOT_GIVEN)
+    has = given[..., 0, 0] >= 0
+    differ = disagreement(natural, given) & has
+    valid = batch.attention_mask[rows, 1: positions + 1] > 0
+    if batch.routing is None:
+        batch.routing = torch.full((len(batch), batch.segment.shape[1], *natural.shape[2:]), NOT_GIVEN,
+                                   dtype=torch.int16)
+    batch.routing[rows, :positions] = torch.where(has[..., None, None], given, natural)
+    stats = {"moe/routing_given_share": float(has.sum() / valid.sum().clamp(min=1))}
+    if has.any():
+        stats["moe/routing_disagreement"] = float(differ.sum() / has.sum())
+        segment = batch.segment[rows, :positions]
+        for code, name in SEGMENT_NAMES.items():
+            part = has & (segment == code)
+            if part.any():
+                stats[f"moe/routing_disagreement/{name}"] = float(differ[part].sum() / part.sum())
+    return stats
 
 
 def overlong_stats(samples: list[Sample], overlong_filter: bool) -> dict:
