@@ -556,9 +556,10 @@ def cross_section_rules(c: Config) -> Iterator[Rule]:
     yield ("actor.routing_replay", c.actor.routing_replay != "rollout" or c.rollout.backend == "local",
            "none or recorded with rollout.backend=sglang: its servers are not started to return the experts "
            "they route to, so replaying the rollout's routing needs rollout.backend=local")
-    yield ("actor.routing_replay", c.actor.routing_replay == "none" or c.actor.backend == "local",
-           "none with actor.backend=megatron: megatron's RouterReplay is not wired into this actor yet "
-           "(actor.backend=local replays)")
+    yield ("actor.routing_replay", c.actor.routing_replay == "none" or c.actor.backend == "local"
+           or c.actor.megatron.recompute == "none",
+           "none with actor.megatron.recompute (a recomputed forward pass would replay another micro-batch's "
+           "experts)")
     yield ("reward.type", c.data.source != "countdown" or c.reward.type in ("countdown", "custom"),
            "countdown (or custom) with data.source=countdown")
     yield ("reward.type", c.reward.type != "countdown" or c.data.source != "arithmetic",

@@ -100,22 +100,39 @@ def _max_rel(a: dict, b: dict) -> float:
 
 
 def actor_parity(model_dir: str, tp: int, pp: int, vp: int, cp: int, sp: bool, work: Path, max_tokens: int = 0,
-                 ep: int = 1) -> dict:
+                 ep: int = 1, replay: bool = False) -> dict:
     """One SOUP update on the megatron actor (TP=tp, with sequence parallelism if sp, x PP=pp with vp model
     chunks per stage x CP=cp, the rest data parallel, a MoE model's experts over EP=ep of those; micro-batches
-    by a token budget when max_tokens > 0)
+    by a token budget when max_tokens > 0; with `replay` both replay one routing, the local router's own
+    choice with the experts of every other position moved and every fourth position left free)
     vs the local actor (micro-batches of 3 rows), with a TIS rollout correction on the continuation. Every
     rank calls the actor's per-rank methods directly (SPMD), so gradients can be compared too."""
     megatron = MegatronConfig(tensor_parallel=tp, pipeline_parallel=pp, virtual_pipeline=vp, context_parallel=cp,
                               sequence_parallel=sp, expert_parallel=ep)
-    acfg = ActorConfig(lr=1e-3, grad_clip=0.3, micro_batch_size=3, megatron=megatron)
+    acfg = ActorConfig(lr=1e-3, grad_clip=0.3, micro_batch_size=3, megatron=megatron,
+                       routing_replay="rollout" if replay else "none")
     loss_cfg = LossConfig(prefix_mode="clip", loss_agg="token_mean", entropy_coef=0.01)
     mega_cfg = ActorConfig(**{**acfg.__dict__, "backend": "megatron", "max_tokens_per_micro_batch": max_tokens})
     mega = build_actor(mega_cfg, model_dir, samples_per_update=8)
     local = build_actor(acfg, model_dir)
     batch = soup_batch(local.model.config.vocab_size)
-    logp_local, ent_local = local.logprobs(batch, 0.8, with_entropy=True)
-    logp_mega, ent_mega = mega._logprobs(mega.own_rows(batch), 0.8, True)
+    replayed = {}
+    if replay:
+        natural_logp, _, natural = local.logprobs(batch, 0.8, with_routing=True)
+        given = natural.clone()
+        given[:, ::2] = (given[:, ::2] + 1) % local.model.config.num_experts
+        given[:, 1::4] = -1
+        batch.routing = given
+    logp_local, ent_local = local.logprobs(batch, 0.8, with_entropy=True)[:2]
+    if replay:
+        logp_mega, ent_mega, routed_mega = mega._logprobs(mega.own_rows(batch), 0.8, True, True)
+        routed_local = local.logprobs(batch, 0.8, with_routing=True)[2]
+        real_positions = batch.attention_mask[:, 1:] > 0
+        replayed = {"replay_moved_logp": float((logp_local - natural_logp)[batch.segment != PROMPT].abs().max()),
+                    "routing_differs_at": int((routed_mega != routed_local)[real_positions].any(-1).any(-1).sum())
+                    if dist.get_rank() == 0 else 0}
+    else:
+        logp_mega, ent_mega = mega._logprobs(mega.own_rows(batch), 0.8, True)
     real = batch.segment != PROMPT
     batch.old_logp = logp_local
     batch.behaviour_logp = logp_local + 0.3 * torch.randn(logp_local.shape, generator=torch.Generator().manual_seed(3))
@@ -159,6 +176,7 @@ def actor_parity(model_dir: str, tp: int, pp: int, vp: int, cp: int, sp: bool, w
     clear = {k: grads_local[k].abs() > 1e-6 for k in update_mega}
     update_gap = max(float((update_local[k] - update_mega[k])[clear[k]].abs().max()) for k in update_mega)
     return {
+        **replayed,
         "sequence_parallel": mega.chunks[0].config.sequence_parallel,
         "micro_batch_rows": [len(rows) for rows, _ in mega._micro_batches(mega.own_rows(batch))],
         "corrected_tokens": int((batch.correction[real] < 1).sum()),
@@ -193,6 +211,7 @@ def main() -> None:
     parser.add_argument("--cp", type=int, default=1)
     parser.add_argument("--sp", action="store_true", help="sequence parallelism (with tp > 1)")
     parser.add_argument("--ep", type=int, default=1, help="expert parallelism (a MoE model)")
+    parser.add_argument("--replay", action="store_true", help="both actors replay one given routing (a MoE model)")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--work", type=Path)
     parser.add_argument("--max-tokens", type=int, default=0, help="the megatron actor's token budget per micro-batch")
@@ -202,7 +221,7 @@ def main() -> None:
         result = logits_differences(args.models, args.tp)
     else:
         result = actor_parity(args.models[0], args.tp, args.pp, args.vp, args.cp, args.sp, args.work, args.max_tokens,
-                              args.ep)
+                              args.ep, args.replay)
     if dist.get_rank() == 0:
         args.out.write_text(json.dumps(result, indent=1))
 

@@ -158,16 +158,25 @@ def test_megatron_actor_matches_local_actor(tiny_model_kv2, tiny_model_4_layers,
     assert_parity(json.loads((tmp_path / "r.json").read_text()), sp, nothing_sharded=ranks == tp * pp)
 
 
-@pytest.mark.parametrize("tp, ep, ranks", [(1, 2, 2), pytest.param(2, 2, 4, marks=pytest.mark.slow)],
-                         ids=["ep2", "tp2-sp-ep2"])
-def test_megatron_moe_actor_matches_local_actor(tiny_moe_model, tmp_path, tp, ep, ranks):
+@pytest.mark.parametrize("tp, ep, pp, replay, ranks", [
+    (1, 2, 1, True, 2), pytest.param(1, 2, 1, False, 2, marks=pytest.mark.slow),
+    pytest.param(2, 2, 1, True, 4, marks=pytest.mark.slow), pytest.param(1, 1, 2, True, 2, marks=pytest.mark.slow)],
+    ids=["ep2-replay", "ep2", "tp2-sp-ep2-replay", "pp2-replay"])
+def test_megatron_moe_actor_matches_local_actor(tiny_moe_model, tmp_path, tp, ep, pp, replay, ranks):
     """A Qwen3-MoE with its 4 experts split over two expert-parallel ranks (the alltoall dispatcher sends each
     token to the ranks of its experts; with tensor parallelism each expert is split too, under the sequence
-    parallelism megatron requires there): log-probs, one SOUP update and save/resume as in the dense layouts."""
-    run("tests/mcore_ranks.py", "actor", tiny_moe_model, "--tp", tp, "--ep", ep, *(["--sp"] if tp > 1 else []),
+    parallelism megatron requires there), or its layers over two pipeline stages: log-probs, one SOUP update
+    and save/resume as in the dense layouts. With replay both actors route by one given routing (other experts
+    than the routers' own at half the positions): it moves the log-probs, and megatron's routers report the
+    same own choices as the local ones."""
+    run("tests/mcore_ranks.py", "actor", tiny_moe_model, "--tp", tp, "--ep", ep, "--pp", pp,
+        *(["--sp"] if tp > 1 else []), *(["--replay"] if replay else []),
         "--out", tmp_path / "r.json", "--work", tmp_path, ranks=ranks)
+    r = json.loads((tmp_path / "r.json").read_text())
     # an expert gets a share of the tokens only, so fewer of its gradient entries are clearly non-zero
-    assert_parity(json.loads((tmp_path / "r.json").read_text()), tp > 1, nothing_sharded=False, compared=0.8)
+    assert_parity(r, tp > 1, nothing_sharded=ranks == tp * pp, compared=0.8)
+    if replay:
+        assert r["replay_moved_logp"] > 1e-3 and r["routing_differs_at"] == 0
 
 
 def test_token_budget_micro_batches_match_row_micro_batches(tiny_model_kv2, tmp_path):
@@ -200,29 +209,36 @@ def assert_parity(r: dict, sp: bool, nothing_sharded: bool, compared: float = 0.
 @pytest.mark.slow  # 74 s each; the default tier's parity tests run the actor on two ranks
 @pytest.mark.parametrize("layout, converted_with", [
     (["tensor_parallel=2"], "--pp"), (["pipeline_parallel=2"], "--tp"),
-    (["pipeline_parallel=2", "virtual_pipeline=2"], "--pp"), (["context_parallel=2"], "--tp"), ([], "--tp")],
-    ids=["tensor", "pipeline", "interleaved", "context", "data"])
-def test_soup_run_with_megatron_actor_on_two_ranks(tiny_model_kv2, tiny_model_4_layers, tmp_path, layout,
-                                                   converted_with):
+    (["pipeline_parallel=2", "virtual_pipeline=2"], "--pp"), (["context_parallel=2"], "--tp"), ([], "--tp"),
+    (["expert_parallel=2"], "--pp")],
+    ids=["tensor", "pipeline", "interleaved", "context", "data", "experts-replayed"])
+def test_soup_run_with_megatron_actor_on_two_ranks(tiny_model_kv2, tiny_model_4_layers, tiny_moe_model, tmp_path,
+                                                   layout, converted_with):
     """`torchrun -m soup_megatron.cli train actor.backend=megatron` on two tensor-parallel ranks, two
-    pipeline stages, two stages of two interleaved model chunks, or two context-parallel ranks: rank 0
+    pipeline stages, two stages of two interleaved model chunks, two context-parallel ranks, or a MoE
+    model's experts over two expert-parallel ranks replaying the in-process engine's routing: rank 0
     drives, rank 1 follows; the actor starts from a converted checkpoint (written with another layout);
     the run trains, checkpoints (torch_dist + HF history), resumes and exports; both ranks exit."""
     from tests.conftest import TINY
 
-    model = tiny_model_4_layers if "virtual_pipeline=2" in layout else tiny_model_kv2
+    moe = "expert_parallel=2" in layout
+    model = tiny_model_4_layers if "virtual_pipeline=2" in layout else tiny_moe_model if moe else tiny_model_kv2
     # the actor starts from a converted megatron checkpoint (as `launch.convert_from_hf` arranges)
     run("tools/convert_hf_to_megatron.py", "--hf", model, "--out", tmp_path / "mcore", converted_with, 2)
     args = ["-m", "soup_megatron.cli", "train", "--config", "configs/tiny_cpu.yaml", *TINY,
             f"model.path={model}", "model.tiny.num_kv_heads=2", f"trainer.out_dir={tmp_path / 'run'}",
             "actor.backend=megatron", *(f"actor.megatron.{size}" for size in layout),
-            f"actor.megatron.checkpoint={tmp_path / 'mcore'}", "trainer.eval_interval=0", "trainer.save_interval=2"]
+            f"actor.megatron.checkpoint={tmp_path / 'mcore'}", "trainer.eval_interval=0", "trainer.save_interval=2",
+            *(["model.tiny.num_experts=4", "actor.routing_replay=rollout"] if moe else [])]
     run(*args, "trainer.steps=2", ranks=2)
     run(*args, "trainer.steps=3", ranks=2)  # resumes from step 2
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in rows if "loss" in r]
     assert steps == [1, 2, 3]
     assert all(r["logp_gap/max"] < 1e-4 for r in rows if "logp_gap/max" in r)  # engine weights = actor weights
+    if moe:  # the engine's routing (in fp32, as the trainer's) is replayed at every scored position
+        assert all(r["moe/routing_given_share"] == 1.0 and r["moe/routing_disagreement"] < 0.01
+                   for r in rows if "loss" in r)
     sent = [r for r in rows if "loss" in r]
     assert all(r["megatron/bytes_sent"] > 0 for r in sent)
     if not layout:  # two data-parallel replicas: rank 1 gets half the rows, not the whole pickled batch

@@ -138,8 +138,8 @@ def test_replay_settings_are_refused_where_they_cannot_work(make_config, tiny_mo
         Trainer(make_config("actor.routing_replay=recorded", out="dense"))
     with pytest.raises(ConfigError, match="actor.routing_replay.*rollout.backend=sglang"):
         make_config("actor.routing_replay=rollout", "rollout.backend=sglang")
-    with pytest.raises(ConfigError, match="actor.routing_replay.*actor.backend=megatron"):
-        make_config("actor.routing_replay=recorded", "actor.backend=megatron")
+    with pytest.raises(ConfigError, match="actor.routing_replay.*with actor.megatron.recompute"):
+        make_config("actor.routing_replay=recorded", "actor.backend=megatron", "actor.megatron.recompute=full")
     with pytest.raises(ConfigError, match="model.tiny.top_k.*between 1 and model.tiny.num_experts=4"):
         load_config("configs/tiny_moe_cpu.yaml", ["model.tiny.top_k=5"])
     with pytest.raises(ConfigError, match="actor.moe.aux_loss_coef.*actor.backend=megatron"):

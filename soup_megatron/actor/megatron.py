@@ -28,6 +28,7 @@ from ..config import ActorConfig, MegatronConfig
 from ..mcore import checkpoint, cpu_compat, parallel
 from ..mcore.logprobs import vocab_parallel_logprobs
 from ..mcore.model import Architecture, padded_vocab_size, read_architecture
+from ..mcore.routing_replay import MegatronRouting
 from ..mcore.weights import build_chunks, mark_tensor_parallel
 from ..model.hf import CheckpointError
 from .base import PER_TOKEN_STATS, TokenBatch, padding_share, per_token_stats, plan_micro_batches
@@ -71,7 +72,11 @@ class MegatronActor:
             parallel.check_batch_split(samples_per_update, self.layout)
         self.device = (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
                        else torch.device("cpu"))
-        self.chunks, self.params = build_chunks(self.arch, mc, self.layout, cfg.moe)  # one per virtual pipeline stage
+        replay = cfg.routing_replay != "none"
+        # one per virtual pipeline stage
+        self.chunks, self.params = build_chunks(self.arch, mc, self.layout, cfg.moe, routing_replay=replay)
+        self.routing = (MegatronRouting(self.chunks, self.layout, self.chunks[0].config.sequence_parallel,
+                                        self.arch.moe_top_k) if replay else None)
         for chunk, params in zip(self.chunks, self.params):
             mark_tensor_parallel(chunk, params)
         self.padded_vocab = padded_vocab_size(self.arch.vocab_size, mc)
@@ -115,7 +120,7 @@ class MegatronActor:
     def _execute(self, command: Command, rows: Optional[RankRows]):
         """Run `command` on this rank (with this data-parallel rank's `rows` of its batch)."""
         if isinstance(command, LogProbs):
-            return self._logprobs(rows, command.temperature, command.with_entropy)
+            return self._logprobs(rows, command.temperature, command.with_entropy, command.with_routing)
         if isinstance(command, TrainMinibatch):
             return self._train_minibatch(rows, command.loss_cfg, command.temperature, command.scale)
         if isinstance(command, RolloutWeights):
@@ -150,8 +155,10 @@ class MegatronActor:
         return RankRows.of(batch, self.layout.dp_rank, self.layout.dp)
 
     # ---- the actor protocol (driver side) ----------------------------------------------------------
-    def logprobs(self, batch: TokenBatch, temperature: float, with_entropy: bool = False):
-        return self._run(LogProbs(temperature, with_entropy), batch)
+    def logprobs(self, batch: TokenBatch, temperature: float, with_entropy: bool = False, with_routing: bool = False):
+        if with_routing and self.routing is None:
+            raise ValueError("routing asked of a megatron actor without routing replay (actor.routing_replay=none)")
+        return self._run(LogProbs(temperature, with_entropy, with_routing), batch)
 
     def rows_per_update(self, rows: int) -> int:
         return parallel.rows_per_update(rows, self.layout)
@@ -215,12 +222,14 @@ class MegatronActor:
                                        with_entropy, ps.get_tensor_model_parallel_group(),
                                        self.cfg.megatron.logprob_chunk)
 
-    def _run_schedule(self, rows: RankRows, loss_of_logits, forward_only: bool) -> list:
+    def _run_schedule(self, rows: RankRows, loss_of_logits, forward_only: bool, routed: Optional[list] = None
+                      ) -> list:
         """This rank's microbatches through megatron's forward/backward schedule, each over this rank's
-        positions of the sequence (all, or its share with context parallelism). `loss_of_logits(logits, mb,
-        part)` runs on the last pipeline stage and returns (loss, token count, per-token outputs at full
-        width, zero at the other context-parallel ranks' positions). Returns [(rows, outputs)] per
-        microbatch on the last stage, [] on the others."""
+        positions of the sequence (all, or its share with context parallelism), a MoE model's routers
+        replaying `mb.routing` where given. `loss_of_logits(logits, mb, part)` runs on the last pipeline stage
+        and returns (loss, token count, per-token outputs at full width, zero at the other context-parallel
+        ranks' positions). Returns [(rows, outputs)] per microbatch on the last stage, [] on the others;
+        `routed` gets (rows, what this rank's routers chose) per microbatch and model chunk."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         micro = self._micro_batches(rows)
@@ -228,12 +237,17 @@ class MegatronActor:
             return []
 
         def forward_step(data_iterator, model):  # called per model chunk, each with its own pass over `micro`
-            _, mb = next(data_iterator)
+            index, mb = next(data_iterator)
             part = parallel.SequenceSlice.of(mb.input_ids.shape[1], self.layout,
                                              self.chunks[0].config.sequence_parallel)
             ids = part.take(mb.input_ids, self.device)
             positions = part.index.to(self.device)[None].expand_as(ids)
+            chunk = self.ddp.index(model)
+            if self.routing is not None:
+                self.routing.give(chunk, mb.routing, part)
             output = model(input_ids=ids, position_ids=positions, attention_mask=None)  # last stage: [N, T_r, V / tp]
+            if routed is not None:
+                routed.append((index, self.routing.taken(chunk, len(mb), part, self.arch.num_layers)))
             return output, lambda logits: loss_of_logits(logits, mb, part)
 
         with cpu_compat.cuda_on_cpu():
@@ -262,11 +276,12 @@ class MegatronActor:
             chunk.train(on)
 
     @torch.no_grad()
-    def _logprobs(self, rows: RankRows, temperature: float, with_entropy: bool):
+    def _logprobs(self, rows: RankRows, temperature: float, with_entropy: bool, with_routing: bool = False):
         self._train_mode(False)
         shape = (rows.total, rows.width - 1)
         logp = torch.zeros(shape)
         entropy = torch.zeros(shape)
+        routed = [] if with_routing else None
 
         def per_token(logits, mb, part):
             lp, ent = self._token_logprobs(logits, mb, part, temperature, with_entropy)
@@ -274,13 +289,33 @@ class MegatronActor:
             return torch.zeros(()), torch.tensor(0, dtype=torch.int), {
                 "logp": part.put(lp, width), "entropy": part.put(ent, width) if with_entropy else None}
 
-        for index, out in self._run_schedule(rows, per_token, forward_only=True):
+        for index, out in self._run_schedule(rows, per_token, forward_only=True, routed=routed):
             width = out["logp"].shape[1]
             logp[index, :width] = out["logp"].cpu()
             if with_entropy:
                 entropy[index, :width] = out["entropy"].cpu()
         self._sum_to_driver(logp, entropy)
-        return logp, (entropy if with_entropy else None)
+        if not with_routing:
+            return logp, (entropy if with_entropy else None)
+        return logp, (entropy if with_entropy else None), self._routing_to_driver(rows, routed)
+
+    def _routing_to_driver(self, rows: RankRows, routed: list) -> torch.Tensor:
+        """What the routers chose, [rows, T-1, layers, k] on global rank 0: every (row, position, layer) is
+        routed by one rank (its data-parallel replica, context- and, under the sequence parallelism MoE layers
+        need with tensor parallelism, tensor-parallel rank, pipeline stage), so a sum over ranks assembles it."""
+        from megatron.core import parallel_state as ps
+
+        out = torch.zeros(rows.total, rows.width - 1, self.arch.num_layers, self.arch.moe_top_k, dtype=torch.int32)
+        for index, chosen in routed:
+            width = min(chosen.shape[1], rows.width - 1)
+            out[index, :width] += chosen[:, :width].int()
+        for size, group in ((self.layout.tp, ps.get_tensor_model_parallel_group),
+                            (self.layout.cp, ps.get_context_parallel_group),
+                            (self.layout.dp, ps.get_data_parallel_group),
+                            (self.layout.pp, ps.get_pipeline_model_parallel_group)):
+            if size > 1:
+                dist.all_reduce(out, group=group())
+        return out.to(torch.int16)
 
     def _train_minibatch(self, rows: RankRows, loss_cfg: LossConfig, temperature: float, scale: LossScale) -> dict:
         from megatron.core.distributed import finalize_model_grads

@@ -25,6 +25,7 @@ from .base import TokenBatch, trim
 class LogProbs:
     temperature: float
     with_entropy: bool
+    with_routing: bool = False
 
 
 @dataclass(frozen=True)
@@ -93,16 +94,17 @@ class Header:
     total: int = 0
     width: int = 0
     slices: tuple[tuple[int, int], ...] = ()  # per data-parallel rank: (rows, trimmed width)
-    tensors: tuple[tuple[str, str, int], ...] = ()  # present TokenBatch fields: (name, dtype, columns less than width)
+    # present TokenBatch fields: (name, dtype, columns less than width or -1 for one per row, trailing dimensions)
+    tensors: tuple[tuple[str, str, int, tuple[int, ...]], ...] = ()
 
 
-def _specs(batch: TokenBatch) -> tuple[tuple[str, str, int], ...]:
+def _specs(batch: TokenBatch) -> tuple[tuple[str, str, int, tuple[int, ...]], ...]:
     out = []
     for f in fields(batch):
         value = getattr(batch, f.name)
         if value is not None:
             short = -1 if value.dim() == 1 else batch.input_ids.shape[1] - value.shape[1]
-            out.append((f.name, str(value.dtype).removeprefix("torch."), short))
+            out.append((f.name, str(value.dtype).removeprefix("torch."), short, tuple(value.shape[2:])))
     return tuple(out)
 
 
@@ -137,7 +139,7 @@ class CommandChannel:
             for rank in range(1, self.world):
                 part = parts[self.dp_ranks[rank]] if parts else None
                 if part is not None and len(part.index):
-                    for name, _, _ in header.tensors:
+                    for name, *_ in header.tensors:
                         tensor = getattr(part.batch, name).contiguous().to(self.device)
                         dist.send(tensor, dst=rank)
                         self.sent_bytes += tensor.numel() * tensor.element_size()
@@ -152,8 +154,8 @@ class CommandChannel:
             return header.command, None
         rows, width = header.slices[self.dp_rank]
         tensors = {}
-        for name, dtype, short in header.tensors:
-            shape = (rows,) if short < 0 else (rows, width - short)
+        for name, dtype, short, trailing in header.tensors:
+            shape = (rows,) if short < 0 else (rows, width - short, *trailing)
             tensor = torch.empty(shape, dtype=getattr(torch, dtype), device=self.device)
             if rows:
                 dist.recv(tensor, src=0)

@@ -184,7 +184,7 @@ def transformer_engine_available() -> bool:
     return True
 
 
-def moe_arguments(arch: Architecture, cfg: MegatronConfig, moe: MoEConfig) -> dict:
+def moe_arguments(arch: Architecture, cfg: MegatronConfig, moe: MoEConfig, routing_replay: bool = False) -> dict:
     """TransformerConfig's mixture-of-experts arguments ({} for a dense model). HF's router takes the softmax
     over all experts, then the top-k, renormalised with norm_topk_prob; megatron's `pre_softmax=False` takes
     the softmax over the top-k logits, which is the renormalised top-k, and `pre_softmax=True` is the other."""
@@ -204,10 +204,12 @@ def moe_arguments(arch: Architecture, cfg: MegatronConfig, moe: MoEConfig) -> di
         expert_model_parallel_size=cfg.expert_parallel,
         moe_grouped_gemm=False,  # one GEMM per expert (SequentialMLP): grouped GEMM kernels need a GPU
         moe_permute_fusion=False,
+        moe_enable_routing_replay=routing_replay,  # each router gets a RouterReplay (mcore/routing_replay.py)
     )
 
 
-def transformer_config(arch: Architecture, cfg: MegatronConfig, use_te: bool, moe: MoEConfig = MoEConfig()):
+def transformer_config(arch: Architecture, cfg: MegatronConfig, use_te: bool, moe: MoEConfig = MoEConfig(),
+                       routing_replay: bool = False):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     if cfg.fp8 and not use_te:
@@ -261,7 +263,7 @@ def transformer_config(arch: Architecture, cfg: MegatronConfig, use_te: bool, mo
         persist_layer_norm=False,
         **fp8,
         **recompute,
-        **moe_arguments(arch, cfg, moe),
+        **moe_arguments(arch, cfg, moe, routing_replay),
     )
 
 
@@ -328,7 +330,7 @@ def layer_spec(arch: Architecture, cfg: MegatronConfig, use_te: bool):
 
 
 def build_gpt_model(arch: Architecture, cfg: MegatronConfig, pre_process: bool = True, post_process: bool = True,
-                    vp_stage: int | None = None, moe: MoEConfig = MoEConfig()):
+                    vp_stage: int | None = None, moe: MoEConfig = MoEConfig(), routing_replay: bool = False):
     """One model chunk of this rank (its pipeline stage, its tensor-parallel slices)."""
     from megatron.core.models.gpt import GPTModel
 
@@ -339,7 +341,7 @@ def build_gpt_model(arch: Architecture, cfg: MegatronConfig, pre_process: bool =
     use_te = transformer_engine_available()
     with cpu_compat.cuda_on_cpu():  # a tied last stage moves its embedding copy with `.cuda()`
         model = GPTModel(
-            config=transformer_config(arch, cfg, use_te, moe),
+            config=transformer_config(arch, cfg, use_te, moe, routing_replay),
             transformer_layer_spec=layer_spec(arch, cfg, use_te),
             vocab_size=padded_vocab_size(arch.vocab_size, cfg),
             max_sequence_length=arch.max_positions,

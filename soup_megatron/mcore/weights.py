@@ -126,10 +126,11 @@ def model_ends(stage: int, stages: int, chunk: int, chunks: int) -> tuple[bool, 
     return stage == 0 and chunk == 0, stage == stages - 1 and chunk == chunks - 1
 
 
-def build_chunks(arch: Architecture, mc, layout, moe=None) -> tuple[list, list[list[ParamMap]]]:
+def build_chunks(arch: Architecture, mc, layout, moe=None, routing_replay: bool = False
+                 ) -> tuple[list, list[list[ParamMap]]]:
     """This rank's model chunks (one per virtual pipeline stage; a single one without interleaving, each
     holding its tensor-parallel slices and its experts) and their weight maps. `moe`: the router's training
-    settings (MoEConfig; its defaults when None)."""
+    settings (MoEConfig; its defaults when None); `routing_replay`: routers that can replay given experts."""
     from ..config import MoEConfig
     from .model import build_gpt_model, transformer_engine_available
 
@@ -138,7 +139,8 @@ def build_chunks(arch: Architecture, mc, layout, moe=None) -> tuple[list, list[l
     for chunk in range(layout.vp):
         first, last = model_ends(layout.pp_rank, layout.pp, chunk, layout.vp)
         models.append(build_gpt_model(arch, mc, pre_process=first, post_process=last,
-                                      vp_stage=chunk if layout.vp > 1 else None, moe=moe or MoEConfig()))
+                                      vp_stage=chunk if layout.vp > 1 else None, moe=moe or MoEConfig(),
+                                      routing_replay=routing_replay))
         params.append(stage_params(arch, layout.pp_rank, layout.pp, te_spec, chunk, layout.vp, layout.ep_rank,
                                    layout.ep))
     return models, params
