@@ -553,9 +553,6 @@ def cross_section_rules(c: Config) -> Iterator[Rule]:
            "policy_servers with soup.history_placement=colocated, whose history servers share them)")
     yield ("launch.slurm.rollout_nodes", c.launch.slurm.rollout_nodes == 0 or sglang.servers_from == "serve",
            "0 unless rollout.sglang.servers_from=serve (rollout nodes run `soup-megatron serve`)")
-    yield ("actor.routing_replay", c.actor.routing_replay != "rollout" or c.rollout.backend == "local",
-           "none or recorded with rollout.backend=sglang: its servers are not started to return the experts "
-           "they route to, so replaying the rollout's routing needs rollout.backend=local")
     yield ("actor.routing_replay", c.actor.routing_replay == "none" or c.actor.backend == "local"
            or c.actor.megatron.recompute == "none",
            "none with actor.megatron.recompute (a recomputed forward pass would replay another micro-batch's "

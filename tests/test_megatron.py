@@ -174,7 +174,7 @@ def test_megatron_moe_actor_matches_local_actor(tiny_moe_model, tmp_path, tp, ep
         "--out", tmp_path / "r.json", "--work", tmp_path, ranks=ranks)
     r = json.loads((tmp_path / "r.json").read_text())
     # an expert gets a share of the tokens only, so fewer of its gradient entries are clearly non-zero
-    assert_parity(r, tp > 1, nothing_sharded=ranks == tp * pp, compared=0.8)
+    assert_parity(r, tp > 1, nothing_sharded=ranks == tp * pp, compared=0.8, tied=False)
     if replay:
         assert r["replay_moved_logp"] > 1e-3 and r["routing_differs_at"] == 0
 
@@ -190,7 +190,7 @@ def test_token_budget_micro_batches_match_row_micro_batches(tiny_model_kv2, tmp_
     assert_parity(r, sp=False, nothing_sharded=True)
 
 
-def assert_parity(r: dict, sp: bool, nothing_sharded: bool, compared: float = 0.9) -> None:
+def assert_parity(r: dict, sp: bool, nothing_sharded: bool, compared: float = 0.9, tied: bool = True) -> None:
     assert r["sequence_parallel"] == sp
     assert r["corrected_tokens"] > 0  # the TIS rollout correction truncated some continuation tokens
     assert r["logp_diff"] < 1e-4 and r["entropy_diff"] < 1e-4
@@ -203,7 +203,8 @@ def assert_parity(r: dict, sp: bool, nothing_sharded: bool, compared: float = 0.
     assert r["share_of_entries_compared"] > compared
     assert r["segment_stats_diff"] < 1e-4 and r["segment_stats_keys_match"]
     assert r["resume_loss"][0] == r["resume_loss"][1] == r["resume_loss"][2] and r["resume_weight_diff"] == 0.0
-    assert r["names_only_local"] == ["lm_head.weight"] and r["names_only_megatron"] == []  # tied: HF files omit it
+    # a tied output layer is in the local state dict, not in HF files
+    assert r["names_only_local"] == (["lm_head.weight"] if tied else []) and r["names_only_megatron"] == []
 
 
 @pytest.mark.slow  # 74 s each; the default tier's parity tests run the actor on two ranks

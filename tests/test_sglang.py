@@ -522,3 +522,69 @@ def test_an_api_key_starting_with_a_dash_reaches_sglang_intact():
                                             "SGLANG_USE_CPU_ENGINE": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "-Zk3_dash-first"
+
+
+@pytest.mark.slow  # a server of its own, then a run with two (about 2.5 min)
+def test_sglang_routes_as_the_trainer_and_a_soup_run_replays_its_routing(tiny_moe_model, tmp_path):
+    """A MoE policy server started with --enable-return-routed-experts: its experts per position and layer
+    (prompt, prefilled prefix and generated tokens) are the ones the trainer's routers choose on the same
+    weights; the local actor replaying them scores SGLang's tokens with SGLang's log-probs, and replaying
+    other experts does not. Then `train` with actor.routing_replay=rollout on SGLang: every scored position
+    comes with the policy server's routing (the historical prefixes' too, prefilled by it)."""
+    from soup_megatron.actor import build_actor
+    from soup_megatron.actor.base import TokenBatch
+    from soup_megatron.config import ActorConfig
+    from soup_megatron.model.routing import RoutingTap
+    from soup_megatron.sample import CONTINUATION
+
+    group = RolloutServers(sglang_config(), str(tiny_moe_model), tmp_path, ["policy"], return_routing=True).start()
+    try:
+        engine = build_engine(RolloutConfig(backend="sglang", sglang=sglang_config()), tiny_moe_model, 0, tmp_path,
+                              return_routing=True)
+        tok = load_tokenizer(tiny_moe_model)
+        requests = [GenerationRequest(tuple(tok.encode("3+4+5=?\n")), (), 16),
+                    GenerationRequest(tuple(tok.encode("13+4+5+7=?\n")), tuple(tok.encode("13+4=")), 16)]
+        generations = engine.generate(requests, 1.0, seed=5)
+    finally:
+        group.close()
+    model = load_model(tiny_moe_model)
+    tap = RoutingTap(model)
+    rows = [[*r.prompt_ids, *r.prefix_ids, *g.token_ids] for r, g in zip(requests, generations)]
+    for row, generation in zip(rows, generations):
+        with torch.no_grad():
+            model(input_ids=torch.tensor([row]))
+        assert torch.equal(generation.routing, tap.take(1, len(row))[0, :-1])
+    tap.close()
+    # the local actor replays SGLang's routing over the two samples
+    width = max(map(len, rows))
+    ids = torch.tensor([row + [0] * (width - len(row)) for row in rows])
+    mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows])
+    segment = torch.zeros(2, width - 1, dtype=torch.long)
+    routing = torch.full((2, width - 1, 2, 2), -1, dtype=torch.int16)
+    for i, (r, g) in enumerate(zip(requests, generations)):
+        start = len(r.prompt_ids) + len(r.prefix_ids) - 1
+        segment[i, start: start + len(g.token_ids)] = CONTINUATION
+        routing[i, : len(rows[i]) - 1] = g.routing
+    actor = build_actor(ActorConfig(routing_replay="rollout"), tiny_moe_model)
+    batch = TokenBatch(ids, mask, segment, torch.zeros(2, width - 1), torch.zeros(2, width - 1), torch.zeros(2),
+                       routing=routing)
+    replayed = actor.logprobs(batch, 1.0)[0]
+    batch.routing = (routing + 1) % 4
+    moved = actor.logprobs(batch, 1.0)[0]
+    ours = torch.cat([replayed[i][segment[i] == CONTINUATION] for i in range(2)])
+    theirs = torch.tensor([lp for g in generations for lp in g.logprobs])
+    assert (ours - theirs).abs().max() < 1e-5
+    assert (torch.cat([moved[i][segment[i] == CONTINUATION] for i in range(2)]) - theirs).abs().max() > 1e-3
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "soup_megatron.cli", "train", *_sglang_overrides(tiny_moe_model, out),
+                           "model.tiny.num_experts=4", "model.tiny.num_kv_heads=2", "actor.routing_replay=rollout",
+                           "trainer.eval_interval=0", "history.interval=1", "trainer.steps=3"],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trained = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in trained] == [1, 2, 3]
+    for r in trained:
+        assert r["moe/routing_given_share"] == 1.0 and r["moe/routing_disagreement"] < 0.01
+        assert r["logp_gap/max"] < 1e-4
+    assert any("moe/routing_disagreement/prefix" in r for r in trained)
+    assert "--enable-return-routed-experts" in (out / "servers" / "policy-0.args.json").read_text()

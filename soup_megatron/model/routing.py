@@ -29,6 +29,14 @@ def is_moe_checkpoint(path) -> bool:
     return bool(getattr(config, "num_experts", 0) or getattr(config, "num_local_experts", 0))
 
 
+def checkpoint_routing_shape(path) -> tuple[int, int]:
+    """(layers, experts per token) of the MoE checkpoint at `path` (every layer a MoE layer)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path)
+    return config.num_hidden_layers, config.num_experts_per_tok
+
+
 def expert_layers(model) -> list:
     """The router of every MoE layer of an HF causal LM, in layer order ([] for a dense model)."""
     return [layer.mlp.gate for layer in model.model.layers if hasattr(layer.mlp, "experts")]

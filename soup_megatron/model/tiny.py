@@ -47,9 +47,12 @@ def build_tiny_model(cfg: Config, vocab_size: int, eos_id: int):
                  bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id)
     torch.manual_seed(cfg.seed)
     if t.num_experts:
+        # untied output layer, as Qwen3-MoE checkpoints have: SGLang's Qwen3-MoE ignores tie_word_embeddings
+        # (a tied one is served with an empty output layer: uniform log-probs)
         return Qwen3MoeForCausalLM(Qwen3MoeConfig(
-            **shape, head_dim=t.hidden_size // t.num_heads, num_experts=t.num_experts, num_experts_per_tok=t.top_k,
-            moe_intermediate_size=t.intermediate_size, norm_topk_prob=True, router_aux_loss_coef=0.0))
+            **{**shape, "tie_word_embeddings": False}, head_dim=t.hidden_size // t.num_heads,
+            num_experts=t.num_experts, num_experts_per_tok=t.top_k, moe_intermediate_size=t.intermediate_size,
+            norm_topk_prob=True, router_aux_loss_coef=0.0))
     return Qwen2ForCausalLM(Qwen2Config(**shape))
 
 

@@ -17,21 +17,21 @@ def build_engine(cfg: RolloutConfig, model_path: str | Path, version: int = 0, r
     """An engine serving `model_path` as `version`. SGLang servers already serve the weights they were
     launched with; their engine only records the version (it loads others with `load_weights`).
     `server`: only that server of the group (SGLang), so that servers of one group can hold different weights.
-    `return_routing`: generations carry a MoE model's routing (the in-process engine only)."""
+    `return_routing`: generations carry a MoE model's routing (SGLang servers started to return it)."""
     if cfg.backend == "local":
         from .local import LocalEngine
 
         return LocalEngine(model_path, version, return_routing=return_routing)
-    if return_routing:
-        raise ValueError("rollout.backend=sglang does not return the experts it routes to here")
     if cfg.backend == "sglang":
         from ..model.hf import stop_token_ids
+        from ..model.routing import checkpoint_routing_shape
         from .sglang_engine import SGLangEngine
 
         if run_dir is None:
             raise ValueError("rollout.backend=sglang needs the run directory (it holds the server addresses)")
         return SGLangEngine(Path(run_dir) / "servers" / f"{group}.json", cfg.sglang, run_dir, version,
-                            stop_ids=stop_token_ids(model_path), server=server)
+                            stop_ids=stop_token_ids(model_path), server=server,
+                            routing_shape=checkpoint_routing_shape(model_path) if return_routing else None)
     raise ValueError(f"rollout.backend={cfg.backend!r} is not available; choose one of: local, sglang")
 
 

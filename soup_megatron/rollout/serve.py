@@ -72,7 +72,8 @@ def serve(cfg: Config, group: str, index: int | None = None, local_index: int | 
     node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
     server = ManagedServer(sg, str(cfg.model.path), "0.0.0.0", free_port("0.0.0.0"), run_api_key(workdir), workdir,
                            f"{group}-{index}", base_gpu(cfg, group, index, local_index), group_mem_fraction(sg, group),
-                           public_host=node)
+                           public_host=node,
+                           return_routing=group == "policy" and cfg.actor.routing_replay == "rollout")
     record = serve_record(workdir, group, index)
     stop = threading.Event()
     signal.signal(signal.SIGUSR1, lambda signum, frame: stop.set())

@@ -3,7 +3,8 @@
 - generate: one `/generate` request per sample, `input_ids = prompt + prefix` (the prefix is
   prefilled, and shared prompt tokens come from the radix cache), `max_new_tokens` already reduced
   by the prefix length, every EOS id of the checkpoint as `stop_token_ids`, `return_logprob`;
-  sampling seeded per request.
+  sampling seeded per request; with `routing_shape` (a MoE policy for routing replay) also
+  `return_routed_experts`, each generation then carrying the experts SGLang routed every position to.
 - score: `/generate` with `logprob_start_len`, reading `input_token_logprobs`.
 - load_weights: `/update_weights_from_disk` with the step as `weight_version`, on every server of the
   group; only paths inside the run directory are sent (a server must never be told to load weights
@@ -23,10 +24,14 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import random
 import time
 from pathlib import Path
 from typing import Optional, Sequence
+
+import numpy as np
+import torch
 
 from ..config import SGLangConfig
 from ..log import get_logger
@@ -70,11 +75,14 @@ class _Balancer:
 
 class SGLangEngine:
     def __init__(self, address_file: str | Path, cfg: SGLangConfig, allowed_root: str | Path, version: int = 0,
-                 stop_ids: frozenset[int] = frozenset(), server: Optional[int] = None):
+                 stop_ids: frozenset[int] = frozenset(), server: Optional[int] = None,
+                 routing_shape: Optional[tuple[int, int]] = None):
         self.address_file = Path(address_file)
         self.server = server  # index of the one server this engine uses; None: all of the group
         self.stop_ids = sorted(stop_ids)  # every EOS id of the checkpoint (SGLang's own default may know fewer)
         self.cfg = cfg
+        # (layers, k) of a MoE model whose routed experts the servers return (--enable-return-routed-experts)
+        self.routing_shape = routing_shape
         self.allowed_root = Path(allowed_root).resolve()
         self.version = version  # the weights the servers were launched with, until load_weights
         self.weights_path: Optional[str] = None  # None: as launched (SGLang reports version "default")
@@ -178,7 +186,8 @@ class SGLangEngine:
             payloads.append({"input_ids": list(r.prompt_ids) + list(r.prefix_ids), "return_logprob": True,
                              "sampling_params": {"max_new_tokens": r.max_new_tokens, "temperature": temperature,
                                                  "stop_token_ids": self.stop_ids,
-                                                 "sampling_seed": (seed * 1_000_003 + i) % 2**62}})
+                                                 "sampling_seed": (seed * 1_000_003 + i) % 2**62},
+                             **({"return_routed_experts": True} if self.routing_shape else {})})
         bodies = self._run("/generate", payloads, keys)
         cached = inputs = 0
         for i, body in zip(todo, bodies):
@@ -186,11 +195,26 @@ class SGLangEngine:
             tokens = [int(t) for _, t, _ in meta["output_token_logprobs"]]
             reason = meta["finish_reason"]["type"] if isinstance(meta["finish_reason"], dict) else meta["finish_reason"]
             results[i] = Generation(tokens, [float(lp) for lp, _, _ in meta["output_token_logprobs"]],
-                                    "stop" if reason == "stop" else "length", self.version)
+                                    "stop" if reason == "stop" else "length", self.version,
+                                    self._routing(meta, len(payloads[todo.index(i)]["input_ids"]) + len(tokens) - 1))
             cached += meta.get("cached_tokens", 0)
             inputs += meta.get("prompt_tokens", 0)  # SGLang's name for all input tokens
         self.last_stats = {"cached_tokens": float(cached), "input_tokens": float(inputs)}
         return results
+
+    def _routing(self, meta: dict, positions: int) -> Optional[torch.Tensor]:
+        """The routed experts SGLang returned for a generation (base64 int32 [positions, layers, k]) as int16,
+        or None when not asked for."""
+        if self.routing_shape is None:
+            return None
+        if "routed_experts" not in meta:
+            raise ServerError("the policy server returned no routed experts: it was not started with "
+                              "--enable-return-routed-experts (actor.routing_replay=rollout starts it so)")
+        flat = np.frombuffer(base64.b64decode(meta["routed_experts"]), dtype=np.int32)
+        if flat.size != positions * self.routing_shape[0] * self.routing_shape[1]:
+            raise ServerError(f"routed experts of {flat.size} entries for {positions} positions x "
+                              f"{self.routing_shape[0]} layers x {self.routing_shape[1]} experts")
+        return torch.from_numpy(flat.reshape(positions, *self.routing_shape).astype(np.int16))
 
     def score(self, contexts: Sequence[Sequence[int]], targets: Sequence[Sequence[int]],
               temperature: float) -> list[list[float]]:

@@ -104,6 +104,7 @@ class ManagedServer:
     base_gpu_id: Optional[int] = None
     mem_fraction: Optional[float] = None  # SGLang's --mem-fraction-static
     public_host: Optional[str] = None  # the name clients use, when `host` is a bind-all address
+    return_routing: bool = False  # a MoE model's routed experts returned with generations (routing replay)
     proc: Optional[subprocess.Popen] = None
     terminated: bool = False  # SIGTERM sent to `proc`
     log_start: int = 0  # where this start's output begins in the log
@@ -128,6 +129,8 @@ class ManagedServer:
             args.append("--sleep-on-idle")
         if self.base_gpu_id is not None:
             args += ["--base-gpu-id", str(self.base_gpu_id)]
+        if self.return_routing:
+            args.append("--enable-return-routed-experts")
         return args + list(c.extra_args)
 
     def start(self) -> None:
@@ -313,7 +316,8 @@ def discover(workdir: Path, group: str, count: int, timeout: float) -> list[str]
 class ServerGroup:
     """The servers of one group, managed, served or external, and the address file clients read."""
 
-    def __init__(self, group: str, cfg: SGLangConfig, model_path: str, run_dir: Path, colocated: bool = False):
+    def __init__(self, group: str, cfg: SGLangConfig, model_path: str, run_dir: Path, colocated: bool = False,
+                 return_routing: bool = False):
         self.group, self.cfg = group, cfg
         self.workdir = make_private_dir(Path(run_dir) / "servers")
         self.address_file = self.workdir / f"{group}.json"
@@ -335,7 +339,8 @@ class ServerGroup:
             first = 0 if group == "policy" or colocated else cfg.policy_servers
             gpus = cfg.base_gpu_ids[first: first + count] or [None] * count
             self.managed = [ManagedServer(cfg, str(model_path), cfg.host, free_port(cfg.host), self.api_key,
-                                          self.workdir, f"{group}-{i}", gpus[i], group_mem_fraction(cfg, group))
+                                          self.workdir, f"{group}-{i}", gpus[i], group_mem_fraction(cfg, group),
+                                          return_routing=return_routing)
                             for i in range(count)]
             self.urls = [s.url for s in self.managed]
 
@@ -393,8 +398,10 @@ class RolloutServers:
     """The run's server groups, started together; a watchdog thread restarts managed servers that die."""
 
     def __init__(self, cfg: SGLangConfig, model_path: str, run_dir: Path, groups: Sequence[str],
-                 colocated: bool = False):
-        self.groups = {g: ServerGroup(g, cfg, model_path, run_dir, colocated) for g in groups}
+                 colocated: bool = False, return_routing: bool = False):
+        """`return_routing`: the policy servers return a MoE model's routed experts (routing replay)."""
+        self.groups = {g: ServerGroup(g, cfg, model_path, run_dir, colocated, return_routing and g == "policy")
+                       for g in groups}
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._watchdog: Optional[threading.Thread] = None

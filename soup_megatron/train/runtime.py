@@ -61,7 +61,8 @@ class Runtime:
 
                 self.servers = RolloutServers(cfg.rollout.sglang, cfg.model.path, out_dir,
                                               ["policy"] + (["history"] if history_servers else []),
-                                              colocated=cfg.soup.history_placement == "colocated").start()
+                                              colocated=cfg.soup.history_placement == "colocated",
+                                              return_routing=cfg.actor.routing_replay == "rollout").start()
             self.engine = build_engine(cfg.rollout, cfg.model.path, 0, out_dir,
                                        return_routing=cfg.actor.routing_replay == "rollout")
             self.weight_sync = WeightSync(sync_mode(cfg.rollout.backend, cfg.rollout.weight_sync), self.actor,
