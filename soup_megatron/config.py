@@ -554,9 +554,9 @@ def cross_section_rules(c: Config) -> Iterator[Rule]:
     yield ("launch.slurm.rollout_nodes", c.launch.slurm.rollout_nodes == 0 or sglang.servers_from == "serve",
            "0 unless rollout.sglang.servers_from=serve (rollout nodes run `soup-megatron serve`)")
     yield ("actor.routing_replay", c.actor.routing_replay == "none" or c.actor.backend == "local"
-           or c.actor.megatron.recompute == "none",
-           "none with actor.megatron.recompute (a recomputed forward pass would replay another micro-batch's "
-           "experts)")
+           or c.actor.megatron.recompute != "full",
+           "none with actor.megatron.recompute=full (a recomputed layer would replay another micro-batch's experts; "
+           "selective recomputes core attention only)")
     yield ("reward.type", c.data.source != "countdown" or c.reward.type in ("countdown", "custom"),
            "countdown (or custom) with data.source=countdown")
     yield ("reward.type", c.reward.type != "countdown" or c.data.source != "arithmetic",

@@ -136,7 +136,7 @@ def test_replay_settings_are_refused_where_they_cannot_work(make_config, tiny_mo
 
     with pytest.raises(ConfigError, match="is a dense model"):
         Trainer(make_config("actor.routing_replay=recorded", out="dense"))
-    with pytest.raises(ConfigError, match="actor.routing_replay.*with actor.megatron.recompute"):
+    with pytest.raises(ConfigError, match="actor.routing_replay.*with actor.megatron.recompute=full"):
         make_config("actor.routing_replay=recorded", "actor.backend=megatron", "actor.megatron.recompute=full")
     with pytest.raises(ConfigError, match="model.tiny.top_k.*between 1 and model.tiny.num_experts=4"):
         load_config("configs/tiny_moe_cpu.yaml", ["model.tiny.top_k=5"])

@@ -58,6 +58,24 @@ def test_llama_70b_split_over_gpus():
     assert counts.on_stage(1, tp=8, pp=4) == 20 * layer_per_gpu
 
 
+def test_qwen3_30b_a3b_counts_every_expert_and_computes_with_eight(capsys):
+    """Qwen3-30B-A3B: h=2048, 48 layers, 32 heads and 4 kv heads of 128, q/k norms, 128 experts of 3 x 2048 x 768,
+    top-8, a router per layer, vocabulary 151936, untied: 30.5 B parameters, 3.3 B active (its model card)."""
+    arch = read_architecture(Path("configs/architectures/qwen3-30b-a3b.json"))
+    attention = 2048 * (32 + 2 * 4) * 128 + 32 * 128 * 2048
+    replicated = 2 * 2048 + 2 * 128 + 128 * 2048  # two RMSNorms, q/k norms, the router
+    experts = 128 * 3 * 2048 * 768
+    counts = parameter_counts(arch, arch.vocab_size)
+    assert counts.total == 2 * 151936 * 2048 + 48 * (attention + replicated + experts) + 2048 == 30_532_122_624
+    assert counts.active == counts.total - 48 * experts * 120 // 128 == 3_353_032_704
+    # the recipe's trainer GPU: every layer's attention and router, 16 of the 128 experts (EP=8)
+    assert counts.on_stage(0, tp=1, pp=1, ep=8) == 2 * 151936 * 2048 + 48 * (attention + replicated + experts // 8) + 2048
+    assert main(["--config", "configs/qwen3_30b_a3b_4x8xh100.yaml", "--architecture",
+                 "configs/architectures/qwen3-30b-a3b.json", "--world-size", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "3.35 B active: top-8 of 128 experts" in out and "experts / 2" in out and "routing replay" in out
+
+
 def test_bytes_per_parameter():
     def total(*args):
         return sum(bytes_per_parameter(*args).values())

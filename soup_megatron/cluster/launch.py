@@ -124,10 +124,12 @@ def slurm_jobs(cfg: Config, config_note: str) -> list[Job]:
     jobs = []
     if cfg.launch.convert_from_hf:
         mc = cfg.actor.megatron
-        # one node at the training TP and PP=1: torch_dist checkpoints load under any other layout
+        # one node at the training TP and PP=1: torch_dist checkpoints load under any other layout; a MoE model's
+        # experts split over the training EP when it fits the node, so no rank reads every expert
+        ep = mc.expert_parallel if mc.tensor_parallel * mc.expert_parallel <= cfg.launch.ranks_per_node else 1
         jobs.append(Job("convert", _render("convert.sbatch.j2", **common, hf_checkpoint=cfg.model.path,
                                             megatron_checkpoint=run_dir / CONVERTED, tp=mc.tensor_parallel, pp=1,
-                                            convert_ranks=mc.tensor_parallel)))
+                                            ep=ep, convert_ranks=mc.tensor_parallel * ep)))
     jobs.append(Job("train", _render("train.sbatch.j2", **common, run_dir=run_dir,
                                      ranks_per_node=cfg.launch.ranks_per_node, port=cfg.launch.rendezvous_port,
                                      serve_steps=serve_steps(cfg), train_nodes=s.nodes - s.rollout_nodes,

@@ -10,8 +10,8 @@ learns. A rank holds the layers of its pipeline stage (each model chunk its own)
 context-parallel positions, of which a MoE layer sees under sequence parallelism its tensor-parallel rank's
 contiguous share; megatron flattens them sequence-major, [positions x rows, k].
 
-Recomputation in the backward pass is refused with replay (it would replay whichever micro-batch was given
-last).
+Full recomputation in the backward pass is refused with replay (a recomputed layer would replay whichever
+micro-batch was given last); selective recomputation re-runs core attention only, not the routers.
 """
 
 from __future__ import annotations

@@ -7,11 +7,17 @@ Parameters: counted exactly from the HF config.json, in megatron-core's layout (
                SwiGLU MLP 3 * h * ffn, two RMSNorms 2h (+ q/k RMSNorms 2 d_head: Qwen3); final RMSNorm h
     per GPU: layers / pp of them with their matrices split over t (norms replicated); the embedding on the first
     stage, the output layer and final norm on the last (pp = 1: all on one GPU).
+    Mixture of experts (Qwen3-MoE): a layer's MLP is E experts of 3 * h * ffn_e each, split over e = expert-
+    parallel ranks and then over t, and a router E * h replicated; a token uses k of them, so the active
+    parameters (compute per token) count k / E of the experts, the total (weights to hold and sync) all E.
 
 Weights, gradients and optimizer state, bytes per parameter: the actor's megatron-core DDP (fp32 gradient
 buffers) and optimizer, Megatron-LM docs, "Distributed Optimizer": bf16 params + fp32 grads 6 + 12/d
 (2 + 4 + (4 main weights + 8 Adam m, v) / d); fp32 params + fp32 grads 8 + 8/d; d = data x context-parallel
-size with actor.megatron.distributed_optimizer (megatron shards over both), 1 without (18 and 16).
+size with actor.megatron.distributed_optimizer (megatron shards over both), 1 without (18 and 16). Expert
+parameters are replicated over fewer ranks, d / e (megatron's expert data-parallel group), and shard over those.
+With routing replay the driver also holds each step's routed experts, (T - 1) x layers x k int16 per sample,
+on the host (reported, not counted against the GPU).
 
 Activations per transformer layer and microbatch: Korthikanti et al. 2022, "Reducing Activation Recomputation in
 Large Transformer Models" (arXiv:2205.05198), Table 2; bytes for 16-bit activations (twice that for float32),
@@ -88,15 +94,27 @@ class ParameterCounts:
     layer_replicated: int  # one layer's RMSNorm weights, whole on every tensor-parallel rank
     final_norm: int
     num_layers: int
+    layer_experts: int = 0  # one MoE layer's experts, all E of them, split over expert-parallel then TP ranks
+    experts_used: float = 0.0  # the share of them a token uses, k / E
 
     @property
     def total(self) -> int:
-        return self.embedding + self.output + self.num_layers * (self.layer_split + self.layer_replicated) \
-            + self.final_norm
+        return self.embedding + self.output + self.num_layers * (self.layer_split + self.layer_replicated
+                                                                 + self.layer_experts) + self.final_norm
 
-    def on_stage(self, stage: int, tp: int, pp: int) -> int:
-        """Parameters on one GPU of pipeline stage `stage` (0 = first)."""
+    @property
+    def active(self) -> int:
+        """Parameters one token computes with (all of a dense model)."""
+        return self.total - round(self.num_layers * self.layer_experts * (1 - self.experts_used))
+
+    def experts_on_stage(self, tp: int, pp: int, ep: int) -> int:
+        """Expert parameters on one GPU of any pipeline stage."""
+        return self.num_layers // pp * self.layer_experts // (tp * ep)
+
+    def on_stage(self, stage: int, tp: int, pp: int, ep: int = 1) -> int:
+        """Parameters on one GPU of pipeline stage `stage` (0 = first), its experts included."""
         count = self.num_layers // pp * (self.layer_split // tp + self.layer_replicated)
+        count += self.experts_on_stage(tp, pp, ep)
         if stage == 0:
             count += self.embedding // tp
         if stage == pp - 1:
@@ -108,13 +126,16 @@ class ParameterCounts:
 def parameter_counts(arch: Architecture, padded_vocab: int) -> ParameterCounts:
     h, d = arch.hidden_size, arch.head_dim
     qkv = (arch.num_heads + 2 * arch.num_kv_heads) * d
+    mlp = 0 if arch.is_moe else 3 * h * arch.ffn_hidden_size
     return ParameterCounts(
         embedding=padded_vocab * h,
         output=0 if arch.tied_embeddings else padded_vocab * h,
-        layer_split=h * qkv + (qkv if arch.qkv_bias else 0) + arch.num_heads * d * h + 3 * h * arch.ffn_hidden_size,
-        layer_replicated=2 * h + (2 * d if arch.qk_norm else 0),
+        layer_split=h * qkv + (qkv if arch.qkv_bias else 0) + arch.num_heads * d * h + mlp,
+        layer_replicated=2 * h + (2 * d if arch.qk_norm else 0) + arch.num_experts * h,  # norms, the router
         final_norm=h,
         num_layers=arch.num_layers,
+        layer_experts=arch.num_experts * 3 * h * arch.moe_ffn_hidden_size,
+        experts_used=arch.moe_top_k / arch.num_experts if arch.is_moe else 0.0,
     )
 
 
@@ -173,6 +194,12 @@ class Plan:
         return self.data_parallel * self.megatron.context_parallel
 
     @property
+    def expert_optimizer_shards(self) -> int:
+        """Ranks holding the same experts (megatron's expert data-parallel group), over which their optimizer
+        state shards."""
+        return self.optimizer_shards // self.megatron.expert_parallel
+
+    @property
     def padded_vocab(self) -> int:
         return padded_vocab_size(self.arch.vocab_size, self.megatron)
 
@@ -191,9 +218,11 @@ class Plan:
         mc = self.megatron
         tp, pp = mc.tensor_parallel, mc.pipeline_parallel
         seq = self.seq_len / mc.context_parallel
-        params = self.counts.on_stage(stage, tp, pp)
+        params = self.counts.on_stage(stage, tp, pp, mc.expert_parallel)
+        experts = self.counts.experts_on_stage(tp, pp, mc.expert_parallel)
         per_parameter = bytes_per_parameter(mc.distributed_optimizer, mc.params_dtype, self.optimizer_shards)
-        terms = {name: params * size for name, size in per_parameter.items()}
+        per_expert = bytes_per_parameter(mc.distributed_optimizer, mc.params_dtype, self.expert_optimizer_shards)
+        terms = {name: (params - experts) * size + experts * per_expert[name] for name, size in per_parameter.items()}
         layer = (seq, self.micro_batch, self.arch.hidden_size, self.arch.num_heads, tp,
                  mc.sequence_parallel and tp > 1)
         stacks = self.arch.num_layers // pp * microbatches_in_flight(stage, pp, mc.virtual_pipeline)
@@ -246,7 +275,9 @@ def trainer_table(plan: Plan, stages: dict[str, int], gpu_bytes: float) -> Table
         "gradients": f"{per_param['gradients']:g} B/param",
         "optimizer state": f"{per_param['optimizer state']:g} B/param (Adam"
                            + (", fp32 main weights" if mc.params_dtype == "bfloat16" else "")
-                           + (f", / d={plan.optimizer_shards})" if mc.distributed_optimizer else ")"),
+                           + (f", / d={plan.optimizer_shards}" if mc.distributed_optimizer else "")
+                           + (f"; experts / {plan.expert_optimizer_shards}" if plan.arch.is_moe
+                              and mc.distributed_optimizer else "") + ")",
         "activations": f"recompute={mc.recompute}, {sp}: {layers} layers x microbatches in flight",
         "logits": f"s b V_pad/t, V_pad={plan.padded_vocab}, last stage",
         "CUDA context": "fixed allowance",
@@ -257,8 +288,9 @@ def trainer_table(plan: Plan, stages: dict[str, int], gpu_bytes: float) -> Table
     for name in stages:
         table.add_column(name, justify="right")
     tp, pp = mc.tensor_parallel, mc.pipeline_parallel
-    table.add_row("parameters", "exact count", *(f"{plan.counts.on_stage(s, tp, pp) / 1e9:.3f} B"
-                                                 for s in stages.values()))
+    ep = mc.expert_parallel
+    table.add_row("parameters", "exact count" + (f", experts over ep={ep}" if arch.is_moe else ""),
+                  *(f"{plan.counts.on_stage(s, tp, pp, ep) / 1e9:.3f} B" for s in stages.values()))
     table.add_row("microbatches in flight", "1F1B schedule",
                   *(f"{microbatches_in_flight(s, pp, mc.virtual_pipeline):g}" for s in stages.values()))
     terms = [plan.stage_bytes(s) for s in stages.values()]
@@ -327,6 +359,9 @@ def plan_from(args, cfg: Config) -> Plan:
         raise PlanError(f"--world-size {world} is not a multiple of tensor_parallel {mc.tensor_parallel} x "
                         f"pipeline_parallel {mc.pipeline_parallel} x context_parallel {mc.context_parallel} = "
                         f"{model_parallel} ({world} / {model_parallel} = {world / model_parallel:.2f})")
+    if plan.optimizer_shards % mc.expert_parallel:
+        raise PlanError(f"actor.megatron.expert_parallel={mc.expert_parallel} does not divide the "
+                        f"{plan.optimizer_shards} data x context-parallel ranks of --world-size {world}")
     return plan
 
 
@@ -342,6 +377,15 @@ def notes(args, cfg: Config, plan: Plan) -> list[str]:
         out.append(f"rollout.sglang.mem_fraction_static unset: assumed {ASSUMED_MEM_FRACTION} (SGLang's usual value)")
     if cfg.rollout.backend != "sglang":
         out.append(f"rollout.backend={cfg.rollout.backend}: SGLang is not started; its budget is not checked")
+    if plan.arch.is_moe:
+        out.append("activations of a MoE layer are taken as a dense layer's (its k experts' intermediate "
+                   f"{plan.arch.moe_top_k} x {plan.arch.moe_ffn_hidden_size} against the 4h of the constants)")
+    if plan.arch.is_moe and cfg.actor.routing_replay != "none":
+        samples = cfg.rollout.prompts_per_step * cfg.rollout.group_size
+        buffer = samples * plan.seq_len * plan.arch.num_layers * plan.arch.moe_top_k * 2
+        out.append(f"routing replay: the driver holds {gib(buffer)} of routed experts a step on the host ({samples} "
+                   f"samples x {plan.seq_len} positions x {plan.arch.num_layers} layers x top-{plan.arch.moe_top_k}, "
+                   "int16), and sends each rank its micro-batches' share")
     return out
 
 
@@ -392,8 +436,11 @@ def _plan(args) -> int:
                for servers, fraction in fractions.items()}
 
     console = Console(width=160)
-    console.print(f"{plan.arch.family}, {plan.model_parameters / 1e9:.2f} B parameters; tp={mc.tensor_parallel} "
+    active = (f" ({parameter_counts(plan.arch, plan.arch.vocab_size).active / 1e9:.2f} B active: top-"
+              f"{plan.arch.moe_top_k} of {plan.arch.num_experts} experts)" if plan.arch.is_moe else "")
+    console.print(f"{plan.arch.family}, {plan.model_parameters / 1e9:.2f} B parameters{active}; tp={mc.tensor_parallel} "
                   f"pp={mc.pipeline_parallel} vp={mc.virtual_pipeline} cp={mc.context_parallel} "
+                  f"{f'ep={mc.expert_parallel} ' if plan.arch.is_moe else ''}"
                   f"d={plan.data_parallel} (world {plan.world_size}); s={plan.seq_len} b={plan.micro_batch}; "
                   f"{mc.params_dtype}; {'distributed' if mc.distributed_optimizer else 'replicated'} optimizer")
     console.print(trainer_table(plan, stages, gpu_bytes))

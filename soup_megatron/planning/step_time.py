@@ -42,6 +42,8 @@ Default throughput of the H100 recipes, derived from hardware figures and the mo
     Megatron-LM on A100; RL batches of uneven lengths pack worse, hence lower.
     Weight sync: bf16 weights written once and read by every policy server at --disk-gbps (default 5 GB/s:
     a parallel file system, assumed); a history version load reads one checkpoint at the same rate.
+    Mixture of experts: N in the weight bytes, sync and loads is the total count (a decode step of a batch
+    reads every expert); N in the FLOP terms (tau1, prefill, train) the active count, top-k of E experts.
 CPU validation (`--validate RECORDS.json`, from `tools/bench_step.py --records`): tau0, tau1 and prefill_tps are
 measured on this machine with the in-process engine, the train and sync terms are read from the GRPO rows,
 the tokens from each variant's own rows, and the predicted SOUP / GRPO ratio (shared placement) is printed
@@ -164,7 +166,9 @@ def recipe_throughput(cfg: Config, architecture: Path, prompt_len: float, train_
     """H100 figures for the config's SGLang servers and trainer (see the module docstring)."""
     arch = read_architecture(architecture)
     counts = parameter_counts(arch, padded_vocab_size(arch.vocab_size, cfg.actor.megatron))
-    n = counts.total
+    # a MoE model's decode step reads every expert (a batch's tokens hit them all) and syncs them all, but a
+    # token computes with its top-k: weights and sync count the total, FLOPs the active parameters
+    n, n_active = counts.total, counts.active
     sg = cfg.rollout.sglang
     budget = sglang_budget(arch, n, sg.tp_size, sg.dtype, 0.85, 80 * 2**30)
     bandwidth = sg.tp_size * H100_BANDWIDTH * BANDWIDTH_FRACTION
@@ -174,9 +178,9 @@ def recipe_throughput(cfg: Config, architecture: Path, prompt_len: float, train_
     kl = 2 if cfg.algo.kl_coef > 0 else 0
     return Throughput(
         tau0=weight_bytes / bandwidth + STEP_OVERHEAD_S,
-        tau1=budget.kv_per_token * min(sg.tp_size, arch.num_kv_heads) * context / bandwidth + 2 * n / flops,
-        prefill_tps=flops / (2 * n),
-        train_s_per_unit=(8 + kl) * n / (train_gpus * H100_BF16_FLOPS * TRAIN_MFU),
+        tau1=budget.kv_per_token * min(sg.tp_size, arch.num_kv_heads) * context / bandwidth + 2 * n_active / flops,
+        prefill_tps=flops / (2 * n_active),
+        train_s_per_unit=(8 + kl) * n_active / (train_gpus * H100_BF16_FLOPS * TRAIN_MFU),
         sync_s=2 * n * 2 / (disk_gb_per_s * 1e9),  # written once, read once (servers read in parallel)
         load_s=2 * n / (disk_gb_per_s * 1e9))
 
