@@ -172,7 +172,7 @@ def test_unseen_demonstrations_avoid_the_problems_rl_trains_on_for_every_run_see
         train, heldout = load_splits(cfg.data, cfg.seed)
         rl = {p.text for p in train}
         assert len(rl) == 100 and not rl & demos and not {p.text for p in heldout} & demos
-        assert len(rl & shared) > 90  # rl_train: the problems RL trains on were demonstrated (where a chain solves them)
+        assert len(rl & shared) > 90  # rl_train: RL's problems were demonstrated (where a chain solves them)
     other = load_config(CONFIG, [*sizes, "data.problems_seed=null", "seed=2"])
     assert {p.text for p in load_splits(other.data, other.seed)[0]} != rl  # the run's seed draws its own
 

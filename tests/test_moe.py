@@ -29,7 +29,8 @@ def forward(model, ids):
 
 def test_tiny_moe_is_a_qwen3_moe_whose_checkpoint_stores_each_expert(tiny_moe_model):
     config = json.loads((tiny_moe_model / "config.json").read_text())
-    assert config["model_type"] == "qwen3_moe" and config["num_local_experts"] == 4 and config["num_experts_per_tok"] == 2
+    assert config["model_type"] == "qwen3_moe"
+    assert config["num_local_experts"] == 4 and config["num_experts_per_tok"] == 2
     names = read_state_dict(tiny_moe_model)
     assert "model.layers.1.mlp.experts.3.down_proj.weight" in names and "model.layers.0.mlp.gate.weight" in names
 

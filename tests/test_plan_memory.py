@@ -69,7 +69,8 @@ def test_qwen3_30b_a3b_counts_every_expert_and_computes_with_eight(capsys):
     assert counts.total == 2 * 151936 * 2048 + 48 * (attention + replicated + experts) + 2048 == 30_532_122_624
     assert counts.active == counts.total - 48 * experts * 120 // 128 == 3_353_032_704
     # the recipe's trainer GPU: every layer's attention and router, 16 of the 128 experts (EP=8)
-    assert counts.on_stage(0, tp=1, pp=1, ep=8) == 2 * 151936 * 2048 + 48 * (attention + replicated + experts // 8) + 2048
+    on_gpu = 2 * 151936 * 2048 + 48 * (attention + replicated + experts // 8) + 2048
+    assert counts.on_stage(0, tp=1, pp=1, ep=8) == on_gpu
     assert main(["--config", "configs/qwen3_30b_a3b_4x8xh100.yaml", "--architecture",
                  "configs/architectures/qwen3-30b-a3b.json", "--world-size", "16"]) == 0
     out = capsys.readouterr().out

@@ -121,7 +121,8 @@ def _gather_experts(p: ParamMap, local: torch.Tensor, arch: Architecture, layout
             dist.all_gather([theirs[i] for theirs in per_rank], t, group=ps.get_expert_model_parallel_group())
     exporter = layout.dp_rank == 0 and layout.cp_rank == 0 and layout.tp_rank == 0
     if exporter and layout.ep_rank != 0:
-        raise RuntimeError(f"rank {layout.rank} exports the weights and is expert-parallel rank {layout.ep_rank}, not 0")
+        raise RuntimeError(f"rank {layout.rank} exports the weights and is expert-parallel rank {layout.ep_rank}, "
+                           "not 0")
     per_expert = arch.num_experts // layout.ep
     return [(expert_name(name, ep_rank * per_expert + p.expert), t if exporter else None)
             for ep_rank, theirs in enumerate(per_rank) for name, t in zip(p.hf, theirs)]

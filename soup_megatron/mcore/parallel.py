@@ -108,9 +108,10 @@ def initialize(cfg: MegatronConfig) -> Layout:
     if world_size() == 1 and fewest > 1:
         raise ParallelError(
             f"actor.megatron: tensor_parallel {cfg.tensor_parallel} x pipeline_parallel {cfg.pipeline_parallel} x "
-            f"context_parallel {cfg.context_parallel} (with expert_parallel {cfg.expert_parallel}) need {fewest} "
-            f"processes, and this is one process: launch with `torchrun --nproc-per-node {fewest} -m "
-            "soup_megatron.cli train ...` (or srun with that many tasks)")
+            f"context_parallel {cfg.context_parallel}"
+            + (f" (with expert_parallel {cfg.expert_parallel})" if cfg.expert_parallel > 1 else "")
+            + f" = {fewest} processes are needed, and this is one process: launch with `torchrun --nproc-per-node "
+            f"{fewest} -m soup_megatron.cli train ...` (or srun with that many tasks)")
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if torch.cuda.is_available():
@@ -126,10 +127,11 @@ def initialize(cfg: MegatronConfig) -> Layout:
                             f"context_parallel = {cfg.tensor_parallel} x {cfg.pipeline_parallel} x "
                             f"{cfg.context_parallel} = {model_parallel}")
     if (world // cfg.pipeline_parallel) % (cfg.tensor_parallel * cfg.expert_parallel):
-        raise ParallelError(f"actor.megatron.expert_parallel={cfg.expert_parallel}: the {world // cfg.pipeline_parallel} "
-                            f"ranks of a pipeline stage do not split into tensor_parallel {cfg.tensor_parallel} x "
-                            f"expert_parallel {cfg.expert_parallel} (world {world} / pipeline_parallel "
-                            f"{cfg.pipeline_parallel}); choose expert_parallel dividing data x context parallel")
+        raise ParallelError(f"actor.megatron.expert_parallel={cfg.expert_parallel}: the "
+                            f"{world // cfg.pipeline_parallel} ranks of a pipeline stage do not split into "
+                            f"tensor_parallel {cfg.tensor_parallel} x expert_parallel {cfg.expert_parallel} (world "
+                            f"{world} / pipeline_parallel {cfg.pipeline_parallel}); choose expert_parallel dividing "
+                            "data x context parallel")
     wanted = (cfg.tensor_parallel, cfg.pipeline_parallel, cfg.context_parallel, cfg.expert_parallel)
     if ps.model_parallel_is_initialized():
         current = (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(),

@@ -1,6 +1,7 @@
 """The demo model, made locally with nothing downloaded: a character tokenizer built with `tokenizers`
-and a ~1M-parameter Qwen2 (`transformers`; a Qwen3-MoE with model.tiny.num_experts), saved as an ordinary HF checkpoint directory, then
-warm-started by a short SFT on a built-in task so the starting policy is weak but not hopeless.
+and a ~1M-parameter Qwen2 (`transformers`; a Qwen3-MoE with model.tiny.num_experts), saved as an ordinary
+HF checkpoint directory, then warm-started by a short SFT on a built-in task so the starting policy is weak
+but not hopeless.
 """
 
 from __future__ import annotations

@@ -438,8 +438,9 @@ def _plan(args) -> int:
     console = Console(width=160)
     active = (f" ({parameter_counts(plan.arch, plan.arch.vocab_size).active / 1e9:.2f} B active: top-"
               f"{plan.arch.moe_top_k} of {plan.arch.num_experts} experts)" if plan.arch.is_moe else "")
-    console.print(f"{plan.arch.family}, {plan.model_parameters / 1e9:.2f} B parameters{active}; tp={mc.tensor_parallel} "
-                  f"pp={mc.pipeline_parallel} vp={mc.virtual_pipeline} cp={mc.context_parallel} "
+    console.print(f"{plan.arch.family}, {plan.model_parameters / 1e9:.2f} B parameters{active}; "
+                  f"tp={mc.tensor_parallel} pp={mc.pipeline_parallel} vp={mc.virtual_pipeline} "
+                  f"cp={mc.context_parallel} "
                   f"{f'ep={mc.expert_parallel} ' if plan.arch.is_moe else ''}"
                   f"d={plan.data_parallel} (world {plan.world_size}); s={plan.seq_len} b={plan.micro_batch}; "
                   f"{mc.params_dtype}; {'distributed' if mc.distributed_optimizer else 'replicated'} optimizer")

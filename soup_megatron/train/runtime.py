@@ -52,8 +52,8 @@ class Runtime:
     def __init__(self, cfg: Config, out_dir: Path, history_servers: bool):
         self.servers = self.engine = self.ref_engine = self.colocated_history = None
         if cfg.actor.routing_replay != "none" and not is_moe_checkpoint(cfg.model.path):
-            raise ConfigError(f"actor.routing_replay={cfg.actor.routing_replay}: model.path={cfg.model.path} is a dense "
-                              "model (no experts to route to); set actor.routing_replay=none")
+            raise ConfigError(f"actor.routing_replay={cfg.actor.routing_replay}: model.path={cfg.model.path} is a "
+                              "dense model (no experts to route to); set actor.routing_replay=none")
         self.actor = build_actor(cfg.actor, cfg.model.path, samples_per_update(cfg))
         try:
             if cfg.rollout.backend == "sglang":

@@ -20,8 +20,8 @@ from ..algo.rollout_correction import correction_stats, rollout_correction
 from ..algo.stats import mean_over_updates, segment_stats
 from ..config import Config
 from ..model.hf import pad_rows
-from ..rollout.base import RolloutEngine
 from ..model.routing import NOT_GIVEN, disagreement
+from ..rollout.base import RolloutEngine
 from ..sample import CONTINUATION, PROMPT, SEGMENT_NAMES, Sample
 from .stage import Timer, step_seed
 
