@@ -677,14 +677,15 @@ def to_yaml(cfg: Config) -> str:
 
 def changed_keys(old_yaml: str | Path, cfg: Config) -> list[str]:
     """`key: old -> new` for every value that differs between a saved config file and `cfg`, but for the
-    cluster settings (`launch.*`): where and how a job is submitted changes nothing a resume continues."""
+    cluster settings (`launch.*`): where and how a job is submitted changes nothing a resume continues. A key
+    the saved file lacks (it was added since) counts as its default, the behaviour the run had."""
     def flat(node, prefix=""):
         out = {}
         for k, v in node.items():
             out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
         return out
 
-    old = flat(OmegaConf.to_container(OmegaConf.load(old_yaml)))
+    old = {**flat(to_container(Config())), **flat(OmegaConf.to_container(OmegaConf.load(old_yaml)))}
     new = flat(to_container(cfg))
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
             if old.get(k) != new.get(k) and not k.startswith("launch.")]

@@ -257,6 +257,23 @@ def test_resume_with_changed_config_says_what_changed(make_config, capsys):
     assert "launch." not in err  # cluster settings are not part of what a resume continues
 
 
+def test_keys_added_since_a_run_was_saved_count_as_their_defaults(make_config, tmp_path):
+    """A run saved before a config key existed resumes under code that has it: the key's default is the
+    behaviour the run had, so it is no change; a value other than the default is one."""
+    import yaml
+
+    from soup_megatron.config import changed_keys, to_container
+
+    cfg = make_config()
+    saved = to_container(cfg)
+    del saved["actor"]["routing_replay"], saved["data"]["problems_seed"]
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(saved))
+    assert changed_keys(path, cfg) == []
+    assert changed_keys(path, make_config("actor.routing_replay=recorded")) == \
+        ["actor.routing_replay: 'none' -> 'recorded'"]
+
+
 def test_missing_checkpoint_is_a_clear_error(make_config):
     cfg = make_config("trainer.steps=2", "trainer.save_interval=1", "soup.mix_fraction=0")
     Trainer(cfg).run()
