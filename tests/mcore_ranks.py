@@ -177,6 +177,7 @@ def actor_parity(model_dir: str, tp: int, pp: int, vp: int, cp: int, sp: bool, w
     update_gap = max(float((update_local[k] - update_mega[k])[clear[k]].abs().max()) for k in update_mega)
     return {
         **replayed,
+        "expert_load_max": [out.get("moe/expert_load_max") for out in (out_local, out_mega)],
         "sequence_parallel": mega.chunks[0].config.sequence_parallel,
         "micro_batch_rows": [len(rows) for rows, _ in mega._micro_batches(mega.own_rows(batch))],
         "corrected_tokens": int((batch.correction[real] < 1).sum()),

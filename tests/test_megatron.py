@@ -178,6 +178,8 @@ def test_megatron_moe_actor_matches_local_actor(tiny_moe_model, tmp_path, tp, ep
     assert_parity(r, tp > 1, nothing_sharded=ranks == tp * pp, compared=0.8, tied=False)
     if replay:
         assert r["replay_moved_logp"] > 1e-3 and r["routing_differs_at"] == 0
+    local, megatron = r["expert_load_max"]  # the routers' balance over the update's tokens, summed over the ranks
+    assert 1.0 <= local <= 2.0 and abs(local - megatron) < 1e-6
 
 
 def test_token_budget_micro_batches_match_row_micro_batches(tiny_model_kv2, tmp_path):

@@ -13,7 +13,7 @@ import torch
 from ..algo.loss import LossConfig, LossScale, aggregation_weights, loss_mask, soup_loss
 from ..config import ActorConfig
 from ..model.hf import copy_side_files, load_model, load_weights_into, read_state_dict, token_logprobs
-from ..model.routing import RoutingTap, fit_positions, routing_shape
+from ..model.routing import RoutingTap, expert_counts, fit_positions, load_max, routing_shape
 from .base import PER_TOKEN_STATS, TokenBatch, padding_share, per_token_stats, plan_micro_batches
 
 
@@ -82,12 +82,15 @@ class LocalActor:
         width = batch.segment.shape[1]
         stats = {k: torch.zeros(len(batch), width) for k in PER_TOKEN_STATS}
         lengths, plans = self._plan(batch)
+        experts = self.model.config.num_experts if self.routing is not None else 0
+        counts = 0
         for rows, mb in self._micro_batches(batch, plans):
             # entropy too: it is logged per segment
             with self._replaying(mb):
                 logp, entropy = token_logprobs(self.model, mb.input_ids, mb.attention_mask, temperature, True)
-            if self.routing is not None:
-                self.routing.discard()
+            if self.routing is not None:  # the routers' own choices, on the micro-batch's real tokens
+                counts = counts + expert_counts(self.routing.take(*mb.input_ids.shape), mb.attention_mask > 0,
+                                                experts)
             weights = aggregation_weights(loss_mask(mb.segment, loss_cfg.prefix_mode), loss_cfg.loss_agg,
                                           scale.sequences, scale.tokens)
             loss, tok = soup_loss(logp, mb.old_logp, mb.behaviour_logp, mb.advantages, mb.segment, weights,
@@ -102,6 +105,8 @@ class LocalActor:
         self.model.eval()
         out = per_token_stats(stats)
         out.update(segment=batch.segment.flatten(), loss=total_loss, grad_norm=float(grad_norm))
+        if experts:
+            out["moe/expert_load_max"] = load_max(counts)
         pad, computed = padding_share(lengths, plans)
         out.update(padded_tokens=float(pad), computed_tokens=float(computed))
         return out

@@ -31,6 +31,7 @@ from ..mcore.model import Architecture, padded_vocab_size, read_architecture
 from ..mcore.routing_replay import MegatronRouting
 from ..mcore.weights import build_chunks, mark_tensor_parallel
 from ..model.hf import CheckpointError
+from ..model.routing import load_max
 from .base import PER_TOKEN_STATS, TokenBatch, padding_share, per_token_stats, plan_micro_batches
 from .megatron_commands import (
     Close,
@@ -72,11 +73,12 @@ class MegatronActor:
             parallel.check_batch_split(samples_per_update, self.layout)
         self.device = (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
                        else torch.device("cpu"))
-        replay = cfg.routing_replay != "none"
-        # one per virtual pipeline stage
-        self.chunks, self.params = build_chunks(self.arch, mc, self.layout, cfg.moe, routing_replay=replay)
+        # one per virtual pipeline stage; a MoE model's routers report their choices (the experts' load, the
+        # routing a log-prob pass returns) and replay given ones
+        moe = self.arch.is_moe
+        self.chunks, self.params = build_chunks(self.arch, mc, self.layout, cfg.moe, routing_replay=moe)
         self.routing = (MegatronRouting(self.chunks, self.layout, self.chunks[0].config.sequence_parallel,
-                                        self.arch.moe_top_k) if replay else None)
+                                        self.arch.moe_top_k) if moe else None)
         for chunk, params in zip(self.chunks, self.params):
             mark_tensor_parallel(chunk, params)
         self.padded_vocab = padded_vocab_size(self.arch.vocab_size, mc)
@@ -157,7 +159,7 @@ class MegatronActor:
     # ---- the actor protocol (driver side) ----------------------------------------------------------
     def logprobs(self, batch: TokenBatch, temperature: float, with_entropy: bool = False, with_routing: bool = False):
         if with_routing and self.routing is None:
-            raise ValueError("routing asked of a megatron actor without routing replay (actor.routing_replay=none)")
+            raise ValueError(f"{self.model_path}: routing asked of a dense model")
         return self._run(LogProbs(temperature, with_entropy, with_routing), batch)
 
     def rows_per_update(self, rows: int) -> int:
@@ -222,14 +224,15 @@ class MegatronActor:
                                        with_entropy, ps.get_tensor_model_parallel_group(),
                                        self.cfg.megatron.logprob_chunk)
 
-    def _run_schedule(self, rows: RankRows, loss_of_logits, forward_only: bool, routed: Optional[list] = None
-                      ) -> list:
+    def _run_schedule(self, rows: RankRows, loss_of_logits, forward_only: bool, routed: Optional[list] = None,
+                      expert_counts: Optional[torch.Tensor] = None) -> list:
         """This rank's microbatches through megatron's forward/backward schedule, each over this rank's
         positions of the sequence (all, or its share with context parallelism), a MoE model's routers
         replaying `mb.routing` where given. `loss_of_logits(logits, mb, part)` runs on the last pipeline stage
         and returns (loss, token count, per-token outputs at full width, zero at the other context-parallel
         ranks' positions). Returns [(rows, outputs)] per microbatch on the last stage, [] on the others;
-        `routed` gets (rows, what this rank's routers chose) per microbatch and model chunk."""
+        `routed` gets (rows, what this rank's routers chose) per microbatch and model chunk, `expert_counts`
+        [layers, experts] adds the token slots this rank's routers gave each expert."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         micro = self._micro_batches(rows)
@@ -248,6 +251,8 @@ class MegatronActor:
             output = model(input_ids=ids, position_ids=positions, attention_mask=None)  # last stage: [N, T_r, V / tp]
             if routed is not None:
                 routed.append((index, self.routing.taken(chunk, len(mb), part, self.arch.num_layers)))
+            if expert_counts is not None:
+                self.routing.count(chunk, mb.attention_mask, part, expert_counts)
             return output, lambda logits: loss_of_logits(logits, mb, part)
 
         with cpu_compat.cuda_on_cpu():
@@ -303,19 +308,24 @@ class MegatronActor:
         """What the routers chose, [rows, T-1, layers, k] on global rank 0: every (row, position, layer) is
         routed by one rank (its data-parallel replica, context- and, under the sequence parallelism MoE layers
         need with tensor parallelism, tensor-parallel rank, pipeline stage), so a sum over ranks assembles it."""
-        from megatron.core import parallel_state as ps
 
         out = torch.zeros(rows.total, rows.width - 1, self.arch.num_layers, self.arch.moe_top_k, dtype=torch.int32)
         for index, chosen in routed:
             width = min(chosen.shape[1], rows.width - 1)
             out[index, :width] += chosen[:, :width].int()
+        return self._sum_over_routing_ranks(out).to(torch.int16)
+
+    def _sum_over_routing_ranks(self, t: torch.Tensor) -> torch.Tensor:
+        """`t` summed over the ranks that route distinct tokens or layers (in place; every rank gets the sum)."""
+        from megatron.core import parallel_state as ps
+
         for size, group in ((self.layout.tp, ps.get_tensor_model_parallel_group),
                             (self.layout.cp, ps.get_context_parallel_group),
                             (self.layout.dp, ps.get_data_parallel_group),
                             (self.layout.pp, ps.get_pipeline_model_parallel_group)):
             if size > 1:
-                dist.all_reduce(out, group=group())
-        return out.to(torch.int16)
+                dist.all_reduce(t, group=group())
+        return t
 
     def _train_minibatch(self, rows: RankRows, loss_cfg: LossConfig, temperature: float, scale: LossScale) -> dict:
         from megatron.core.distributed import finalize_model_grads
@@ -344,7 +354,9 @@ class MegatronActor:
         shape = (rows.total, rows.width - 1)
         stats = {k: torch.zeros(shape) for k in PER_TOKEN_STATS}
         total_loss = torch.zeros(1)
-        for index, out in self._run_schedule(rows, soup, forward_only=False):
+        counts = (torch.zeros(self.arch.num_layers, self.arch.num_experts, dtype=torch.long) if self.arch.is_moe
+                  else None)
+        for index, out in self._run_schedule(rows, soup, forward_only=False, expert_counts=counts):
             width = out["ratio"].shape[1]
             for key, value in stats.items():
                 value[index, :width] = out[key].cpu()
@@ -356,7 +368,10 @@ class MegatronActor:
             _, grad_norm, _ = self.optimizer.step()  # norm before clipping, every slice counted once
         self._train_mode(False)
         self._sum_to_driver(*stats.values(), total_loss)
-        return {**per_token_stats(stats), "loss": float(total_loss), "grad_norm": float(grad_norm)}
+        out = {**per_token_stats(stats), "loss": float(total_loss), "grad_norm": float(grad_norm)}
+        if counts is not None:
+            out["moe/expert_load_max"] = load_max(self._sum_over_routing_ranks(counts))
+        return out
 
     def _rollout_weights(self):
         tensors = checkpoint.iter_hf_tensors(self.chunks, self.params, self.arch, self.layout)

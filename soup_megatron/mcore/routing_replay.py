@@ -78,6 +78,17 @@ class MegatronRouting:
         return out
 
 
+    def count(self, chunk: int, attention_mask: torch.Tensor, part: SequenceSlice, counts: torch.Tensor) -> None:
+        """After chunk `chunk`'s forward pass: add to `counts` [layers, experts] the token slots its routers
+        gave each expert at the micro-batch's real tokens (`attention_mask` [rows, <= padded])."""
+        positions = self.positions(part)
+        mask = torch.nn.functional.pad(attention_mask, (0, part.padded - attention_mask.shape[1]))[:, positions] > 0
+        for layer, replay in self.layers[chunk]:
+            chosen = replay.get_recorded_indices().reshape(len(positions), mask.shape[0], self.top_k).transpose(0, 1)
+            counts[layer] += torch.bincount(chosen[mask.to(chosen.device)].flatten().cpu(),
+                                            minlength=counts.shape[1])
+
+
 def _at(routing: torch.Tensor, padded: int, positions: torch.Tensor) -> torch.Tensor:
     """`routing`'s columns `positions` after padding it with NOT_GIVEN to `padded` positions."""
     full = routing.new_full((routing.shape[0], padded, *routing.shape[2:]), NOT_GIVEN)

@@ -107,6 +107,23 @@ class RoutingTap:
         self._recorded.clear()
 
 
+def expert_counts(routing: torch.Tensor, valid: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[layers, experts]: how many of the token slots of `routing` [rows, positions, layers, k] at the `valid`
+    [rows, positions] positions each expert got."""
+    chosen = routing[valid].long()  # [tokens, layers, k]
+    layers = chosen.shape[1]
+    offsets = torch.arange(layers)[None, :, None] * num_experts
+    return torch.bincount((chosen + offsets).flatten(), minlength=layers * num_experts).reshape(layers, num_experts)
+
+
+def load_max(counts: torch.Tensor) -> float:
+    """The busiest expert's share of a layer's token slots against an even share (1 = balanced, E/k = one
+    expert of k takes all of them), the largest over layers: the router's balance, logged as
+    moe/expert_load_max."""
+    totals = counts.sum(-1, keepdim=True).clamp(min=1)
+    return float((counts * counts.shape[-1] / totals).max())
+
+
 def fit_positions(given: torch.Tensor, positions: int) -> torch.Tensor:
     """`given` [rows, p, layers, k] cut or padded (with NOT_GIVEN) to `positions` positions."""
     if given.shape[1] >= positions:

@@ -123,6 +123,7 @@ class Updater:
                 stats = segment_stats(out["segment"], out["ratio"], out["clipped"], out["ratio_out"], out["entropy"],
                                       advantage_weights(mb.advantages, mb.segment, self.loss_cfg, scale).flatten())
                 stats.update(loss=out["loss"], grad_norm=out["grad_norm"])
+                stats.update({k: v for k, v in out.items() if k.startswith("moe/")})  # a MoE model's router
                 if out.get("computed_tokens"):
                     stats["train/padding_share"] = out["padded_tokens"] / out["computed_tokens"]
                 per_update.append(stats)
