@@ -282,7 +282,7 @@ def test_bf16_updates_accumulate_in_fp32_main_weights(tiny_model_kv2):
 def test_unsupported_architecture_and_sizes_are_refused():
     from transformers import GPT2Config
 
-    supported = "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM"
+    supported = "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM"
     with pytest.raises(UnsupportedModel, match=supported):
         Architecture.from_hf(GPT2Config())
     arch = Architecture.from_hf(family_configs()["qwen2"])
@@ -299,6 +299,21 @@ def test_unsupported_architecture_and_sizes_are_refused():
         from soup_megatron.mcore.model import rope_arguments
 
         rope_arguments(Architecture.from_hf(yarn))
+
+
+def test_mixture_of_experts_sizes_are_refused_with_the_arithmetic():
+    moe = Architecture.from_hf(family_configs()["qwen3_moe"])
+    assert (moe.num_experts, moe.moe_top_k, moe.moe_ffn_hidden_size, moe.moe_norm_topk) == (4, 2, 48, True)
+    with pytest.raises(UnsupportedModel, match=r"expert_parallel=3 does not divide the model's num_experts=4"):
+        check_parallel_sizes(moe, MegatronConfig(expert_parallel=3))
+    with pytest.raises(UnsupportedModel, match="expert_parallel=2 needs a mixture-of-experts model; qwen2 is dense"):
+        check_parallel_sizes(Architecture.from_hf(family_configs()["qwen2"]), MegatronConfig(expert_parallel=2))
+    with pytest.raises(UnsupportedModel, match="needs actor.megatron.sequence_parallel=true"):
+        check_parallel_sizes(moe, MegatronConfig(tensor_parallel=2))
+    sparse = family_configs()["qwen3_moe"]
+    sparse.mlp_only_layers = [0]
+    with pytest.raises(UnsupportedModel, match="only models whose every layer is a mixture of experts"):
+        Architecture.from_hf(sparse)
 
 
 def test_interleaved_schedule_gets_at_least_two_groups_of_microbatches():
