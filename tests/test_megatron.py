@@ -233,16 +233,19 @@ def test_soup_run_with_megatron_actor_on_two_ranks(tiny_model_kv2, tiny_model_4_
             f"model.path={model}", "model.tiny.num_kv_heads=2", f"trainer.out_dir={tmp_path / 'run'}",
             "actor.backend=megatron", *(f"actor.megatron.{size}" for size in layout),
             f"actor.megatron.checkpoint={tmp_path / 'mcore'}", "trainer.eval_interval=0", "trainer.save_interval=2",
-            *(["model.tiny.num_experts=4", "actor.routing_replay=rollout"] if moe else [])]
+            *(["model.tiny.num_experts=4", "actor.routing_replay=rollout", "actor.moe.aux_loss_coef=0.01",
+               "actor.moe.z_loss_coef=0.001"] if moe else [])]
     run(*args, "trainer.steps=2", ranks=2)
     run(*args, "trainer.steps=3", ranks=2)  # resumes from step 2
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in rows if "loss" in r]
     assert steps == [1, 2, 3]
     assert all(r["logp_gap/max"] < 1e-4 for r in rows if "logp_gap/max" in r)  # engine weights = actor weights
-    if moe:  # the engine's routing (in fp32, as the trainer's) is replayed at every scored position
-        assert all(r["moe/routing_given_share"] == 1.0 and r["moe/routing_disagreement"] < 0.01
-                   for r in rows if "loss" in r)
+    if moe:  # the engine's routing (in fp32, as the trainer's) is replayed at every scored position, and the
+        # router's own losses are on and logged
+        for r in (r for r in rows if "loss" in r):
+            assert r["moe/routing_given_share"] == 1.0 and r["moe/routing_disagreement"] < 0.01
+            assert r["moe/load_balancing_loss"] > 0 and r["moe/z_loss"] > 0 and r["moe/expert_load_max"] >= 1
     sent = [r for r in rows if "loss" in r]
     assert all(r["megatron/bytes_sent"] > 0 for r in sent)
     if not layout:  # two data-parallel replicas: rank 1 gets half the rows, not the whole pickled batch

@@ -371,7 +371,24 @@ class MegatronActor:
         out = {**per_token_stats(stats), "loss": float(total_loss), "grad_norm": float(grad_norm)}
         if counts is not None:
             out["moe/expert_load_max"] = load_max(self._sum_over_routing_ranks(counts))
+            out.update(self._router_losses(len(self._micro_batches(rows))))
         return out
+
+    def _router_losses(self, micro_batches: int) -> dict[str, float]:
+        """The router's own losses of this update (actor.moe.aux_loss_coef, z_loss_coef), as megatron tracks
+        them: summed per layer over the micro-batches, reduced over the ranks (megatron's
+        reduce_aux_losses_tracker_across_ranks), then the mean per layer and micro-batch; {} when none is on."""
+        from megatron.core.transformer.moe import moe_utils
+
+        tracker = moe_utils.get_moe_layer_wise_logging_tracker()
+        if not tracker:
+            return {}
+        with cpu_compat.cuda_on_cpu():
+            moe_utils.reduce_aux_losses_tracker_across_ranks()
+        losses = {f"moe/{name}": float(entry["values"].sum()) / (self.arch.num_layers * max(micro_batches, 1))
+                  for name, entry in tracker.items()}
+        moe_utils.clear_aux_losses_tracker()
+        return losses
 
     def _rollout_weights(self):
         tensors = checkpoint.iter_hf_tensors(self.chunks, self.params, self.arch, self.layout)
