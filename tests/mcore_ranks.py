@@ -3,6 +3,7 @@
     torchrun --nproc-per-node N tests/mcore_ranks.py logits --tp T --out result.json MODEL_DIR...
     torchrun --nproc-per-node N tests/mcore_ranks.py actor --tp T [--pp P] [--vp V] [--cp C] [--sp] \\
         --out result.json --work DIR TINY_MODEL
+    torchrun --nproc-per-node N tests/mcore_ranks.py replayed --tp T --ep E --batch BATCH.pt --out logp.json MOE_MODEL
 
 Rank 0 writes the measured differences as JSON; the test asserts on them.
 """
@@ -202,9 +203,19 @@ def actor_parity(model_dir: str, tp: int, pp: int, vp: int, cp: int, sp: bool, w
     }
 
 
+def replayed_logprobs(model_dir: str, tp: int, ep: int, batch_file: Path) -> dict:
+    """The megatron actor's log-probs of a saved TokenBatch (torch.save of its fields), replaying its routing."""
+    batch = TokenBatch(**torch.load(batch_file))
+    megatron = MegatronConfig(tensor_parallel=tp, expert_parallel=ep, sequence_parallel=tp > 1)
+    mega = build_actor(ActorConfig(backend="megatron", megatron=megatron, routing_replay="rollout"), model_dir)
+    logp, _ = mega._logprobs(mega.own_rows(batch), 1.0, False)
+    return {"logp": logp.tolist()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("check", choices=["logits", "actor"])
+    parser.add_argument("check", choices=["logits", "actor", "replayed"])
+    parser.add_argument("--batch", type=Path, help="a saved TokenBatch (replayed)")
     parser.add_argument("models", nargs="+")
     parser.add_argument("--tp", type=int, required=True)
     parser.add_argument("--pp", type=int, default=1)
@@ -220,6 +231,8 @@ def main() -> None:
     torch.manual_seed(0)
     if args.check == "logits":
         result = logits_differences(args.models, args.tp)
+    elif args.check == "replayed":
+        result = replayed_logprobs(args.models[0], args.tp, args.ep, args.batch)
     else:
         result = actor_parity(args.models[0], args.tp, args.pp, args.vp, args.cp, args.sp, args.work, args.max_tokens,
                               args.ep, args.replay)

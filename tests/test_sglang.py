@@ -574,6 +574,16 @@ def test_sglang_routes_as_the_trainer_and_a_soup_run_replays_its_routing(tiny_mo
     ours = torch.cat([replayed[i][segment[i] == CONTINUATION] for i in range(2)])
     theirs = torch.tensor([lp for g in generations for lp in g.logprobs])
     assert (ours - theirs).abs().max() < 1e-5
+    # and the megatron actor with the experts over two expert-parallel ranks, replaying the same routing
+    batch.routing = routing
+    torch.save({f: getattr(batch, f) for f in ("input_ids", "attention_mask", "segment", "behaviour_logp",
+                                               "versions", "advantages", "routing")}, tmp_path / "batch.pt")
+    from .test_megatron import run as run_ranks
+
+    run_ranks("tests/mcore_ranks.py", "replayed", tiny_moe_model, "--tp", 1, "--ep", 2,
+              "--batch", tmp_path / "batch.pt", "--out", tmp_path / "megatron.json", ranks=2)
+    megatron = torch.tensor(json.loads((tmp_path / "megatron.json").read_text())["logp"])
+    assert (torch.cat([megatron[i][segment[i] == CONTINUATION] for i in range(2)]) - theirs).abs().max() < 1e-5
     assert (torch.cat([moved[i][segment[i] == CONTINUATION] for i in range(2)]) - theirs).abs().max() > 1e-3
     out = tmp_path / "run"
     proc = subprocess.run([sys.executable, "-m", "soup_megatron.cli", "train", *_sglang_overrides(tiny_moe_model, out),
