@@ -553,6 +553,11 @@ def cross_section_rules(c: Config) -> Iterator[Rule]:
            "policy_servers with soup.history_placement=colocated, whose history servers share them)")
     yield ("launch.slurm.rollout_nodes", c.launch.slurm.rollout_nodes == 0 or sglang.servers_from == "serve",
            "0 unless rollout.sglang.servers_from=serve (rollout nodes run `soup-megatron serve`)")
+    # on one node the serve tasks run beside the trainer; across nodes they need nodes of their own
+    yield ("launch.slurm.rollout_nodes", c.launch.slurm.rollout_nodes > 0 or sglang.servers_from != "serve"
+           or c.launch.slurm.nodes == 1,
+           f"> 0 with rollout.sglang.servers_from=serve on launch.slurm.nodes={c.launch.slurm.nodes} (the nodes "
+           "that run the `soup-megatron serve` tasks; only a one-node job puts them beside the trainer)")
     yield ("actor.routing_replay", c.actor.routing_replay == "none" or c.actor.backend == "local"
            or c.actor.megatron.recompute != "full",
            "none with actor.megatron.recompute=full (a recomputed layer would replay another micro-batch's experts; "

@@ -115,6 +115,10 @@ def test_serve_tasks_are_split_over_the_rollout_nodes_or_refused(tmp_path):
         load_config("configs/tiny_cpu.yaml", ["launch.slurm.nodes=2", "launch.slurm.rollout_nodes=1"])
     with pytest.raises(ConfigError, match="rollout_nodes=4 is not allowed; expected >= 0 and < launch.slurm.nodes"):
         load_config("configs/tiny_cpu.yaml", [*base, "launch.slurm.rollout_nodes=4"])
+    with pytest.raises(ConfigError, match="rollout_nodes=0 is not allowed; expected > 0 with "
+                                          "rollout.sglang.servers_from=serve on launch.slurm.nodes=4"):
+        load_config("configs/tiny_cpu.yaml", [*base, "launch.slurm.rollout_nodes=0"])
+    load_config("configs/tiny_cpu.yaml", [*base, "launch.slurm.nodes=1", "launch.slurm.rollout_nodes=0"])
     assert main(["launch", "--config", "configs/tiny_cpu.yaml", "--executor", "local", "--dryrun",
                  f"trainer.out_dir={tmp_path / 'run'}", "rollout.backend=sglang",
                  "rollout.sglang.servers_from=serve"]) == 2  # the local executor starts no serve tasks
