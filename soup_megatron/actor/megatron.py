@@ -371,7 +371,7 @@ class MegatronActor:
         out = {**per_token_stats(stats), "loss": float(total_loss), "grad_norm": float(grad_norm)}
         if counts is not None:
             out["moe/expert_load_max"] = load_max(self._sum_over_routing_ranks(counts))
-            out.update(self._router_losses(len(self._micro_batches(rows))))
+            out.update(self._router_losses(len(self._plan(rows.batch.attention_mask.sum(-1)))))
         return out
 
     def _router_losses(self, micro_batches: int) -> dict[str, float]:

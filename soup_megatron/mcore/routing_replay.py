@@ -72,19 +72,22 @@ class MegatronRouting:
         this rank's positions and layers filled and zeros elsewhere (summed over the ranks later)."""
         positions = self.positions(part)
         out = torch.zeros(rows, part.padded, layers, self.top_k, dtype=torch.int16)
-        for layer, replay in self.layers[chunk]:
-            chosen = replay.get_recorded_indices().reshape(len(positions), rows, self.top_k).transpose(0, 1)
+        for layer, chosen in self._chosen(chunk, rows, len(positions)):
             out[:, positions.to(chosen.device), layer] = chosen.to(torch.int16).cpu()
         return out
 
+    def _chosen(self, chunk: int, rows: int, positions: int):
+        """(global layer, the experts its router chose in the last forward pass as [rows, positions, k]) for
+        each MoE layer of chunk `chunk` (megatron records them positions-major)."""
+        for layer, replay in self.layers[chunk]:
+            yield layer, replay.get_recorded_indices().reshape(positions, rows, self.top_k).transpose(0, 1)
 
     def count(self, chunk: int, attention_mask: torch.Tensor, part: SequenceSlice, counts: torch.Tensor) -> None:
         """After chunk `chunk`'s forward pass: add to `counts` [layers, experts] the token slots its routers
         gave each expert at the micro-batch's real tokens (`attention_mask` [rows, <= padded])."""
         positions = self.positions(part)
         mask = torch.nn.functional.pad(attention_mask, (0, part.padded - attention_mask.shape[1]))[:, positions] > 0
-        for layer, replay in self.layers[chunk]:
-            chosen = replay.get_recorded_indices().reshape(len(positions), mask.shape[0], self.top_k).transpose(0, 1)
+        for layer, chosen in self._chosen(chunk, mask.shape[0], len(positions)):
             counts[layer] += torch.bincount(chosen[mask.to(chosen.device)].flatten().cpu(),
                                             minlength=counts.shape[1])
 
