@@ -257,9 +257,10 @@ def test_soup_run_with_megatron_actor_on_two_ranks(tiny_model_kv2, tiny_model_4_
     assert (tmp_path / "exported" / "model.safetensors").is_file()
 
 
-def test_bf16_updates_accumulate_in_fp32_main_weights(tiny_model_kv2):
+def test_bf16_updates_accumulate_in_fp32_main_weights(tiny_model_kv2, tmp_path):
     """With bf16 parameters, megatron's optimizer keeps fp32 main weights: updates of lr = 1e-6 add up
-    there, where bf16 weights of this size (spacing ~2e-4 near 0.05) could not hold them."""
+    there, where bf16 weights of this size (spacing ~2e-4 near 0.05) could not hold them. Every parameter is
+    bf16 (the norms too), so the optimizer's checkpoint holds them all and a resumed actor repeats a step."""
     from soup_megatron.actor import build_actor
     from soup_megatron.algo.loss import LossConfig
     from soup_megatron.config import ActorConfig
@@ -278,7 +279,15 @@ def test_bf16_updates_accumulate_in_fp32_main_weights(tiny_model_kv2):
     assert next(actor.chunks[0].parameters()).dtype == torch.bfloat16
     moved = max(float((p - b).abs().max()) for p, b in zip(main, before))
     assert 4e-6 < moved < 6e-6  # Adam moves a weight by about lr per step (5 steps)
+    assert {p.dtype for chunk in actor.chunks for p in chunk.parameters()} == {torch.bfloat16}
+    actor.save_state(tmp_path / "state")
+    next_loss = actor.train_minibatch(batch, LossConfig(), 1.0)["loss"]
     actor.close()
+    resumed = build_actor(ActorConfig(backend="megatron", lr=1e-6, micro_batch_size=4,
+                                      megatron=MegatronConfig(params_dtype="bfloat16")), tiny_model_kv2)
+    resumed.load_state(tmp_path / "state")
+    assert resumed.train_minibatch(batch, LossConfig(), 1.0)["loss"] == next_loss
+    resumed.close()
 
 
 # ---- refusals (no processes needed) --------------------------------------------------------------------

@@ -354,6 +354,11 @@ def build_gpt_model(arch: Architecture, cfg: MegatronConfig, pre_process: bool =
             vp_stage=vp_stage,
             **rope_arguments(arch),
         )
+    if cfg.params_dtype == "bfloat16":
+        # the local spec builds its norms in fp32; megatron's optimizer checkpoints only the bf16 parameters it
+        # keeps fp32 main copies of, so every parameter is bf16 (as megatron's Float16Module casts them)
+        for param in model.parameters():
+            param.data = param.data.to(torch.bfloat16)
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     return model
