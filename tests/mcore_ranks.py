@@ -48,13 +48,15 @@ def logits_differences(model_dirs: list[str], tp: int) -> dict:
         model = build_gpt_model(arch, mc)
         checkpoint.load_hf_into([model], [chunk_params(arch, range(arch.num_layers), True, True, False)], arch,
                                 Path(d), layout, padded_vocab_size(arch.vocab_size, mc))
-        ids = torch.randint(0, arch.vocab_size, (3, 22), generator=torch.Generator().manual_seed(0))
+        device = next(model.parameters()).device  # a GPU where there is one (tests/test_gpu.py)
+        ids = torch.randint(0, arch.vocab_size, (3, 22), generator=torch.Generator().manual_seed(0)).to(device)
+        positions = torch.arange(22, device=device)[None].expand(3, -1)
         with torch.no_grad(), cuda_on_cpu():  # a MoE router asks for the current device
-            local = model(input_ids=ids, position_ids=torch.arange(22)[None].expand(3, -1), attention_mask=None)
+            local = model(input_ids=ids, position_ids=positions, attention_mask=None)
             parts = [torch.empty_like(local) for _ in range(tp)]
             dist.all_gather(parts, local.contiguous(), group=ps.get_tensor_model_parallel_group())
             ours = torch.cat(parts, -1)
-            hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+            hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).to(device).eval()
             theirs = hf(input_ids=ids).logits
         out[Path(d).name] = {"max_abs_diff": float((ours[..., : arch.vocab_size] - theirs).abs().max()),
                              "padding_columns": ours.shape[-1] - arch.vocab_size}

@@ -36,7 +36,7 @@ workers=${SOUP_TEST_WORKERS:-2}
 if [ "${1:-}" = --all ]; then
   shift
   status=0
-  python -m pytest -q -n "$workers" --dist loadgroup -m "not slow" "$@" || status=$?
+  python -m pytest -q -n "$workers" --dist loadgroup -m "not slow and not gpu" "$@" || status=$?
   python -m pytest -q -n 0 -m slow "$@" || status=$?
   exit "$status"
 fi

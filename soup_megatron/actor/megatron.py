@@ -173,8 +173,13 @@ class MegatronActor:
 
     def step_stats(self) -> dict[str, float]:
         """Bytes the driver sent its followers since the last call, and what broadcasting every call whole
-        would have sent."""
-        return self.channel.take_counts() if self.layout.world > 1 else {}
+        would have sent; on a GPU, the driver rank's peak allocated memory since the last call (what
+        tools/plan_memory.py estimates)."""
+        stats = self.channel.take_counts() if self.layout.world > 1 else {}
+        if self.device.type == "cuda":
+            stats["megatron/gpu_peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+            torch.cuda.reset_peak_memory_stats(self.device)
+        return stats
 
     def rollout_weights(self):
         return self._run(RolloutWeights())
