@@ -279,7 +279,7 @@ class MegatronActor:
                             (self.layout.pp, ps.get_pipeline_model_parallel_group)):
             if size > 1:
                 for t in tensors:
-                    dist.all_reduce(t, group=group())
+                    self._all_reduce(t, group())
 
     def _train_mode(self, on: bool) -> None:
         for chunk in self.chunks:
@@ -329,8 +329,18 @@ class MegatronActor:
                             (self.layout.dp, ps.get_data_parallel_group),
                             (self.layout.pp, ps.get_pipeline_model_parallel_group)):
             if size > 1:
-                dist.all_reduce(t, group=group())
+                self._all_reduce(t, group())
         return t
+
+    def _all_reduce(self, t: torch.Tensor, group) -> None:
+        """Sum the host tensor `t` over `group` in place, through the GPU where there is one (NCCL reduces
+        device tensors only)."""
+        if self.device.type == "cpu":
+            dist.all_reduce(t, group=group)
+            return
+        on_device = t.to(self.device)
+        dist.all_reduce(on_device, group=group)
+        t.copy_(on_device)
 
     def _train_minibatch(self, rows: RankRows, loss_cfg: LossConfig, temperature: float, scale: LossScale) -> dict:
         from megatron.core.distributed import finalize_model_grads

@@ -17,14 +17,16 @@ writer copy tensors to host memory blocking, as there is no device to synchronis
 non-blocking path ends in `torch.cuda.synchronize()`), and posts pipeline stages' shape messages in an
 order gloo pairs correctly (`_exchange_shapes`), and makes megatron's RNG tracker the one whose fork is a
 plain context: layers fork a per-rank CUDA RNG stream around dropout in sequence-parallel regions, there
-is no CUDA RNG, and every dropout of this actor is 0. For mixture-of-experts layers it binds the Transformer
-Engine kernels megatron's MoE code tests for (`te_general_gemm`, `fused_*`) to None when TE is absent
-(megatron leaves them unbound and then reads them), gives the alltoall token dispatcher no side stream (it
+is no CUDA RNG, and every dropout of this actor is 0. For mixture-of-experts layers it gives the alltoall
+token dispatcher no side stream (it
 makes a `torch.cuda.Stream` to copy its split sizes to the host) and hands gloo's `all_to_all_single` those
 split sizes as numpy arrays, as on a GPU (it refuses tensors); under tensor parallelism the dispatcher also
 gathers and reduce-scatters pieces of unequal length over the tensor-parallel ranks, which gloo cannot, so
 those two go through equal-length collectives (`_gather_uneven`, `_reduce_scatter_uneven`). With CUDA present
 all of this does nothing.
+One thing is not about the CPU: where Transformer Engine is absent (any CPU, a GPU without it), `enable()`
+binds the TE kernels megatron's MoE code tests for (`te_general_gemm`, `fused_*`) to None; megatron leaves
+them unbound and then reads them (found on an H200 without TE: `NameError: te_general_gemm`).
 Core attention is our SDPA module rather than a patch (megatron's local one uses a CUDA buffer).
 """
 
@@ -156,22 +158,30 @@ def _reduce_scatter_uneven(reduce_scatter):
 
 def _enable_moe() -> None:
     from megatron.core.tensor_parallel import mappings
-    from megatron.core.transformer.moe import moe_utils
     from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
 
     mappings._gather_along_first_dim = _gather_uneven(mappings._gather_along_first_dim)
     mappings._reduce_scatter_along_first_dim = _reduce_scatter_uneven(mappings._reduce_scatter_along_first_dim)
 
-    for name in _TE_KERNELS:
-        if not hasattr(moe_utils, name):
-            setattr(moe_utils, name, None)
     MoEAlltoAllTokenDispatcher.cuda_dtoh_stream = "no stream: CPU"  # set, so that no torch.cuda.Stream is made
     MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize = _split_sizes_as_lists
 
 
+def _bind_absent_te_kernels() -> None:
+    from megatron.core.transformer.moe import moe_utils
+
+    for name in _TE_KERNELS:
+        if not hasattr(moe_utils, name):
+            setattr(moe_utils, name, None)
+
+
 def enable() -> None:
     global _enabled
-    if _enabled or not cpu_only():
+    if _enabled:
+        return
+    _bind_absent_te_kernels()
+    if not cpu_only():
+        _enabled = True
         return
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync

@@ -33,7 +33,8 @@ def _given_where_set(replay, scores, topk, num_groups=None, group_topk=None, def
     given = replay.target_topk_idx
     if given is None:
         return values, natural
-    experts = torch.where(given >= 0, given.to(scores.device), natural)
+    given = given.to(scores.device)
+    experts = torch.where(given >= 0, given, natural)
     return scores.gather(1, experts), experts
 
 
@@ -73,7 +74,7 @@ class MegatronRouting:
         positions = self.positions(part)
         out = torch.zeros(rows, part.padded, layers, self.top_k, dtype=torch.int16)
         for layer, chosen in self._chosen(chunk, rows, len(positions)):
-            out[:, positions.to(chosen.device), layer] = chosen.to(torch.int16).cpu()
+            out[:, positions.cpu(), layer] = chosen.to(torch.int16).cpu()
         return out
 
     def _chosen(self, chunk: int, rows: int, positions: int):
