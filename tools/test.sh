@@ -29,15 +29,17 @@ export SOUP_REQUIRE_SLURM=1
 ruff check soup_megatron tests tools launch  # the linter settings are in pyproject.toml
 # Two workers (SOUP_TEST_WORKERS to change; 0: one process): in one process the default tier leaves a core idle
 # about half the time (server start-ups, process launches, waits). Tests sharing one fixed cost (a module's
-# servers, the Slurm node) are one xdist group, run by one worker. The slow tier runs in one process: its
-# compute-bound items slow up to 5x beside each other (the demo model's SFT: 134 s alone, 702 s beside another
-# worker's tests), and over both tiers two workers saved 2 of 55 minutes.
+# servers, the Slurm node) are one xdist group, run by one worker. The slow tier's workers run every process
+# with one thread (OMP_NUM_THREADS=1, inherited by the trainers, torchrun ranks and SGLang servers its tests
+# start): with torch's two threads per process its compute-bound items slowed each other up to 5x (the demo
+# model's SFT: 134 s alone, 702 s beside another worker's tests); with one each, two workers ran the slow tier
+# in 30 min 24 s against 48 min 13 s in one process (2026-12-04, this 2-core machine).
 workers=${SOUP_TEST_WORKERS:-2}
 if [ "${1:-}" = --all ]; then
   shift
   status=0
   python -m pytest -q -n "$workers" --dist loadgroup -m "not slow and not gpu" "$@" || status=$?
-  python -m pytest -q -n 0 -m slow "$@" || status=$?
+  OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} python -m pytest -q -n "$workers" --dist loadgroup -m slow "$@" || status=$?
   exit "$status"
 fi
 python -m pytest -q -n "$workers" --dist loadgroup "$@"
