@@ -60,4 +60,3 @@ def test_soup_run_with_megatron_actor_on_gpu(tiny_moe_model, tmp_path, dtype):
     # the engine's fp32 weights are the actor's: equal in fp32, within bf16 rounding of the logits in bf16
     assert all(r["logp_gap/max"] < (1e-4 if dtype == "float32" else 0.5) for r in trained)
     assert all(r["moe/routing_given_share"] == 1.0 for r in trained)
-

@@ -18,9 +18,9 @@ non-blocking path ends in `torch.cuda.synchronize()`), and posts pipeline stages
 order gloo pairs correctly (`_exchange_shapes`), and makes megatron's RNG tracker the one whose fork is a
 plain context: layers fork a per-rank CUDA RNG stream around dropout in sequence-parallel regions, there
 is no CUDA RNG, and every dropout of this actor is 0. For mixture-of-experts layers it gives the alltoall
-token dispatcher no side stream (it
-makes a `torch.cuda.Stream` to copy its split sizes to the host) and hands gloo's `all_to_all_single` those
-split sizes as numpy arrays, as on a GPU (it refuses tensors); under tensor parallelism the dispatcher also
+token dispatcher no side stream (it makes a `torch.cuda.Stream` to copy its split sizes to the host) and hands
+gloo's `all_to_all_single` those split sizes as numpy arrays, as on a GPU (it refuses tensors); under tensor
+parallelism the dispatcher also
 gathers and reduce-scatters pieces of unequal length over the tensor-parallel ranks, which gloo cannot, so
 those two go through equal-length collectives (`_gather_uneven`, `_reduce_scatter_uneven`). With CUDA present
 all of this does nothing.
