@@ -20,10 +20,9 @@ plain context: layers fork a per-rank CUDA RNG stream around dropout in sequence
 is no CUDA RNG, and every dropout of this actor is 0. For mixture-of-experts layers it gives the alltoall
 token dispatcher no side stream (it makes a `torch.cuda.Stream` to copy its split sizes to the host) and hands
 gloo's `all_to_all_single` those split sizes as numpy arrays, as on a GPU (it refuses tensors); under tensor
-parallelism the dispatcher also
-gathers and reduce-scatters pieces of unequal length over the tensor-parallel ranks, which gloo cannot, so
-those two go through equal-length collectives (`_gather_uneven`, `_reduce_scatter_uneven`). With CUDA present
-all of this does nothing.
+parallelism the dispatcher also gathers and reduce-scatters pieces of unequal length over the tensor-parallel
+ranks, which gloo cannot, so those two go through equal-length collectives (`_gather_uneven`,
+`_reduce_scatter_uneven`). With CUDA present all of this does nothing.
 One thing is not about the CPU: where Transformer Engine is absent (any CPU, a GPU without it), `enable()`
 binds the TE kernels megatron's MoE code tests for (`te_general_gemm`, `fused_*`) to None; megatron leaves
 them unbound and then reads them (found on an H200 without TE: `NameError: te_general_gemm`).
