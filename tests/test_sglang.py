@@ -358,6 +358,8 @@ def _listening_ports() -> str:
 
 @pytest.mark.slow  # moved from the default tier to keep it under 15 min on 2 cores
 def test_killed_server_is_restarted_and_no_sample_is_lost(tiny_model, tmp_path):
+    """Killed mid-rollout: restarted, and every sample comes back once. Killed again and down when the group
+    loads new weights: the update goes on without it, and it gets them before it serves."""
     group = RolloutServers(sglang_config(), str(tiny_model), tmp_path, ["policy"]).start()
     try:
         tok = load_tokenizer(tiny_model)
@@ -376,6 +378,14 @@ def test_killed_server_is_restarted_and_no_sample_is_lost(tiny_model, tmp_path):
         gens = result["gens"]
         assert len(gens) == 512 and all(g.token_ids and len(g.token_ids) == len(g.logprobs) for g in gens)
         assert group.restarts == 1 and server.alive()
+        # down when the next weights are loaded: skipped, and given them before it answers again
+        uniform = _perturbed_checkpoint(tiny_model, tmp_path / "weights" / "v000001", 0.0)
+        os.killpg(server.proc.pid, signal.SIGKILL)
+        assert wait_until(lambda: f":{server.port} " not in _listening_ports(), timeout=30)
+        engine.load_weights(uniform, 1)
+        after = engine.generate(reqs[:4], 1.0, 3)
+        uniform_logprob = -torch.log(torch.tensor(float(len(tok)))).item()
+        assert group.restarts == 2 and all(abs(lp - uniform_logprob) < 1e-3 for g in after for lp in g.logprobs)
     finally:
         pid, port = server.proc.pid, server.port
         group.close()

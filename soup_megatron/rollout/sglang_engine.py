@@ -8,7 +8,8 @@
 - score: `/generate` with `logprob_start_len`, reading `input_token_logprobs`.
 - load_weights: `/update_weights_from_disk` with the step as `weight_version`, on every server of the
   group; only paths inside the run directory are sent (a server must never be told to load weights
-  from elsewhere). A bad path is refused by SGLang, which keeps its old weights.
+  from elsewhere). A bad path is refused by SGLang, which keeps its old weights. A supervised server
+  that is down (connection refused) is skipped: restarted, it gets these weights from the version check.
 - Routing (`routing = prompt`): a group's requests (one prompt; its mixed samples' prefixes nest) go to one
   server, so its radix cache holds the prompt and the shared prefixes; groups are spread over the servers in
   turn. `least_loaded` sends each request to the server with the fewest in flight. At most
@@ -242,9 +243,9 @@ class SGLangEngine:
             raise ServerError("SGLang servers load weights from checkpoint directories; use rollout.weight_sync=disk")
         old = (self.weights_path, self.version)
         self.weights_path, self.version = str(self.check_weights_path(source)), version
-        urls, _, _ = self._servers()
+        urls, supervised, _ = self._servers()
         try:
-            bodies = asyncio.run(self._update_all(urls))
+            bodies = asyncio.run(self._update_all(urls, supervised))
         except BaseException as exc:
             self.weights_path, self.version = old
             if isinstance(exc, httpx.TransportError):  # e.g. SGLang's scheduler crashed on an unreadable file
@@ -257,13 +258,22 @@ class SGLangEngine:
             raise ServerError(f"loading {source} (version {version}) failed, servers keep their weights: "
                               + "; ".join(failed))
 
-    async def _update_all(self, urls: list[str]) -> list[dict]:
+    async def _update_all(self, urls: list[str], supervised: set[str]) -> list[dict]:
         import httpx
 
         _, _, headers = self._servers()
         async with httpx.AsyncClient(headers=headers, timeout=self.cfg.request_timeout) as client:
             async def one(url: str) -> dict:
-                response = await client.post(url + "/update_weights_from_disk", json=self._update_payload())
+                try:
+                    response = await client.post(url + "/update_weights_from_disk", json=self._update_payload())
+                except httpx.ConnectError:  # down before the request: not a load that crashed it
+                    if url not in supervised:
+                        raise
+                    # restarted by its watchdog or serve task, it serves its launch weights and is given these
+                    # (this version) by the version check before its first answer counts
+                    log.warning(f"warning: SGLang server {url} is down; it loads version {self.version} when it is "
+                                "back")
+                    return {"success": True}
                 if response.status_code in (401, 403):
                     raise ServerError(f"{url} refused the weight update (HTTP {response.status_code}): wrong API key")
                 try:
