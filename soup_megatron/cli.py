@@ -169,7 +169,7 @@ def cmd_launch(args) -> int:
     from .cluster.launch import launch
 
     cfg = load_config(args.config, args.overrides)
-    launch(cfg, args.executor, args.dryrun, " ".join([args.config or "defaults", *args.overrides]))
+    launch(cfg, args.executor, args.dryrun, " ".join([args.config or "defaults", *args.overrides]), args.layout)
     return 0
 
 
@@ -237,6 +237,10 @@ def main(argv=None) -> int:
     _config_args(p)
     p.add_argument("--executor", choices=("local", "slurm"), default="local")
     p.add_argument("--dryrun", action="store_true", help="print the command or sbatch scripts; submit nothing")
+    p.add_argument("--layout", action="store_true", help="print the Slurm job's nodes, tasks and commands as "
+                                                         "JSON and freeze the config in the run directory (with "
+                                                         "--dryrun: write nothing); submit nothing (for "
+                                                         "launch/soup_experiment.py)")
     p.set_defaults(fn=cmd_launch)
     p = sub.add_parser("serve", help="run one SGLang server of a run's policy or history group (a rollout-node "
                                      "job step; needs rollout.sglang.servers_from=serve)")

@@ -555,7 +555,7 @@ def cross_section_rules(c: Config) -> Iterator[Rule]:
            "0 unless rollout.sglang.servers_from=serve (rollout nodes run `soup-megatron serve`)")
     # on one node the serve tasks run beside the trainer; across nodes they need nodes of their own
     yield ("launch.slurm.rollout_nodes", c.launch.slurm.rollout_nodes > 0 or sglang.servers_from != "serve"
-           or c.launch.slurm.nodes == 1,
+           or c.rollout.backend != "sglang" or c.launch.slurm.nodes == 1,
            f"> 0 with rollout.sglang.servers_from=serve on launch.slurm.nodes={c.launch.slurm.nodes} (the nodes "
            "that run the `soup-megatron serve` tasks; only a one-node job puts them beside the trainer)")
     yield ("actor.routing_replay", c.actor.routing_replay == "none" or c.actor.backend == "local"

@@ -119,6 +119,8 @@ def test_serve_tasks_are_split_over_the_rollout_nodes_or_refused(tmp_path):
                                           "rollout.sglang.servers_from=serve on launch.slurm.nodes=4"):
         load_config("configs/tiny_cpu.yaml", [*base, "launch.slurm.rollout_nodes=0"])
     load_config("configs/tiny_cpu.yaml", [*base, "launch.slurm.nodes=1", "launch.slurm.rollout_nodes=0"])
+    # with the in-process engine no serve task runs: the servers' placement does not matter
+    load_config("configs/tiny_cpu.yaml", [*base, "launch.slurm.rollout_nodes=0", "rollout.backend=local"])
     assert main(["launch", "--config", "configs/tiny_cpu.yaml", "--executor", "local", "--dryrun",
                  f"trainer.out_dir={tmp_path / 'run'}", "rollout.backend=sglang",
                  "rollout.sglang.servers_from=serve"]) == 2  # the local executor starts no serve tasks
@@ -133,6 +135,32 @@ def test_dryrun_prints_the_scripts_and_writes_nothing(tmp_path):
     assert "export NCCL_SOCKET_IFNAME=ib0 GLOO_SOCKET_IFNAME=ib0" in out
     assert "--container-image=nvcr.io/nvidia/pytorch:25.01-py3 --container-mounts=/shared" in out
     assert "hf-to-megatron" in out and not (tmp_path / "run").exists()
+
+
+def test_layout_gives_the_sbatch_jobs_commands_and_freezes_the_config_unless_a_dry_run(tmp_path):
+    """`launch --layout` (launch/soup_experiment.py's view of the job): the nodes, tasks and the very commands
+    the sbatch scripts run; the config frozen in the run directory, or nothing written with --dryrun."""
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "soup_megatron.cli", "launch", "--config", "configs/tiny_3node_cpu.yaml",
+            "--executor", "slurm", "--layout", f"trainer.out_dir={out}"]
+    described = subprocess.run([*args, "--dryrun"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert described.returncode == 0, described.stderr
+    assert not out.exists()
+    layout = json.loads(described.stdout)
+    scripts = dryrun("configs/tiny_3node_cpu.yaml", f"trainer.out_dir={out}")
+    assert layout["train_command"] in scripts and layout["convert_command"] in scripts
+    assert layout["interface_setup"] in scripts
+    assert [(s["group"], s["relative"], s["nodes"], s["per_node"]) for s in layout["serve_steps"]] == [
+        ("policy", 2, 1, 1), ("history", 2, 1, 1)]
+    assert all(s["command"] in scripts for s in layout["serve_steps"])
+    assert (layout["train_nodes"], layout["ranks_per_node"], layout["slurm"]["nodes"]) == (2, 1, 3)
+    frozen = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert frozen.returncode == 0 and json.loads(frozen.stdout) == layout, frozen.stderr
+    assert load_config(str(out / "launch" / "config.yaml")).launch.slurm.nodes == 3
+    assert not list((out / "launch").glob("*.sbatch"))  # nothing submitted
+    local = subprocess.run([*args[:7], "local", "--layout"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert local.returncode == 2 and local.stderr.strip().endswith("--layout describes a Slurm job: use it with "
+                                                                   "--executor slurm")
 
 
 def test_launch_config_is_validated(tmp_path):

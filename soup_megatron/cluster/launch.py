@@ -12,15 +12,19 @@
 Launching freezes the run's config: the resolved YAML goes to `<trainer.out_dir>/launch/config.yaml`
 and the job trains from that file, so a requeued job resumes with exactly what was submitted.
 `--dryrun` prints the scripts and writes nothing; `slurm/*.sbatch` are dry runs of the recipes.
+`--layout` freezes the config and prints the job's layout and its tasks' commands as JSON instead of
+submitting (with `--dryrun`: writes nothing), for a launcher that submits the same job itself
+(launch/soup_experiment.py, nemo-run): the commands are the ones the sbatch scripts run.
 """
 
 from __future__ import annotations
 
+import json
 import shlex
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
@@ -115,25 +119,71 @@ def check_training_ranks(cfg: Config) -> None:
             f"{mc.context_parallel} = {replica}")
 
 
+def train_command(cfg: Config, config_file: Path) -> str:
+    """A training node's task: one torchrun, in the c10d rendezvous on the job's first node ($MASTER_ADDR)."""
+    s = cfg.launch.slurm
+    return (f"{cfg.launch.python} -m torch.distributed.run --nnodes={s.nodes - s.rollout_nodes} "
+            f"--nproc-per-node={cfg.launch.ranks_per_node} \\\n"
+            f"    --rdzv-backend=c10d --rdzv-endpoint=\"$MASTER_ADDR:{cfg.launch.rendezvous_port}\" "
+            f"--rdzv-id=\"$SLURM_JOB_ID\" \\\n"
+            f"    -m soup_megatron.cli train --config {config_file}")
+
+
+def serve_command(cfg: Config, config_file: Path, group: str) -> str:
+    """A rollout task: one `soup-megatron serve` of `group` (its index: the task's SLURM_PROCID)."""
+    return f"{cfg.launch.python} -m soup_megatron.cli serve --config {config_file} --group {group}"
+
+
+def convert_command(cfg: Config) -> str:
+    """The conversion task: the HF checkpoint to megatron at the training TP and PP=1 (torch_dist checkpoints
+    load under any other layout); a MoE model's experts split over the training EP when it fits the node, so
+    no rank reads every expert. It writes the checkpoint only if it is not there yet."""
+    mc, run_dir = cfg.actor.megatron, Path(cfg.trainer.out_dir)
+    ep = mc.expert_parallel if mc.tensor_parallel * mc.expert_parallel <= cfg.launch.ranks_per_node else 1
+    return (f"{cfg.launch.python} -m torch.distributed.run --standalone --nproc-per-node={mc.tensor_parallel * ep} "
+            f"\\\n      -m soup_megatron.mcore.convert hf-to-megatron --hf {cfg.model.path} --out "
+            f"{run_dir / CONVERTED} \\\n      --tp {mc.tensor_parallel} --pp 1{f' --ep {ep}' if ep > 1 else ''}")
+
+
+def interface_setup(cfg: Config) -> str:
+    """Shell lines that put NCCL and gloo on launch.slurm.network_interface, or end the task at once naming the
+    node's interfaces when it has no such one (a rank would wait on it); "" when none is set."""
+    name = cfg.launch.slurm.network_interface
+    if not name:
+        return ""
+    return (f"if [ ! -d /sys/class/net/{name} ]; then\n"
+            f"  echo \"launch.slurm.network_interface={name}: no such interface on $(hostname) "
+            f"(it has: $(ls /sys/class/net | paste -sd' '))\" >&2\n"
+            f"  exit 2\nfi\nexport NCCL_SOCKET_IFNAME={name} GLOO_SOCKET_IFNAME={name}\n")
+
+
+def job_layout(cfg: Config, config_file: Path) -> dict:
+    """The training job as a launcher other than sbatch needs it: nodes, tasks and the commands they run."""
+    s = cfg.launch.slurm
+    return {"run_dir": cfg.trainer.out_dir, "config_file": str(config_file), "job_name": cfg.launch.job_name,
+            "slurm": asdict(s), "train_nodes": s.nodes - s.rollout_nodes,
+            "ranks_per_node": cfg.launch.ranks_per_node, "interface_setup": interface_setup(cfg),
+            "train_command": train_command(cfg, config_file),
+            "serve_steps": [{**asdict(step), "command": serve_command(cfg, config_file, step.group)}
+                            for step in serve_steps(cfg)],
+            "convert_command": convert_command(cfg) if cfg.launch.convert_from_hf else "",
+            "converted_checkpoint": str(Path(cfg.trainer.out_dir) / CONVERTED)}
+
+
 def slurm_jobs(cfg: Config, config_note: str) -> list[Job]:
     s = cfg.launch.slurm
     check_training_ranks(cfg)
     run_dir = Path(cfg.trainer.out_dir)  # as configured: relative paths are relative to the submission directory
-    common = dict(job_name=cfg.launch.job_name, s=s, log_dir=run_dir / "slurm", python=cfg.launch.python,
-                  config_note=config_note)
+    common = dict(job_name=cfg.launch.job_name, s=s, log_dir=run_dir / "slurm", config_note=config_note)
     jobs = []
+    config_file = run_dir / "launch" / "config.yaml"
     if cfg.launch.convert_from_hf:
-        mc = cfg.actor.megatron
-        # one node at the training TP and PP=1: torch_dist checkpoints load under any other layout; a MoE model's
-        # experts split over the training EP when it fits the node, so no rank reads every expert
-        ep = mc.expert_parallel if mc.tensor_parallel * mc.expert_parallel <= cfg.launch.ranks_per_node else 1
-        jobs.append(Job("convert", _render("convert.sbatch.j2", **common, hf_checkpoint=cfg.model.path,
-                                            megatron_checkpoint=run_dir / CONVERTED, tp=mc.tensor_parallel, pp=1,
-                                            ep=ep, convert_ranks=mc.tensor_parallel * ep)))
-    jobs.append(Job("train", _render("train.sbatch.j2", **common, run_dir=run_dir,
-                                     ranks_per_node=cfg.launch.ranks_per_node, port=cfg.launch.rendezvous_port,
-                                     serve_steps=serve_steps(cfg), train_nodes=s.nodes - s.rollout_nodes,
-                                     config_file=run_dir / "launch" / "config.yaml"),
+        jobs.append(Job("convert", _render("convert.sbatch.j2", **common, megatron_checkpoint=run_dir / CONVERTED,
+                                            convert_command=convert_command(cfg))))
+    steps = [(step, serve_command(cfg, config_file, step.group)) for step in serve_steps(cfg)]
+    jobs.append(Job("train", _render("train.sbatch.j2", **common, run_dir=run_dir, serve_steps=steps,
+                                     train_nodes=s.nodes - s.rollout_nodes, interface_setup=interface_setup(cfg),
+                                     train_command=train_command(cfg, config_file)),
                     depends_on="convert" if cfg.launch.convert_from_hf else None))
     return jobs
 
@@ -179,13 +229,19 @@ def _partitions() -> str:
     return ", ".join(p.rstrip("*") for p in done.stdout.split()) if done.returncode == 0 else ""
 
 
-def launch(cfg: Config, executor: str, dryrun: bool, config_note: str) -> list[str]:
-    """Submit (or, with `dryrun`, print) the run; returns the submitted job ids (slurm) or []."""
+def launch(cfg: Config, executor: str, dryrun: bool, config_note: str, layout: bool = False) -> list[str]:
+    """Submit (or, with `dryrun`, print) the run; returns the submitted job ids (slurm) or []. With `layout`,
+    freeze the config and print the job's layout as JSON instead of submitting (see the module's docstring)."""
     cfg = training_config(cfg)
     run_dir = Path(cfg.trainer.out_dir)
     config_file = run_dir / "launch" / "config.yaml"
+    if layout and executor != "slurm":
+        raise ConfigError("--layout describes a Slurm job: use it with --executor slurm")
     if executor == "slurm":
         jobs = slurm_jobs(cfg, config_note)
+        if dryrun and layout:
+            print(json.dumps(job_layout(cfg, config_file)))
+            return []
         if dryrun:
             for job in jobs:
                 print(job.script, end="")
@@ -207,6 +263,9 @@ def launch(cfg: Config, executor: str, dryrun: bool, config_note: str) -> list[s
             raise LaunchError(f"the local run ended with exit code {done.returncode}")
         return []
     (run_dir / "slurm").mkdir(exist_ok=True)
+    if layout:
+        print(json.dumps(job_layout(cfg, config_file)))
+        return []
     ids: dict[str, str] = {}
     for job in jobs:
         script = run_dir / "launch" / f"{job.name}.sbatch"
