@@ -1,20 +1,25 @@
 """Multi-node for real (slow tier): a Slurm cluster of three nodes on this machine (tools/slurm_cluster.sh
 --nodes 3 --netns: each node its own hostname and network namespace, addresses only on a private bridge), and
-configs/tiny_3node_cpu.yaml, the 70B recipe's layout at 3 nodes, submitted with `soup-megatron launch`."""
+configs/tiny_3node_cpu.yaml, the 70B recipe's layout at 3 nodes, submitted with `soup-megatron launch` and with
+nemo-run; preempted, a server killed, a training rank killed."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+import torch
 
+from soup_megatron.model.hf import read_state_dict
 from soup_megatron.rollout.sglang_servers import free_port
 from tests.conftest import TINY
 from tests.helpers import wait_until
-from tests.slurm_jobs import job_id, log_of, squeue_state, state, wait_done
+from tests.slurm_jobs import job_id, log_of, metrics, squeue_state, state, wait_done
+from tests.test_nemo_run import experiment
 from tests.test_sglang import SGLANG_PYTHON
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,14 +47,59 @@ def three_nodes(tmp_path_factory):
         subprocess.run(["bash", "tools/slurm_cluster.sh", "stop", str(where)], cwd=ROOT, env=env, timeout=300)
 
 
+def recipe(model: Path, out: Path, *overrides: str) -> list[str]:
+    """configs/tiny_3node_cpu.yaml's overrides for the test model and this machine's interpreters."""
+    return [*TINY, f"model.path={model}", f"trainer.out_dir={out}", "trainer.eval_interval=0",
+            f"launch.python={sys.executable}", f"rollout.sglang.python={SGLANG_PYTHON}", "rollout.max_response_len=16",
+            "launch.slurm.signal_seconds=0", f"launch.rendezvous_port={free_port('127.0.0.1')}", *overrides]
+
+
 def launch(cluster: dict, model: Path, out: Path, *overrides: str) -> subprocess.CompletedProcess:
     """`soup-megatron launch --executor slurm` of configs/tiny_3node_cpu.yaml with the test model, on `cluster`."""
     return subprocess.run(
         [sys.executable, "-m", "soup_megatron.cli", "launch", "--config", "configs/tiny_3node_cpu.yaml",
-         "--executor", "slurm", *TINY, f"model.path={model}", f"trainer.out_dir={out}", "trainer.eval_interval=0",
-         f"launch.python={sys.executable}", f"rollout.sglang.python={SGLANG_PYTHON}", "rollout.max_response_len=16",
-         "launch.slurm.signal_seconds=0", f"launch.rendezvous_port={free_port('127.0.0.1')}", *overrides],
+         "--executor", "slurm", *recipe(model, out, *overrides)],
         cwd=ROOT, env=cluster, capture_output=True, text=True, timeout=120)
+
+
+def preempt(cluster: dict, job: str, out: Path, after: str) -> None:
+    """USR1 once checkpoint `after` is written: the job checkpoints, requeues itself and is started again."""
+    latest = out / "checkpoints" / "latest"
+    assert wait_until(lambda: latest.is_file() and latest.read_text().strip() >= after, timeout=600), log_of(out)
+    restarts = log_of(out).count("USR1: checkpoint and stop")
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=cluster, check=True)
+
+    def requeued() -> bool:  # back in the queue with every node free (or already started again by Slurm)
+        nodes = subprocess.run(["sinfo", "-h", "-o", "%t"], env=cluster, capture_output=True, text=True).stdout
+        log = log_of(out)
+        return log.count("requeueing job") > restarts and (
+            (squeue_state(job, cluster) == "PENDING" and nodes.split() == ["idle"])
+            or f"restart {restarts + 1}" in log)
+
+    assert wait_until(requeued, timeout=300), (log_of(out), squeue_state(job, cluster))
+    time.sleep(2)  # slurmd refuses a credential no newer than the requeue's revocation, in whole seconds
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=cluster, capture_output=True)
+
+
+def processes_of(out: Path) -> dict[int, dict[bytes, bytes]]:
+    """The processes whose command line names the run directory, with their environments."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and str(out).encode() in (proc / "cmdline").read_bytes():
+                found[int(proc.name)] = dict(entry.split(b"=", 1) for entry in
+                                             (proc / "environ").read_bytes().split(b"\0") if b"=" in entry)
+        except OSError:  # it ended meanwhile
+            pass
+    return found
+
+
+def training_rank_on(node: str, out: Path) -> int:
+    """The pid of the training rank (a torchrun worker, not its agent) running on `node`."""
+    ranks = [pid for pid, env in processes_of(out).items()
+             if env.get(b"SLURMD_NODENAME") == node.encode() and b"LOCAL_RANK" in env]
+    assert len(ranks) == 1, ranks
+    return ranks[0]
 
 
 def trained_steps(out: Path) -> list[int]:
@@ -89,35 +139,34 @@ def assert_laid_out_across_the_nodes(placement: dict) -> None:
 def test_the_3_node_recipe_trains_across_nodes_and_resumes_after_preemption(three_nodes, tiny_model, tmp_path):
     """`soup-megatron launch --executor slurm` of configs/tiny_3node_cpu.yaml: the conversion job, then the
     training job, whose two torchrun ranks (one pipeline stage each) run on n1 and n2 and whose policy and
-    history servers are `serve` tasks on n3, reached by that name; every step's weights reach them. USR1
-    mid-run (Slurm's time-limit warning): the trainer checkpoints at the end of its step, the job requeues
-    itself, and the next start resumes on the same layout: every step is trained once, none lost or repeated.
-    (One run for both: a run of its own for the layout took 76 s in CI.)"""
+    history servers are `serve` tasks on n3, reached by that name; every step's weights reach them. The
+    policy server killed on n3 mid-rollout: its serve task starts it again, the trainer waits for it and
+    loads the current weights into it before it serves again (the log-prob gap stays at zero). USR1 mid-run
+    (Slurm's time-limit warning): the trainer checkpoints at the end of its step, the job requeues itself,
+    and the next start resumes on the same layout: every step is trained once, none lost or repeated.
+    (One run for all three: a run of its own for the layout took 76 s in CI.)"""
     out = tmp_path / "run"
     submitted = launch(three_nodes, tiny_model, out, "trainer.steps=6", "trainer.save_interval=2")
     assert submitted.returncode == 0, submitted.stderr
     job = job_id(submitted, "train")
-    latest = out / "checkpoints" / "latest"
-    assert wait_until(lambda: latest.is_file() and latest.read_text().strip() >= "step_000002", timeout=600), \
-        log_of(out)
-    subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=three_nodes, check=True)
-
-    def requeued() -> bool:  # back in the queue with every node free (or already started again by Slurm)
-        nodes = subprocess.run(["sinfo", "-h", "-o", "%t"], env=three_nodes, capture_output=True, text=True).stdout
-        return "requeueing job" in log_of(out) and ((squeue_state(job, three_nodes) == "PENDING"
-                                                     and nodes.split() == ["idle"]) or "restart 1" in log_of(out))
-
-    assert wait_until(requeued, timeout=300), (log_of(out), squeue_state(job, three_nodes))
-    time.sleep(2)  # slurmd refuses a credential no newer than the requeue's revocation, in whole seconds
-    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=three_nodes, capture_output=True)
+    # the policy server's process group killed on n3 while step 2 runs: its serve task restarts it
+    assert wait_until(lambda: (out / "metrics.jsonl").is_file() and trained_steps(out), timeout=600), log_of(out)
+    serve_task = json.loads((out / "servers" / "policy-0.serve.json").read_text())["pid"]
+    server = int(Path(f"/proc/{serve_task}/task/{serve_task}/children").read_text().split()[0])
+    os.killpg(server, signal.SIGKILL)
+    preempt(three_nodes, job, out, after="step_000002")
     assert wait_done(job, env=three_nodes) == "COMPLETED", log_of(out)
     assert state(job_id(submitted, "convert"), three_nodes) == "COMPLETED"
     log = log_of(out)
+    assert "policy server 0 exited; restarting it on the same port" in log
     assert "USR1: checkpoint and stop" in log and "restart 1" in log
     assert trained_steps(out) == [1, 2, 3, 4, 5, 6]
-    # the engine's log-probs of what it sampled equal the actor's: each step's weights reached n3's servers
+    # the engine's log-probs of what it sampled equal the actor's: each step's weights reached n3's servers,
+    # the restarted one's included
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(r["logp_gap/max"] < 1e-3 for r in rows if "logp_gap/max" in r)
+    rollout = {r["step"]: r["time/rollout"] for r in rows if "time/rollout" in r}
+    print(f"rollout of step 2, during which the server was restarted: {rollout[2]:.1f} s (step 3: {rollout[3]:.1f} s)")
     first, second = placements(out)
     assert first["start_step"] == 0 and second["start_step"] >= 2
     for placement in (first, second):
@@ -125,6 +174,59 @@ def test_the_3_node_recipe_trains_across_nodes_and_resumes_after_preemption(thre
     steps = subprocess.run(["sacct", "-n", "-P", "-j", job, "-o", "JobName,NodeList,State"], env=three_nodes,
                            capture_output=True, text=True).stdout
     assert "python|n3|" in steps and "python|n[1-2]|COMPLETED" in steps, steps
+
+
+def test_a_preempted_then_crashed_run_across_nodes_ends_as_an_uninterrupted_one(three_nodes, tiny_model, tmp_path):
+    """The in-process engine on the two training nodes (a deterministic layout: no rollout node), megatron PP=2
+    across n1 and n2. Preempted after step 2 (USR1, requeue, resume); after step 4 the training rank on n2 is
+    killed (kill -9): srun ends n1's rank and the job fails within two minutes, no rank left waiting and the
+    checkpoints intact; submitted again (`sbatch <run>/launch/train.sbatch`) it resumes at step 4. Its
+    metrics and final weights equal an uninterrupted run's."""
+    common = ["rollout.backend=local", "soup.history_placement=dedicated", "launch.slurm.nodes=2",
+              "launch.slurm.rollout_nodes=0", "launch.convert_from_hf=false", "trainer.steps=6",
+              "trainer.save_interval=2"]
+    straight = launch(three_nodes, tiny_model, tmp_path / "straight", *common)
+    assert wait_done(job_id(straight), env=three_nodes) == "COMPLETED", log_of(tmp_path / "straight")
+    out = tmp_path / "interrupted"
+    job = job_id(launch(three_nodes, tiny_model, out, *common))
+    preempt(three_nodes, job, out, after="step_000002")
+    latest = out / "checkpoints" / "latest"
+    assert wait_until(lambda: latest.is_file() and latest.read_text().strip() >= "step_000004", timeout=600), \
+        log_of(out)
+    os.kill(training_rank_on("n2", out), signal.SIGKILL)
+    killed_at = time.time()
+    assert wait_done(job, timeout=120, env=three_nodes) == "FAILED", log_of(out)
+    ended = subprocess.run(["sacct", "-X", "-n", "-P", "-j", job, "-o", "End"], env=three_nodes, capture_output=True,
+                           text=True).stdout.split()[-1]
+    print(f"n2's rank killed at {time.strftime('%H:%M:%S', time.localtime(killed_at))}, the job's end recorded as "
+          f"{ended}, seen {time.time() - killed_at:.0f} s after the kill")
+    assert not processes_of(out), processes_of(out)
+    assert trained_steps(out)[-1] < 6, "the run finished before its rank was killed"
+    again = subprocess.run(["sbatch", "--parsable", str(out / "launch" / "train.sbatch")], cwd=ROOT,
+                           env=three_nodes, capture_output=True, text=True, check=True).stdout.strip()
+    assert wait_done(again, env=three_nodes) == "COMPLETED", log_of(out)
+    starts = [p["start_step"] for p in placements(out)]  # the preempted start ends after its current step
+    assert len(starts) == 3 and starts[0] == 0 and starts[1] >= 2 and starts[2] == 4, starts
+    assert metrics(out) == metrics(tmp_path / "straight") and trained_steps(out) == [1, 2, 3, 4, 5, 6]
+    a, b = (read_state_dict(run / "history" / "v000006") for run in (tmp_path / "straight", out))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_nemo_run_submits_the_3_node_job(three_nodes, tiny_model, tmp_path):
+    """launch/soup_experiment.py --executor slurm with the recipe: the conversion job, then one heterogeneous
+    job, the trainer's two nodes and the rollout node, whose tasks run the sbatch job's commands; the
+    trainer's end ends the job and no server is left."""
+    out = tmp_path / "run"
+    done = experiment("--executor", "slurm", "--config", "configs/tiny_3node_cpu.yaml",
+                      *recipe(tiny_model, out, "trainer.steps=2", "launch.slurm.account=soup"), env=three_nodes)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "convert SUCCEEDED" in done.stdout and "train SUCCEEDED" in done.stdout, done.stdout[-3000:]
+    assert trained_steps(out) == [1, 2]
+    (placement,) = placements(out)
+    assert_laid_out_across_the_nodes(placement)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["logp_gap/max"] < 1e-3 for r in rows if "logp_gap/max" in r)
+    assert wait_until(lambda: not processes_of(out), timeout=60), processes_of(out)
 
 
 def test_bad_layouts_are_refused_before_anything_is_submitted(three_nodes, tiny_model, tmp_path):

@@ -11,13 +11,14 @@ from .conftest import ROOT, TINY
 LAUNCH_PYTHON = ROOT / ".venv-launch" / "bin" / "python"
 
 
-def experiment(*args, timeout=900):
+def experiment(*args, timeout=900, env=None):
+    """launch/soup_experiment.py with these arguments; `env`: another cluster's (its SLURM_CONF)."""
     if not LAUNCH_PYTHON.is_file():
         pytest.fail(f"{LAUNCH_PYTHON} is missing: run `bash tools/setup_launch.sh` (tools/test.sh does)")
     # experiments are recorded under nemo-run's home (~/.nemo_run); with NEMORUN_HOME set, nemo-run 0.11's
     # LocalTunnel(job_dir="") writes Slurm logs under a doubled path that does not exist
     return subprocess.run([str(LAUNCH_PYTHON), "launch/soup_experiment.py", "--trainer-python", sys.executable, *args],
-                          cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+                          cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 @pytest.mark.slow  # moved from the default tier to keep it under 15 min on 2 cores

@@ -166,8 +166,8 @@ def test_demo_learns_under_sbatch_and_runs_under_nemo_run(demo_model, tmp_path):
     rows = metrics(tmp_path / "sbatch")
     assert rows[-1]["step"] == 16
     assert rows[-1]["heldout/pass1"] >= rows[0]["heldout/pass1"] + 0.05, (rows[0], rows[-1])
-    done = experiment("--executor", "slurm", "--account", "soup", "--ranks", "2", "--cpus", "2", "--config",
-                      "configs/tiny_cpu.yaml", *run, "trainer.steps=4", "trainer.eval_interval=0",
-                      f"trainer.out_dir={tmp_path / 'nemo'}")
+    done = experiment("--executor", "slurm", "--config", "configs/tiny_cpu.yaml", *run, "launch.slurm.account=soup",
+                      "launch.ranks_per_node=2", "launch.slurm.cpus_per_task=2", f"launch.python={sys.executable}",
+                      "trainer.steps=4", "trainer.eval_interval=0", f"trainer.out_dir={tmp_path / 'nemo'}")
     assert done.returncode == 0 and "train SUCCEEDED" in done.stdout, done.stdout[-3000:]
     assert [r["step"] for r in metrics(tmp_path / "nemo") if "loss" in r] == [1, 2, 3, 4]
