@@ -141,13 +141,14 @@ def test_layout_gives_the_sbatch_jobs_commands_and_freezes_the_config_unless_a_d
     """`launch --layout` (launch/soup_experiment.py's view of the job): the nodes, tasks and the very commands
     the sbatch scripts run; the config frozen in the run directory, or nothing written with --dryrun."""
     out = tmp_path / "run"
+    # a partition no cluster here has: the node count is not checked against the tests' one-node cluster
     args = [sys.executable, "-m", "soup_megatron.cli", "launch", "--config", "configs/tiny_3node_cpu.yaml",
-            "--executor", "slurm", "--layout", f"trainer.out_dir={out}"]
+            "--executor", "slurm", "--layout", f"trainer.out_dir={out}", "launch.slurm.partition=elsewhere"]
     described = subprocess.run([*args, "--dryrun"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert described.returncode == 0, described.stderr
     assert not out.exists()
     layout = json.loads(described.stdout)
-    scripts = dryrun("configs/tiny_3node_cpu.yaml", f"trainer.out_dir={out}")
+    scripts = dryrun("configs/tiny_3node_cpu.yaml", f"trainer.out_dir={out}", "launch.slurm.partition=elsewhere")
     assert layout["train_command"] in scripts and layout["convert_command"] in scripts
     assert layout["interface_setup"] in scripts
     assert [(s["group"], s["relative"], s["nodes"], s["per_node"]) for s in layout["serve_steps"]] == [
