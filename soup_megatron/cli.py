@@ -135,10 +135,13 @@ def cmd_eval(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from .experiments.study import load_study, run_study
+    from .experiments.study import load_study, report, run_study
 
     study = load_study(args.config, args.overrides)
-    run_study(study)
+    if args.report:
+        report(study)
+    else:
+        run_study(study)
     out = Path(study.out_dir)
     print((out / "results.md").read_text())
     log.info(f"results: {out / 'results.md'}  {out / 'results.json'}  plot: {out / 'study.png'}")
@@ -223,6 +226,8 @@ def main(argv=None) -> int:
     p = sub.add_parser("sweep", help="run a study (variants x seeds at an equal sample budget); resumable")
     p.add_argument("--config", required=True, help="study YAML (see configs/study_tiny.yaml)")
     p.add_argument("overrides", nargs="*", help="dotted overrides of the study config, e.g. 'seeds=[1]'")
+    p.add_argument("--report", action="store_true", help="write the tables and the plot from the runs finished "
+                                                         "so far; run nothing")
     p.set_defaults(fn=cmd_sweep)
     p = sub.add_parser("bench", help="the project's benchmarks, ratios measured side by side in one run")
     _config_args(p)

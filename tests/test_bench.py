@@ -1,14 +1,16 @@
-"""The step benchmark: paired ratios with bootstrap intervals, equal work by default, a stopping rule."""
+"""The step benchmark: paired ratios with bootstrap intervals, equal work by default, a stopping rule; the
+study's paired t over seeds."""
 
 import itertools
 import json
+import math
 
 import pytest
 import torch
 
 from soup_megatron.cli import main
 from soup_megatron.experiments.bench import per_trained_sample, tool_main
-from soup_megatron.experiments.intervals import paired_ratio
+from soup_megatron.experiments.intervals import paired_difference, paired_ratio, t_quantile, t_two_sided_p
 
 from .conftest import TINY
 
@@ -43,6 +45,29 @@ def test_pairing_cancels_noise_both_sides_of_a_step_share():
     assert 1.19 < paired.low < paired.point < paired.high < 1.21 and paired.half_width < 0.01
     broken = paired_ratio(base, [other[i] for i in torch.randperm(24, generator=g).tolist()])
     assert broken.half_width > 10 * paired.half_width
+
+
+def test_paired_t_over_seeds_gives_the_textbook_interval_and_p():
+    """Student's t from the incomplete beta: the tables' t_{0.975} (12.706 for 1 degree of freedom, 2.776 for 4),
+    the Cauchy distribution's p at 1 dof, and a paired example worked by hand."""
+    assert t_quantile(0.95, 1) == pytest.approx(12.7062, abs=1e-4)
+    assert t_quantile(0.95, 4) == pytest.approx(2.7764, abs=1e-4)
+    assert t_quantile(0.95, 10_000) == pytest.approx(1.9602, abs=1e-3)
+    for t in (0.3, 1.0, 4.0):
+        assert t_two_sided_p(t, 1) == pytest.approx(1 - 2 * math.atan(t) / math.pi, abs=1e-12)
+    # differences 0.5, 0.2, 0.1, 0.9, 0.3: mean 0.4, sd sqrt(0.1), t = 0.4 / (sqrt(0.1) / sqrt(5)) = 2.828
+    d = paired_difference([1.0, 2.0, 3.0, 4.0, 5.0], [1.5, 2.2, 3.1, 4.9, 5.3])
+    half = 2.776445 * math.sqrt(0.1) / math.sqrt(5)
+    assert d.mean == pytest.approx(0.4) and d.t == pytest.approx(2.828427, abs=1e-6)
+    assert (d.low, d.high) == (pytest.approx(0.4 - half, abs=1e-6), pytest.approx(0.4 + half, abs=1e-6))
+    assert 0.045 < d.p < 0.05 and (d.wins, d.n) == (5, 5)
+    assert paired_difference([0.5, 0.6], [0.5, 0.6]).p == 1.0  # no difference at all
+    same_shift = paired_difference([0.5, 0.6], [0.6, 0.7])  # no spread: no test, and the table says so
+    assert math.isnan(same_shift.p) and str(same_shift) == "+0.100 [+0.100, +0.100] no spread (2/2)"
+    with pytest.raises(ValueError, match="2 baseline results against 1"):
+        paired_difference([1.0, 2.0], [1.0])
+    with pytest.raises(ValueError, match="at least 2 seeds, got 1"):
+        paired_difference([1.0], [1.0])
 
 
 def test_paired_ratio_refuses_unpaired_or_too_few_steps():

@@ -1,6 +1,7 @@
 """Evaluation: the pass@k estimator, math-verify scoring, benchmark layouts, `eval`, `sweep`, `bench`."""
 
 import json
+import re
 from fractions import Fraction
 from math import comb
 
@@ -252,6 +253,9 @@ def test_sweep_runs_every_variant_and_seed_and_does_not_rerun_finished_runs(tiny
     assert "train/prefix/entropy" not in results["summary"]["grpo"]  # GRPO has no prefix tokens
     table = (study_dir / "results.md").read_text()
     assert "| soup | " in table and "| grpo | 2 |" in table and (study_dir / "study.png").stat().st_size > 0
+    assert "Paired by seed, variant minus baseline" in table
+    paired = [line for line in table.splitlines() if line.startswith("| soup | grpo | 2 | ")]
+    assert len(paired) == 1 and len(re.findall(r"\[[-+]\d\.\d{3}, [-+]\d\.\d{3}\] .*?\(\d/2\)", paired[0])) == 4, table
     assert "results.md" in capsys.readouterr().err  # logged
     # `eval --checkpoint RUN_DIR` evaluates the run's latest trainer checkpoint
     assert main(["eval", "--checkpoint", str(study_dir / "soup" / "seed1"), "--n", "1", "--k", "1",
@@ -264,6 +268,12 @@ def test_sweep_runs_every_variant_and_seed_and_does_not_rerun_finished_runs(tiny
     monkeypatch.setattr(soup_megatron.train.trainer, "Trainer",
                         lambda cfg: pytest.fail("a finished run was trained again"))
     assert run_study(load_study(path)) == results["runs"]
+    # --report: the tables from the runs finished so far (one run's result gone: it has not finished)
+    (study_dir / "soup" / "seed2" / "result.json").unlink()
+    assert main(["sweep", "--config", path, "--report"]) == 0
+    partial = (study_dir / "results.md").read_text()
+    assert "(3 of 4 runs finished)" in partial and "Paired by seed" not in partial  # one soup seed: no pair
+    assert len(json.loads((study_dir / "results.json").read_text())["runs"]) == 3
     # ... unless its config changed, which is refused with the keys named
     changed = _study_file(tmp_path, tiny_model, {"grpo": ["soup.mix_fraction=0"], "soup": []},
                           more_overrides=["algo.clip_high=0.3"])
@@ -280,5 +290,8 @@ def test_study_config_errors_are_clear(tiny_model, tmp_path):
         load_study(_study_file(tmp_path, tiny_model, {"soup": []}, extra="sedes: [1]\n"))
     with pytest.raises(ConfigError, match=r"eval.k=\[1, 4\] must be positive and at most eval.n=2"):
         load_study(_study_file(tmp_path, tiny_model, {"soup": []}), ["eval.k=[1,4]"])
+    with pytest.raises(ConfigError, match=r"pairs entry \['soup', 'gpro'\]: expected \[variant, baseline\]"):
+        load_study(_study_file(tmp_path, tiny_model, {"grpo": ["soup.mix_fraction=0"], "soup": []},
+                               extra="pairs: [[soup, gpro]]\n"))
     with pytest.raises(ConfigError, match="variant name 'a/b'"):
         load_study(_study_file(tmp_path, tiny_model, {"a/b": []}))

@@ -5,7 +5,8 @@ overrides) and the seeds. Every (variant, seed) trains in `out_dir/<variant>/see
 finished, a final held-out evaluation (greedy accuracy, pass@k) and the run's training statistics go
 into its `result.json`. A run with a `result.json` is not run again; a run that was stopped part-way
 resumes from its own trainer checkpoint. The study then writes `results.json`, `results.md` (mean and
-std over seeds, and every seed) and `study.png` (curves of every variant, averaged over seeds).
+std over seeds, each variant against the first paired by seed, and every seed) and `study.png` (curves of
+every variant, averaged over seeds). `sweep --report` writes them from the runs finished so far.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from ..config import Config, ConfigError, changed_keys, load_config
 from ..io import atomic_write_json, atomic_write_text, read_json
 from ..log import get_logger
 from ..metrics import read_metrics
+from .intervals import paired_difference
 
 log = get_logger(__name__)
 
@@ -43,6 +45,8 @@ class StudyConfig:
     variants: dict[str, list[str]] = field(default_factory=dict)
     eval: StudyEvalConfig = field(default_factory=StudyEvalConfig)
     last_steps: int = 10  # training statistics (entropy, clip fraction) are averaged over the last steps
+    # [variant, baseline] pairs compared seed by seed; empty: every variant against the first
+    pairs: list[list[str]] = field(default_factory=list)
 
 
 def columns(study: StudyConfig) -> list[tuple[str, str]]:
@@ -64,7 +68,7 @@ def load_study(path: str, overrides: list[str] = ()) -> StudyConfig:
                                  OmegaConf.from_dotlist(list(overrides)))
     except OmegaConfBaseException as exc:
         raise ConfigError(f"{path}: {str(exc).splitlines()[0]} (allowed keys: base, out_dir, seeds, overrides, "
-                          "variants, eval.n, eval.k, last_steps)") from None
+                          "variants, eval.n, eval.k, last_steps, pairs)") from None
     study: StudyConfig = OmegaConf.to_object(merged)
     if not study.variants:
         raise ConfigError(f"{path}: 'variants' is empty; name at least one variant (a list of overrides)")
@@ -74,6 +78,10 @@ def load_study(path: str, overrides: list[str] = ()) -> StudyConfig:
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
             raise ConfigError(f"{path}: variant name {name!r} must be letters, digits, '_', '.' or '-' "
                               "(it names a folder)")
+    for pair in study.pairs:
+        if len(pair) != 2 or any(name not in study.variants for name in pair) or pair[0] == pair[1]:
+            raise ConfigError(f"{path}: pairs entry {pair}: expected [variant, baseline], two different variants of "
+                              f"{', '.join(study.variants)}")
     if study.eval.n < 1 or not study.eval.k or max(study.eval.k) > study.eval.n or min(study.eval.k) < 1:
         raise ConfigError(f"{path}: eval.k={study.eval.k} must be positive and at most eval.n={study.eval.n}")
     budgets = {}
@@ -98,6 +106,18 @@ def run_dir(study: StudyConfig, variant: str, seed: int) -> Path:
     return Path(study.out_dir) / variant / f"seed{seed}"
 
 
+def finished_result(study: StudyConfig, variant: str, seed: int) -> Optional[dict]:
+    """The run's result.json when it has finished (with this study's config for it), else None."""
+    out = run_dir(study, variant, seed)
+    if not (out / "result.json").is_file():
+        return None
+    changes = changed_keys(out / "config.yaml", run_config(study, variant, seed))
+    if changes:
+        raise ConfigError(f"{out} holds a finished run with another config ({'; '.join(changes)}); "
+                          "delete that folder to run it again")
+    return read_json(out / "result.json")
+
+
 def train_and_evaluate(study: StudyConfig, variant: str, seed: int) -> dict:
     """One run: train (resuming if it was stopped), evaluate the final policy, write result.json."""
     from ..data.encoding import PromptFormat
@@ -110,12 +130,9 @@ def train_and_evaluate(study: StudyConfig, variant: str, seed: int) -> dict:
 
     cfg = run_config(study, variant, seed)
     out = Path(cfg.trainer.out_dir)
-    if (out / "result.json").is_file():
-        changes = changed_keys(out / "config.yaml", cfg)
-        if changes:
-            raise ConfigError(f"{out} holds a finished run with another config ({'; '.join(changes)}); "
-                              "delete that folder to run it again")
-        return read_json(out / "result.json")
+    done = finished_result(study, variant, seed)
+    if done is not None:
+        return done
     Trainer(cfg).run()
     started = time.perf_counter()
     policy = resolve_policy_checkpoint(out)
@@ -164,15 +181,50 @@ def _cell(stat: Optional[dict]) -> str:
     return "-" if stat is None else f"{stat['mean']:.3f} ± {stat['std']:.3f}"
 
 
+def comparisons(study: StudyConfig) -> list[tuple[str, str]]:
+    """(variant, baseline) pairs of the paired table: the study's `pairs`, or every variant against the first."""
+    if study.pairs:
+        return [(variant, baseline) for variant, baseline in study.pairs]
+    first = next(iter(study.variants))
+    return [(variant, first) for variant in list(study.variants)[1:]]
+
+
+def paired_markdown(study: StudyConfig, results: list[dict]) -> list[str]:
+    """Each compared variant against its baseline, seed by seed, on the final held-out results."""
+    by_run = {(r["variant"], r["seed"]): r for r in results}
+    keys = [("greedy", "final/greedy_acc"), ("pass@1", "final/pass@1"),
+            (f"pass@{max(study.eval.k)}", f"final/pass@{max(study.eval.k)}"),
+            ("distinct correct", "final/distinct_correct")]
+    rows = []
+    for variant, baseline in comparisons(study):
+        seeds = [s for s in study.seeds if (variant, s) in by_run and (baseline, s) in by_run]
+        if len(seeds) < 2:
+            continue
+        cells = []
+        for _, key in keys:
+            cells.append(str(paired_difference([by_run[(baseline, s)][key] for s in seeds],
+                                               [by_run[(variant, s)][key] for s in seeds])))
+        rows.append(f"| {variant} | {baseline} | {len(seeds)} | " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    return ["", "Paired by seed, variant minus baseline: mean difference [95% t interval], paired t, two-sided p "
+            "(seeds where the variant is higher / seeds):", "",
+            "| variant | baseline | seeds | " + " | ".join(c for c, _ in keys) + " |", "|---" * (len(keys) + 3) + "|",
+            *rows]
+
+
 def results_markdown(study: StudyConfig, results: list[dict], wall_s: float) -> str:
     summary = summarize(results)
     shown = [(c, k) for c, k in columns(study) if any(k in v for v in summary.values())]
-    lines = [f"Study `{study.out_dir}`: {len(study.variants)} variants x seeds {study.seeds}; final held-out "
+    runs = len(study.variants) * len(study.seeds)
+    lines = [f"Study `{study.out_dir}`: {len(study.variants)} variants x seeds {study.seeds}"
+             f"{'' if len(results) == runs else f' ({len(results)} of {runs} runs finished)'}; final held-out "
              f"evaluation with n={study.eval.n}; training statistics averaged over the last {study.last_steps} steps; "
-             f"mean ± std over seeds. Wall time of all runs: {wall_s / 60:.1f} min.", "",
+             f"mean ± std over seeds. Wall time of these runs: {wall_s / 60:.1f} min.", "",
              "| variant | " + " | ".join(c for c, _ in shown) + " |", "|---" * (len(shown) + 1) + "|"]
     for variant, stats in summary.items():
         lines.append(f"| {variant} | " + " | ".join(_cell(stats.get(k)) for _, k in shown) + " |")
+    lines += paired_markdown(study, results)
     lines += ["", "Every seed:", "", "| variant | seed | " + " | ".join(c for c, _ in shown) + " |",
               "|---" * (len(shown) + 2) + "|"]
     for r in results:
@@ -181,8 +233,9 @@ def results_markdown(study: StudyConfig, results: list[dict], wall_s: float) -> 
     return "\n".join(lines) + "\n"
 
 
-def plot_study(study: StudyConfig, out_png: Path) -> Path:
-    """Held-out pass@1, greedy accuracy and training reward against step, each variant averaged over seeds."""
+def plot_study(study: StudyConfig, results: list[dict], out_png: Path) -> Path:
+    """Held-out pass@1, greedy accuracy and training reward against step, each variant averaged over the seeds
+    of its finished runs."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -193,7 +246,8 @@ def plot_study(study: StudyConfig, out_png: Path) -> Path:
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5))
     colors = plt.get_cmap("tab20").colors  # distinct colours for up to 20 variants
     for index, variant in enumerate(study.variants):
-        runs = [read_metrics(run_dir(study, variant, s) / "metrics.jsonl") for s in study.seeds]
+        runs = [read_metrics(run_dir(study, variant, r["seed"]) / "metrics.jsonl") for r in results
+                if r["variant"] == variant]
         for ax, (title, key) in zip(axes, panels):
             by_step: dict[int, list[float]] = {}
             for rows in runs:
@@ -222,16 +276,25 @@ def run_study(study: StudyConfig) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "study.yaml", OmegaConf.to_yaml(OmegaConf.structured(study)))
     runs = [(v, s) for s in study.seeds for v in study.variants]  # seed-major: a partial study covers all variants
-    results = []
     for i, (variant, seed) in enumerate(runs, start=1):
         started = time.perf_counter()
         log.info(f"[{i}/{len(runs)}] {variant} seed {seed}")
-        results.append(train_and_evaluate(study, variant, seed))
-        log.info(f"[{i}/{len(runs)}] {variant} seed {seed}: pass@1 {results[-1]['final/pass@1']:.3f} "
+        result = train_and_evaluate(study, variant, seed)
+        log.info(f"[{i}/{len(runs)}] {variant} seed {seed}: pass@1 {result['final/pass@1']:.3f} "
                  f"({time.perf_counter() - started:.0f} s)")
-    results.sort(key=lambda r: (list(study.variants).index(r["variant"]), r["seed"]))
+    return report(study)
+
+
+def report(study: StudyConfig) -> list[dict]:
+    """results.json, results.md and study.png from the runs finished so far (a study in progress is reported
+    on what it has)."""
+    out = Path(study.out_dir)
+    results = [r for v in study.variants for s in study.seeds if (r := finished_result(study, v, s)) is not None]
+    if not results:
+        raise ConfigError(f"{out}: no finished run of this study to report on yet")
     wall = sum(r["time/run_wall"] for r in results)
+    out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "results.json", {"runs": results, "summary": summarize(results), "wall_s": wall})
     atomic_write_text(out / "results.md", results_markdown(study, results, wall))
-    plot_study(study, out / "study.png")
+    plot_study(study, results, out / "study.png")
     return results
