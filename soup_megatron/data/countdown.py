@@ -127,12 +127,37 @@ def count_solutions(numbers: tuple[int, ...], target: int) -> int:
     return sum(count for count, _ in _solutions(numbers, target, chains_only=False))
 
 
-def demonstration(numbers: tuple[int, ...], target: int, family: str) -> Optional[str]:
-    """The worked response the warm start imitates for this problem (see the module docstring), or None."""
+def demonstration(numbers: tuple[int, ...], target: int, family: str, style: str = "worked") -> Optional[str]:
+    """The response the warm start imitates for this problem (see the module docstring), or None: the worked
+    lines, and in the question style the same lines followed by their one expression in \\boxed{}."""
     if family not in ("first", "chain"):
         raise ValueError(f"demo family must be 'first' or 'chain', got {family!r}")
     first = next(_solutions(numbers, target, chains_only=family == "chain"), None)
-    return None if first is None else "\n".join(first[1])
+    if first is None:
+        return None
+    lines = "\n".join(first[1])
+    return lines if style == "worked" else f"{lines}\n\\boxed{{{one_expression(numbers, first[1])}}}"
+
+
+def one_expression(numbers: tuple[int, ...], steps: tuple[str, ...]) -> str:
+    """The worked steps ("7+3=10", "10*4=40") as one expression ("(7+3)*4"). Each step consumes two of the
+    values at hand, given numbers and earlier results, each once; which of two equal values it takes does not
+    change the expression's value, nor that every given number is used at most once."""
+    at_hand: list[tuple[int, str, bool]] = [(n, str(n), False) for n in numbers]  # value, expression, compound
+    for step in steps:
+        left, value = step.split("=")
+        op = next(ch for ch in "+-*/" if ch in left)
+        hi, lo = (int(x) for x in left.split(op))
+        operands = []
+        for wanted in (hi, lo):
+            index = max((i for i, (v, _, compound) in enumerate(at_hand) if v == wanted),
+                        key=lambda i: at_hand[i][2])  # an earlier result before a given number
+            operands.append(at_hand.pop(index))
+        (_, a, a_compound), (_, b, b_compound) = operands
+        a = f"({a})" if a_compound and op in "*/" else a
+        b = f"({b})" if b_compound and op != "+" else b
+        at_hand.append((int(value), f"{a}{op}{b}", True))
+    return at_hand[-1][1]
 
 
 # -- problems and splits

