@@ -135,9 +135,10 @@ def serve_command(cfg: Config, config_file: Path, group: str) -> str:
 
 
 def convert_command(cfg: Config) -> str:
-    """The conversion task: the HF checkpoint to megatron at the training TP and PP=1 (torch_dist checkpoints
-    load under any other layout); a MoE model's experts split over the training EP when it fits the node, so
-    no rank reads every expert. It writes the checkpoint only if it is not there yet."""
+    """The conversion task, on one node: the HF checkpoint to megatron at the training TP and PP=1 (torch_dist
+    checkpoints load under any other layout); a MoE model's experts split over the training EP when it fits the
+    node, so no rank reads every expert. The jobs run it only while the converted checkpoint is missing (a
+    requeued job does not redo it)."""
     mc, run_dir = cfg.actor.megatron, Path(cfg.trainer.out_dir)
     ep = mc.expert_parallel if mc.tensor_parallel * mc.expert_parallel <= cfg.launch.ranks_per_node else 1
     return (f"{cfg.launch.python} -m torch.distributed.run --standalone --nproc-per-node={mc.tensor_parallel * ep} "
