@@ -82,5 +82,5 @@ def test_gguf_settings_are_checked_at_start_up():
         load_config("configs/tiny_cpu.yaml", ["model.source=gguf_wheel"])
     with pytest.raises(Exception, match="64 lowercase hex digits"):
         load_config("configs/smollm2_135m_cpu.yaml", ["model.gguf.sha256=abc"])
-    with pytest.raises(Exception, match="model.source=.*choose one of: tiny, gguf_wheel, hf"):
+    with pytest.raises(Exception, match="model.source=.*choose one of: tiny, gguf_wheel, warm_start, hf"):
         load_config("configs/tiny_cpu.yaml", ["model.source=hub"])
