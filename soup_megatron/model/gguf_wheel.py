@@ -21,8 +21,7 @@ import zipfile
 from pathlib import Path
 
 from ..config import GGUFWheelConfig
-from ..io import atomic_dir
-from .hf import CheckpointError
+from .hf import CheckpointError, save_checkpoint
 
 GGUF_EXTRA = "requirements-gguf.txt"
 
@@ -123,9 +122,7 @@ def convert_gguf(gguf_file: Path, out: Path, dtype: str) -> None:
     plain.load_state_dict(quantized.state_dict())
     plain.generation_config = quantized.generation_config
     del quantized
-    with atomic_dir(out) as tmp:
-        plain.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+    save_checkpoint(plain, tokenizer, out)
 
 
 def prepare_gguf_wheel(cfg: GGUFWheelConfig, out: Path, dtype: str, progress=print) -> Path:

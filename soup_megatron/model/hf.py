@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import SoupError
+from ..io import atomic_dir
 
 
 class CheckpointError(SoupError, ValueError):
@@ -65,6 +66,14 @@ def load_model(path: str | Path):
     model = AutoModelForCausalLM.from_pretrained(_require_checkpoint(path), dtype=torch.float32)
     model.eval()
     return model
+
+
+def save_checkpoint(model, tokenizer, out: str | Path) -> Path:
+    """`model` and `tokenizer` as an HF checkpoint directory at `out`, written atomically."""
+    with atomic_dir(Path(out)) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return Path(out)
 
 
 def load_tokenizer(path: str | Path):

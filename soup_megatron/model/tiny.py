@@ -12,7 +12,7 @@ import torch
 
 from ..config import Config, ConfigError
 from ..data.encoding import PromptFormat
-from ..io import atomic_dir
+from .hf import save_checkpoint
 from .warm_start import demonstrations, finetune, sft_batches
 
 EOS = "<|endoftext|>"
@@ -66,7 +66,4 @@ def prepare_tiny_model(cfg: Config, progress: bool = True) -> Path:
     examples = demonstrations(cfg, t.sft_examples, t.sft_problems, t.sft_slip_prob)
     finetune(model, sft_batches(PromptFormat.of(tokenizer, cfg.data), examples, t.sft_batch_size, t.sft_steps,
                                 cfg.seed), t.sft_steps, t.sft_lr, progress)
-    with atomic_dir(out) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-    return out
+    return save_checkpoint(model, tokenizer, out)

@@ -23,8 +23,7 @@ from ..data.arithmetic import parse_terms, worked_solution
 from ..data.countdown import demonstration, parse_answer
 from ..data.encoding import PromptFormat
 from ..data.prompts import builtin_split
-from ..io import atomic_dir
-from .hf import load_model, load_tokenizer, pad_rows
+from .hf import load_model, load_tokenizer, pad_rows, save_checkpoint
 
 
 def demonstrations(cfg: Config, examples: int, problems: str, slip_prob: float = 0.0) -> list[tuple[str, str]]:
@@ -66,15 +65,14 @@ def sft_batches(fmt: PromptFormat, examples: list[tuple[str, str]], batch_size: 
         yield ids, labels
 
 
-def finetune(model, batches, steps: int, lr: float, progress: bool) -> list[float]:
-    """Train `model` on `batches` (see the module docstring); returns the loss of every step."""
+def finetune(model, batches, steps: int, lr: float, progress: bool) -> None:
+    """Train `model` on `batches` (see the module docstring)."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     warmup = max(1, steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))
     )
     model.train()
-    losses = []
     bar = tqdm(batches, total=steps, desc="SFT warm start", disable=not progress)
     for ids, labels in bar:
         loss = model(input_ids=ids, labels=labels).loss
@@ -83,10 +81,8 @@ def finetune(model, batches, steps: int, lr: float, progress: bool) -> list[floa
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        bar.set_postfix(loss=f"{loss.item():.3f}")
     model.eval()
-    return losses
 
 
 def prepare_warm_start(cfg: Config, progress: bool = True) -> Path:
@@ -106,7 +102,4 @@ def prepare_warm_start(cfg: Config, progress: bool = True) -> Path:
                           f"(data.countdown.demo_family={cfg.data.countdown.demo_family} solves none of them)")
     finetune(model, sft_batches(PromptFormat.of(tokenizer, cfg.data, str(base)), examples, w.batch_size, w.steps,
                                 cfg.seed), w.steps, w.lr, progress)
-    with atomic_dir(out) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-    return out
+    return save_checkpoint(model, tokenizer, out)

@@ -243,9 +243,9 @@ class SGLangEngine:
             raise ServerError("SGLang servers load weights from checkpoint directories; use rollout.weight_sync=disk")
         old = (self.weights_path, self.version)
         self.weights_path, self.version = str(self.check_weights_path(source)), version
-        urls, supervised, _ = self._servers()
+        urls, supervised, headers = self._servers()
         try:
-            bodies = asyncio.run(self._update_all(urls, supervised))
+            bodies = asyncio.run(self._update_all(urls, supervised, headers))
         except BaseException as exc:
             self.weights_path, self.version = old
             if isinstance(exc, httpx.TransportError):  # e.g. SGLang's scheduler crashed on an unreadable file
@@ -258,10 +258,9 @@ class SGLangEngine:
             raise ServerError(f"loading {source} (version {version}) failed, servers keep their weights: "
                               + "; ".join(failed))
 
-    async def _update_all(self, urls: list[str], supervised: set[str]) -> list[dict]:
+    async def _update_all(self, urls: list[str], supervised: set[str], headers: dict[str, str]) -> list[dict]:
         import httpx
 
-        _, _, headers = self._servers()
         async with httpx.AsyncClient(headers=headers, timeout=self.cfg.request_timeout) as client:
             async def one(url: str) -> dict:
                 try:
