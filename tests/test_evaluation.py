@@ -15,7 +15,7 @@ from soup_megatron.data.eval_sets import last_boxed, load_eval_set
 from soup_megatron.data.prompt import Prompt
 from soup_megatron.data.prompts import DataError
 from soup_megatron.evaluate import distinct_solutions, heldout_metrics, mean_pass_at_k, pass_at_k, sampled_metrics
-from soup_megatron.experiments.study import load_study, run_study
+from soup_megatron.experiments.study import load_study, report, run_study
 from soup_megatron.reward import math_equivalent
 from soup_megatron.rollout.base import Generation
 
@@ -282,6 +282,8 @@ def test_sweep_runs_every_variant_and_seed_and_does_not_rerun_finished_runs(tiny
 
 
 def test_study_config_errors_are_clear(tiny_model, tmp_path):
+    with pytest.raises(ConfigError, match="no finished run of this study to report on yet"):
+        report(load_study(_study_file(tmp_path, tiny_model, {"soup": []})))
     with pytest.raises(ConfigError, match="equal sample budgets .*grpo: 32, long: 48"):
         load_study(_study_file(tmp_path, tiny_model, {"grpo": ["soup.mix_fraction=0"], "long": ["trainer.steps=3"]}))
     with pytest.raises(ConfigError, match="study variant 'bad': .*soup.prefix_mode='nope' is not allowed"):

@@ -35,3 +35,14 @@ def test_local_executor_runs_and_a_failed_job_is_a_failure(tiny_model, tmp_path)
     assert failed.returncode == 1 and "train FAILED" in failed.stdout, failed.stdout[-2000:]
     bad = experiment("--executor", "local", "--config", "configs/tiny_cpu.yaml", "trainer.stepz=1")
     assert bad.returncode != 0 and "unknown key 'trainer.stepz'" in bad.stderr
+    # Slurm jobs nemo-run cannot submit: refused in one line before anything is written or queued
+    no_account = experiment("--executor", "slurm", "--config", "configs/tiny_3node_cpu.yaml",
+                            f"trainer.out_dir={tmp_path / 'a'}")
+    assert no_account.returncode != 0 and not (tmp_path / "a").exists()
+    assert no_account.stderr.strip().endswith("launch.slurm.account is empty: nemo-run's SlurmExecutor needs an "
+                                              "account")
+    beside = experiment("--executor", "slurm", "--config", "configs/tiny_cpu.yaml", "launch.slurm.account=soup",
+                        "rollout.backend=sglang", "rollout.sglang.servers_from=serve",
+                        f"trainer.out_dir={tmp_path / 'b'}")
+    assert beside.returncode != 0 and not (tmp_path / "b").exists()
+    assert "launch.slurm.rollout_nodes=0 puts the serve tasks beside the trainer" in beside.stderr
