@@ -149,15 +149,16 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .experiments.bench import BENCHMARKS, print_table
+    from .experiments.bench import BENCHMARKS, print_table, steps_and_warmup
     from .experiments.step_variants import step_arguments
 
-    if args.steps <= args.warmup:
+    if None not in (args.steps, args.warmup) and args.steps <= args.warmup:
         raise ConfigError(f"--steps {args.steps} must be larger than --warmup {args.warmup}")
     for name in args.only or list(BENCHMARKS):
         try:
             extra = step_arguments(args) if name == "step" else {}
-            tables = BENCHMARKS[name](args.config, args.steps, args.warmup, args.overrides, **extra)
+            steps, warmup = steps_and_warmup(name, args.steps, args.warmup)
+            tables = BENCHMARKS[name](args.config, steps, warmup, args.overrides, **extra)
         except ConfigError as exc:
             if args.only:
                 raise
@@ -234,8 +235,10 @@ def main(argv=None) -> int:
     p.set_defaults(config="configs/tiny_cpu.yaml")
     p.add_argument("--only", action="append", choices=("step", "rollout", "actor"),
                    help="run only this benchmark (repeatable)")
-    p.add_argument("--steps", type=int, default=12, help="steps per variant")
-    p.add_argument("--warmup", type=int, default=2, help="first steps left out of the medians")
+    p.add_argument("--steps", type=int, help="steps per variant, the warm-up's included (default: the step "
+                                              "benchmark, warm-up + 10; the others, 12)")
+    p.add_argument("--warmup", type=int, help="first steps left out (default: the step benchmark, until every "
+                                               "variant's history pool is full; the others, 2)")
     add_step_arguments(p)
     p.set_defaults(fn=cmd_bench)
     p = sub.add_parser("launch", help="submit a run: on this machine (torchrun) or to Slurm (sbatch)")

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from soup_megatron.cli import main
-from soup_megatron.experiments.bench import per_trained_sample, tool_main
+from soup_megatron.config import load_config
+from soup_megatron.experiments.bench import history_fill_steps, per_trained_sample, tool_main
 from soup_megatron.experiments.intervals import paired_difference, paired_ratio, t_quantile, t_two_sided_p
 
 from .conftest import TINY
@@ -106,6 +107,9 @@ def test_bench_stops_at_its_step_limit_when_the_target_is_not_reached_and_trains
     assert data["overrides"][:2] == ["actor.lr=1e-12", "algo.entropy_coef=1e-12"]  # what --validate loads
     for recs in data["records"].values():
         assert [r["train/samples_trained"] for r in recs] == [16.0] * 4
+    # the history worker's leftover work is waited for after each step and counted in that step
+    assert all(r["time/history_drain"] == pytest.approx(0, abs=0.01) for r in data["records"]["GRPO"])
+    assert all(r["time/step"] >= r["time/train"] + r["time/history_drain"] for r in data["records"]["SOUP"])
 
     assert tool_main("step", "", ["--steps", "4", "--warmup", "1", "--variant", "SOUP", "--learning",
                                   "--records", str(records), *half_equal]) == 0
@@ -121,6 +125,9 @@ def test_bench_stops_at_its_step_limit_when_the_target_is_not_reached_and_trains
     (["--variant", "SOUP turbo"], "--variant 'SOUP turbo' is not a benchmark variant; choose from: GRPO,"),
     (["--target-ci", "0"], "--target-ci 0.0 must be > 0 (the half-width of the ratio's interval, e.g. 0.05)"),
     (["--steps", "6", "--max-steps", "5"], "--max-steps 5 must be at least --steps 6"),
+    (["--steps", "20"], "--steps 20 must be larger than --warmup 34 (the default: until every variant's history "
+                        "pool is full, history.interval x (history.keep - 1) + soup.lookahead + "
+                        "soup.history_steps_per_call)"),
 ])
 def test_bad_benchmark_flags_are_one_line_errors(argv, message, capsys):
     assert tool_main("step", "", argv) == 2
@@ -130,3 +137,15 @@ def test_bad_benchmark_flags_are_one_line_errors(argv, message, capsys):
 
 def test_bench_command_refuses_a_warmup_as_long_as_the_run():
     assert main(["bench", "--steps", "1", "--warmup", "1"]) == 2
+
+
+def test_the_default_warmup_lasts_until_the_history_pool_is_full():
+    """configs/tiny_cpu.yaml: a checkpoint every 10 steps, 4 kept, lookahead 2: the prefixes of step 33 on (0-based)
+    come from 4 versions, those before from fewer (cheaper than a run's steady state)."""
+    def fill(*overrides):
+        return history_fill_steps(load_config("configs/tiny_cpu.yaml", list(overrides)))
+
+    assert fill() == 10 * 3 + 2 + 1
+    assert fill("soup.history_steps_per_call=2") == 34  # a job of two steps is made a step further ahead
+    assert fill("history.keep=1", "soup.lookahead=0") == 1
+    assert fill("soup.mix_fraction=0") == 0 and fill("soup.prefix_source=replay") == 0  # no historical checkpoint

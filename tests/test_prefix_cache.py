@@ -44,6 +44,9 @@ def test_lookahead_fills_ahead_of_time_and_is_deterministic(tmp_path, tiny_model
         assert wait_until(lambda: {1, 2} <= cache.ready_steps()), "lookahead steps were not filled ahead of time"
         assert cache.generation_seconds[2] > 0
         second = cache.take(1)
+        cache.schedule(1)  # step 3 goes out; wait_idle returns once it is back (what the step benchmark waits for)
+        cache.wait_idle()
+        assert 3 in cache.ready_steps() and 3 in cache.generation_seconds
     finally:
         cache.close()
     again = make_cache(store, tok)

@@ -3,7 +3,7 @@
 `step`: step time of SOUP (defaults) and each SOUP cost option against GRPO. Same prompts and samples per
 step for every variant. Steps are interleaved (GRPO step s, SOUP step s, SOUP-without-lookahead step s, ...)
 so machine noise hits all variants alike; the table reports medians over the measured steps and ratios
-to GRPO.
+to GRPO. Each variant trains in a process of its own (`_interleaved_steps` says why).
 `rollout`: the SGLang server against the in-process engine on the same requests (tokens/s), then SOUP
 against GRPO with SGLang serving rollouts and prefixes: step time, decoded tokens, radix-cache hits,
 and weight sync as a fraction of the step; with rollout.sglang.policy_servers >= 2, SOUP once more with
@@ -16,9 +16,12 @@ under torchrun with actor.megatron.tensor_parallel=N for a parallel megatron act
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
+import random
 import statistics
 import tempfile
 import time
+import traceback
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Optional
@@ -37,34 +40,90 @@ from .step_variants import EVERY_SAMPLE_TRAINED, FROZEN, STEP_VARIANTS, add_step
 
 log = get_logger(__name__)
 
-STAGES = ["time/rollout", "time/prefix_wait", "time/train", "time/weight_sync"]
+MEASURED_STEPS = 10  # the step benchmark's default after its warm-up
+STAGES = ["time/rollout", "time/prefix_wait", "time/train", "time/weight_sync", "time/history_drain"]
 WORK = ["tokens/decoded", "tokens/history_decoded", "tokens/prefilled", "tokens/prefix", "train/samples_trained"]
+
+
+def _variant_process(config: str, overrides: list[str], conn) -> None:
+    """One variant's trainer, alone in its process as in a run: it takes a step when told and sends the record
+    back. After each step it waits for its history worker and counts the wait in the step
+    (`time/history_drain`): left running, the worker would generate during the next variant's step, slowing
+    that one and making its own history free. Work left over is thus timed as if it did not overlap the
+    variant's next step: on shared cores, where the two compete anyway, close to what a run pays."""
+    trainer = None
+    try:
+        exit_on_signals()
+        trainer = Trainer(load_config(config, overrides))
+        conn.send(("ready", None))
+        while (step := conn.recv()) is not None:
+            record = trainer.train_step(step)
+            drained = time.perf_counter()
+            trainer.prefixes.wait_idle()
+            record["time/history_drain"] = time.perf_counter() - drained
+            record["time/step"] += record["time/history_drain"]
+            conn.send(("record", record))
+    except BaseException:  # noqa: BLE001 - the parent reports it with the variant's name
+        conn.send(("error", traceback.format_exc()))
+    finally:
+        if trainer is not None:
+            trainer.close()
+
+
+def _answer(name: str, conn):
+    try:
+        kind, payload = conn.recv()
+    except EOFError:
+        raise RuntimeError(f"benchmark variant {name!r}: its process died") from None
+    if kind == "error":
+        raise RuntimeError(f"benchmark variant {name!r} failed:\n{payload}")
+    return payload
 
 
 def _interleaved_steps(config: str, variants: dict[str, list[str]], steps: int, overrides: list[str], tmp: str,
                        more: Optional[Callable[[dict[str, list[dict]]], bool]] = None,
                        max_steps: Optional[int] = None) -> dict[str, list[dict]]:
     """Step records of every variant, steps interleaved (variant A step s, variant B step s, ...): `steps` of
-    them, then more while `more(records)` says so, up to `max_steps`."""
+    them, then more while `more(records)` says so, up to `max_steps`.
+
+    Each variant trains in a process of its own, as a run does: in one process, one variant's threads
+    slowed the others (with a one-step-off variant beside it, GRPO's tiny step went 0.73 -> 0.89 s). Each
+    round runs the variants in an order of its own (shuffled, seeded by the step), so that no variant
+    always follows the same one."""
     max_steps = max(steps, max_steps or steps)
-    trainers: dict[str, Trainer] = {}
+    ctx = mp.get_context("spawn")
+    conns, procs = {}, []
     try:
         for name, extra in variants.items():
-            cfg = load_config(config, [*overrides, *extra, f"trainer.out_dir={Path(tmp) / name.replace(' ', '_')}",
-                                       "trainer.tensorboard=false", "trainer.progress=false",
-                                       f"trainer.steps={max_steps}"])
-            trainers[name] = Trainer(cfg)
-        records: dict[str, list[dict]] = {name: [] for name in trainers}
+            conns[name], child = ctx.Pipe()
+            procs.append(ctx.Process(target=_variant_process, name=f"bench-{name}", args=(config, [
+                *overrides, *extra, f"trainer.out_dir={Path(tmp) / name.replace(' ', '_')}",
+                "trainer.tensorboard=false", "trainer.progress=false", f"trainer.steps={max_steps}"], child)))
+            procs[-1].start()
+        for name, conn in conns.items():
+            _answer(name, conn)  # built
+        records: dict[str, list[dict]] = {name: [] for name in conns}
         step = 0
         while step < steps or (more is not None and step < max_steps and more(records)):
-            for name, trainer in trainers.items():
-                records[name].append(trainer.train_step(step))
+            order = list(conns)
+            random.Random(f"bench-order-{step}").shuffle(order)
+            for name in order:
+                conns[name].send(step)
+                records[name].append(_answer(name, conns[name]))
             step += 1
-            log.info(f"step {step}: " + "  ".join(f"{n} {records[n][-1]['time/step']:.2f}s" for n in trainers))
+            log.info(f"step {step}: " + "  ".join(f"{n} {records[n][-1]['time/step']:.2f}s" for n in order))
         return records
     finally:
-        for trainer in trainers.values():
-            trainer.close()
+        for conn in conns.values():
+            try:
+                conn.send(None)
+            except OSError:
+                pass  # that process is gone already
+        for proc in procs:
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(timeout=10)
 
 
 def step_ratios(records: dict[str, list[dict]], warmup: int, key: str = "time/step") -> dict[str, PairedRatio]:
@@ -102,7 +161,9 @@ def _step_tables(title: str, records: dict[str, list[dict]], warmup: int) -> lis
         table.add_row(name, str(ratios[name].steps), f"{_median(recs, 'time/step'):.3f}", str(ratios[name]),
                       f"{statistics.median(per_trained_sample(recs)):.4f}", str(train), f"{decoded:.3f}")
     parts = Table(title="where the time goes: medians per step of the work done and of each stage's share of the "
-                        "step (rollout includes the policy's decode; prefix wait: history the step waited for)")
+                        "step (rollout includes the policy's decode; prefix wait: history the step waited for; "
+                        "history drain: the history worker's work left when the step ended; one-step-off: the "
+                        "rollout runs beside training, so the shares add up to more than 1)")
     for column in ("variant", "policy decoded", "history decoded", "prefilled", "prefix tokens", "samples trained",
                    *(f"{stage.split('/')[1]} share" for stage in STAGES), "other share"):
         parts.add_column(column)
@@ -114,31 +175,44 @@ def _step_tables(title: str, records: dict[str, list[dict]], warmup: int) -> lis
     return [table, parts]
 
 
-def _check_steps(steps: int, warmup: int) -> None:
+def _check_steps(steps: int, warmup: int, warmup_from: str = "") -> None:
     if steps <= warmup:
-        raise ConfigError(f"--steps {steps} must be larger than --warmup {warmup}")
+        raise ConfigError(f"--steps {steps} must be larger than --warmup {warmup}{warmup_from}")
 
 
-def _check_paired_steps(steps: int, warmup: int, target_ci: Optional[float], max_steps: Optional[int]) -> None:
-    _check_steps(steps, warmup)
-    if steps - warmup < MIN_PAIRED_STEPS:
-        raise ConfigError(f"--steps {steps} with --warmup {warmup} leaves {steps - warmup} measured step(s); an "
-                          f"interval needs at least {MIN_PAIRED_STEPS}: --steps {warmup + MIN_PAIRED_STEPS} or more")
+def _check_paired_steps(steps: int, warmup: int, target_ci: Optional[float], max_steps: Optional[int],
+                        warmup_from: str = "") -> None:
     if target_ci is not None and not target_ci > 0:
         raise ConfigError(f"--target-ci {target_ci} must be > 0 (the half-width of the ratio's interval, e.g. 0.05)")
     if max_steps is not None and max_steps < steps:
         raise ConfigError(f"--max-steps {max_steps} must be at least --steps {steps}")
+    _check_steps(steps, warmup, warmup_from)
+    if steps - warmup < MIN_PAIRED_STEPS:
+        raise ConfigError(f"--steps {steps} with --warmup {warmup}{warmup_from} leaves {steps - warmup} measured "
+                          f"step(s); an interval needs at least {MIN_PAIRED_STEPS}: --steps "
+                          f"{warmup + MIN_PAIRED_STEPS} or more")
 
 
-def bench_step(config: str, steps: int, warmup: int, overrides: list[str],
+def history_fill_steps(cfg: Config) -> int:
+    """Steps before every mixed sample's prefix is drawn from a full history pool: history.keep members (the
+    start's, then one every history.interval steps), as seen by jobs made soup.lookahead steps ahead for
+    soup.history_steps_per_call steps; 0 when no historical checkpoint writes prefixes. Until then a SOUP step
+    generates from fewer versions, so it is cheaper than in a run's steady state (the tiny model: 0.77 s a
+    step with one version, 1.08 s with four)."""
+    if cfg.soup.mix_fraction == 0 or cfg.soup.prefix_source != "checkpoint":
+        return 0
+    return cfg.history.interval * (cfg.history.keep - 1) + cfg.soup.lookahead + cfg.soup.history_steps_per_call
+
+
+def bench_step(config: str, steps: Optional[int], warmup: Optional[int], overrides: list[str],
                records_path: Optional[str] = None, variants: Optional[list[str]] = None,
                target_ci: Optional[float] = None, max_steps: Optional[int] = None,
                learning: bool = False) -> list[Table]:
-    """`steps` interleaved steps of every variant (GRPO always runs); with `target_ci`, more steps until every
-    variant's step / GRPO interval is at most that half-width, up to `max_steps` (default 4 x steps). With
-    `records_path`, every step record of every variant is written there as JSON (what
-    `tools/plan_step_time.py --validate` reads)."""
-    _check_paired_steps(steps, warmup, target_ci, max_steps)
+    """`steps` interleaved steps of every variant (GRPO always runs; default: MEASURED_STEPS after the warm-up),
+    the first `warmup` left out (default: until every variant's history pool is full, `history_fill_steps`);
+    with `target_ci`, more steps until every variant's step / GRPO interval is at most that half-width, up to
+    `max_steps` (default 4 x steps). With `records_path`, every step record of every variant is written there
+    as JSON (what `tools/plan_step_time.py --validate` reads)."""
     unknown = sorted(set(variants or []) - set(STEP_VARIANTS))
     if unknown:
         raise ConfigError(f"--variant {unknown[0]!r} is not a benchmark variant; choose from: "
@@ -148,6 +222,14 @@ def bench_step(config: str, steps: int, warmup: int, overrides: list[str],
     cfg = load_config(config, overrides)
     chosen = {n: v(cfg) if callable(v) else v for n, v in STEP_VARIANTS.items()
               if not variants or n == "GRPO" or n in variants}
+    fill = max(history_fill_steps(load_config(config, [*overrides, *extra])) for extra in chosen.values())
+    warmup_from = ""
+    if warmup is None:
+        warmup = max(fill, 1)
+        warmup_from = (" (the default: until every variant's history pool is full, history.interval x "
+                       "(history.keep - 1) + soup.lookahead + soup.history_steps_per_call)")
+    steps = warmup + MEASURED_STEPS if steps is None else steps
+    _check_paired_steps(steps, warmup, target_ci, max_steps, warmup_from)
     more = None
     if target_ci is not None:
         max_steps = max_steps or 4 * steps
@@ -162,6 +244,9 @@ def bench_step(config: str, steps: int, warmup: int, overrides: list[str],
              f"{policy}, mix_fraction={cfg.soup.mix_fraction}, lookahead={cfg.soup.lookahead}, "
              f"rollout {cfg.rollout.backend})")
     tables = _step_tables(title, records, warmup)
+    tables[0].caption += (f"; history pool full from step {fill + 1}" if fill <= warmup else
+                          f"; NOTE: the history pool fills only at step {fill + 1}, so SOUP's earlier steps "
+                          "generated from fewer versions than a run's")
     if target_ci is not None:
         widest = max(r.half_width for r in step_ratios(records, warmup).values())
         reached = "reached" if widest <= target_ci else f"NOT reached within --max-steps {max_steps}"
@@ -309,6 +394,14 @@ def bench_actor(config: str, steps: int, warmup: int, overrides: list[str]) -> l
 BENCHMARKS = {"step": bench_step, "rollout": bench_rollout, "actor": bench_actor}
 
 
+def steps_and_warmup(name: str, steps: Optional[int], warmup: Optional[int]) -> tuple[Optional[int], Optional[int]]:
+    """--steps and --warmup as given; unset, the step benchmark derives its own (`bench_step`), the others take
+    12 and 2."""
+    if name == "step":
+        return steps, warmup
+    return (12 if steps is None else steps), (2 if warmup is None else warmup)
+
+
 def print_table(table: Table) -> None:
     Console(width=260).print(table)
 
@@ -319,8 +412,10 @@ def tool_main(name: str, doc: str, argv=None) -> int:
 
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/tiny_cpu.yaml")
-    parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--warmup", type=int, default=2, help="first steps left out of the medians")
+    parser.add_argument("--steps", type=int, help=f"steps per variant, the warm-up's included (default: the step "
+                                                   f"benchmark, warm-up + {MEASURED_STEPS}; the others, 12)")
+    parser.add_argument("--warmup", type=int, help="first steps left out (default: the step benchmark, until "
+                                                    "every variant's history pool is full; the others, 2)")
     if name == "step":
         parser.add_argument("--records", metavar="FILE.json", help="also write every step record there")
         add_step_arguments(parser)
@@ -330,7 +425,8 @@ def tool_main(name: str, doc: str, argv=None) -> int:
     extra = {"records_path": args.records, **step_arguments(args)} if name == "step" else {}
 
     def run() -> int:
-        for table in BENCHMARKS[name](args.config, args.steps, args.warmup, args.overrides, **extra):
+        steps, warmup = steps_and_warmup(name, args.steps, args.warmup)
+        for table in BENCHMARKS[name](args.config, steps, warmup, args.overrides, **extra):
             print_table(table)
         return 0
 

@@ -28,6 +28,10 @@ class PrefixSource(Protocol):
         """What generating step `step`'s prefixes took (tokens, time, weight loads); {} when the source
         generates nothing."""
 
+    def wait_idle(self) -> None:
+        """Return once the work `schedule` started in the background is done (the step benchmark waits for
+        it, so that one variant's history generation does not run during another variant's step)."""
+
     def state(self) -> dict: ...
 
     def restore(self, state: dict) -> None: ...
@@ -65,6 +69,9 @@ class NoPrefixes:
 
     def step_stats(self, step: int) -> dict[str, float]:
         return {}
+
+    def wait_idle(self) -> None:
+        pass
 
     def record(self, samples: Sequence[Sample]) -> None:
         pass

@@ -229,6 +229,11 @@ class PrefixCache:
             pass
         return set(self._done)
 
+    def wait_idle(self) -> None:
+        """Until every job submitted so far has come back from the worker."""
+        while any(step not in self._done for step in self._wanted):
+            self._receive(timeout=1.0)
+
     def take(self, step: int) -> list[Optional[Trajectory]]:
         if not self._covered(step):  # not generated ahead: on the critical path
             self._submit_from(step)

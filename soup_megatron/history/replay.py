@@ -33,6 +33,9 @@ class ReplayBuffer:
     def step_stats(self, step: int) -> dict[str, float]:
         return {}  # past rollouts: nothing is generated
 
+    def wait_idle(self) -> None:
+        pass  # nothing runs in the background
+
     def _draw(self, key: str, slots) -> list[Optional[Trajectory]]:
         rng = random.Random(f"replay-{self.seed}-{key}")
         return [rng.choice(self._by_prompt[uid]) if self._by_prompt.get(uid) else None for uid, _ in slots]
