@@ -4,6 +4,7 @@ import json
 import re
 from fractions import Fraction
 from math import comb
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -231,8 +232,8 @@ def test_eval_cli_reports_pass_at_k_and_soup_inference(tiny_model, tmp_path, cap
 
 
 def _study_file(tmp_path, tiny_model, variants, extra="", more_overrides=()):
-    overrides = [*TINY, f"model.path={tiny_model}", "trainer.steps=2", "trainer.eval_interval=0",
-                 "trainer.save_interval=1", *more_overrides]
+    overrides = [*TINY, f"model.path={tiny_model}", "trainer.steps=2", "trainer.eval_interval=2",
+                 "trainer.eval_pass_samples=2", "trainer.eval_pass_k=[1,2]", "trainer.save_interval=1", *more_overrides]
     path = tmp_path / "study.yaml"
     path.write_text(f"base: configs/tiny_cpu.yaml\nout_dir: {tmp_path / 'study'}\nseeds: [1, 2]\n"
                     f"overrides: {json.dumps(overrides)}\neval: {{n: 2, k: [1, 2]}}\nlast_steps: 2\n"
@@ -254,6 +255,9 @@ def test_sweep_runs_every_variant_and_seed_and_does_not_rerun_finished_runs(tiny
     table = (study_dir / "results.md").read_text()
     assert "| soup | " in table and "| grpo | 2 |" in table and (study_dir / "study.png").stat().st_size > 0
     assert "Paired by seed, variant minus baseline" in table
+    assert "During training, at each held-out evaluation" in table
+    start = [line for line in table.splitlines() if line.startswith("| grpo | 0 | ")]  # step 0: no training yet
+    assert len(start) == 1 and start[0].count("|") == 9 and start[0].endswith("| - | - |")  # 6 curves: pass@2 too
     paired = [line for line in table.splitlines() if line.startswith("| soup | grpo | 2 | ")]
     assert len(paired) == 1 and len(re.findall(r"\[[-+]\d\.\d{3}, [-+]\d\.\d{3}\] .*?\(\d/2\)", paired[0])) == 4, table
     assert "results.md" in capsys.readouterr().err  # logged
@@ -297,3 +301,10 @@ def test_study_config_errors_are_clear(tiny_model, tmp_path):
                                extra="pairs: [[soup, gpro]]\n"))
     with pytest.raises(ConfigError, match="variant name 'a/b'"):
         load_study(_study_file(tmp_path, tiny_model, {"a/b": []}))
+
+
+@pytest.mark.parametrize("path", sorted(str(p) for p in Path("configs").glob("study_*.yaml")))
+def test_committed_study_configs_load(path):
+    """Every study in configs/ builds (and so validates) each of its runs' configs, with equal sample budgets."""
+    study = load_study(path)
+    assert study.variants and all(pair[0] in study.variants and pair[1] in study.variants for pair in study.pairs)

@@ -5,8 +5,9 @@ overrides) and the seeds. Every (variant, seed) trains in `out_dir/<variant>/see
 finished, a final held-out evaluation (greedy accuracy, pass@k) and the run's training statistics go
 into its `result.json`. A run with a `result.json` is not run again; a run that was stopped part-way
 resumes from its own trainer checkpoint. The study then writes `results.json`, `results.md` (mean and
-std over seeds, each variant against the first paired by seed, and every seed) and `study.png` (curves of
-every variant, averaged over seeds). `sweep --report` writes them from the runs finished so far.
+std over seeds, the paired comparisons, the curves at each held-out evaluation, and every seed) and
+`study.png` (the same curves: every variant averaged over seeds). `sweep --report` writes them from the
+runs finished so far.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def columns(study: StudyConfig) -> list[tuple[str, str]]:
             ("entropy prefix", "train/prefix/entropy"), ("entropy cont.", "train/continuation/entropy"),
             ("clip prefix", "train/prefix/clip_frac"), ("clip cont.", "train/continuation/clip_frac"),
             ("clip mass prefix", "train/prefix/clip_adv_mass"), ("clip mass cont.", "train/continuation/clip_adv_mass"),
-            ("step s", "time/step_median")]
+            ("step s", "time/step_median"), ("run s", "time/run_wall")]
 
 
 def load_study(path: str, overrides: list[str] = ()) -> StudyConfig:
@@ -213,7 +214,8 @@ def paired_markdown(study: StudyConfig, results: list[dict]) -> list[str]:
             *rows]
 
 
-def results_markdown(study: StudyConfig, results: list[dict], wall_s: float) -> str:
+def results_markdown(study: StudyConfig, results: list[dict], wall_s: float,
+                     curves: dict[str, dict[str, dict[int, float]]]) -> str:
     summary = summarize(results)
     shown = [(c, k) for c, k in columns(study) if any(k in v for v in summary.values())]
     runs = len(study.variants) * len(study.seeds)
@@ -225,6 +227,7 @@ def results_markdown(study: StudyConfig, results: list[dict], wall_s: float) -> 
     for variant, stats in summary.items():
         lines.append(f"| {variant} | " + " | ".join(_cell(stats.get(k)) for _, k in shown) + " |")
     lines += paired_markdown(study, results)
+    lines += curves_markdown(study, curves)
     lines += ["", "Every seed:", "", "| variant | seed | " + " | ".join(c for c, _ in shown) + " |",
               "|---" * (len(shown) + 2) + "|"]
     for r in results:
@@ -233,22 +236,29 @@ def results_markdown(study: StudyConfig, results: list[dict], wall_s: float) -> 
     return "\n".join(lines) + "\n"
 
 
-def plot_study(study: StudyConfig, results: list[dict], out_png: Path) -> Path:
-    """Held-out pass@1, greedy accuracy and training reward against step, each variant averaged over the seeds
-    of its finished runs."""
-    import matplotlib
+def curve_panels(study: StudyConfig) -> list[tuple[str, str]]:
+    """What the curves show, (title, key in metrics.jsonl): held-out pass@1, pass@k at the largest k evaluated
+    during training, distinct correct solutions per problem, greedy accuracy, training reward and the
+    continuation's entropy (together, what shows a policy saturating)."""
+    panels = [("held-out pass@1", "heldout/pass1")]
+    pass_k = run_config(study, next(iter(study.variants)), study.seeds[0]).trainer.eval_pass_k
+    if pass_k:
+        panels += [(f"held-out pass@{max(pass_k)}", f"heldout/pass@{max(pass_k)}"),
+                   ("held-out distinct correct", "heldout/distinct_correct")]
+    return panels + [("held-out greedy", "heldout/greedy_acc"), ("training reward", "reward_mean"),
+                     ("entropy of the continuation", "continuation/entropy")]
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    panels = [("held-out sampled pass@1", "heldout/pass1"), ("held-out greedy accuracy", "heldout/greedy_acc"),
-              ("training reward", "reward_mean")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5))
-    colors = plt.get_cmap("tab20").colors  # distinct colours for up to 20 variants
-    for index, variant in enumerate(study.variants):
+def mean_curves(study: StudyConfig, results: list[dict]) -> dict[str, dict[str, dict[int, float]]]:
+    """variant -> key -> step -> mean over the seeds of its finished runs, for every curve panel; the per-step
+    training statistics (noisy) as the mean of the 5 steps ending at that step."""
+    curves: dict[str, dict[str, dict[int, float]]] = {}
+    for variant in study.variants:
         runs = [read_metrics(run_dir(study, variant, r["seed"]) / "metrics.jsonl") for r in results
                 if r["variant"] == variant]
-        for ax, (title, key) in zip(axes, panels):
+        if not runs:
+            continue
+        for _, key in curve_panels(study):
             by_step: dict[int, list[float]] = {}
             for rows in runs:
                 for r in rows:
@@ -256,9 +266,44 @@ def plot_study(study: StudyConfig, results: list[dict], out_png: Path) -> Path:
                         by_step.setdefault(r["step"], []).append(r[key])
             steps = sorted(by_step)
             means = [statistics.fmean(by_step[s]) for s in steps]
-            if key == "reward_mean":  # noisy per step: a 5-step moving average
+            if not key.startswith("heldout/"):
                 means = [statistics.fmean(means[max(0, i - 4):i + 1]) for i in range(len(means))]
-            ax.plot(steps, means, label=variant, color=colors[index % len(colors)],
+            curves.setdefault(variant, {})[key] = dict(zip(steps, means))
+    return curves
+
+
+def curves_markdown(study: StudyConfig, curves: dict[str, dict[str, dict[int, float]]]) -> list[str]:
+    """The curves at each held-out evaluation step, as a table (the numbers behind study.png)."""
+    panels = curve_panels(study)
+    lines = ["", "During training, at each held-out evaluation (mean over seeds; reward and entropy: the mean of "
+             "the 5 steps ending there):", "", "| variant | step | " + " | ".join(t for t, _ in panels) + " |",
+             "|---" * (len(panels) + 2) + "|"]
+    for variant, by_key in curves.items():
+        for step in sorted(by_key.get("heldout/pass1", {})):
+            lines.append(f"| {variant} | {step} | " + " | ".join(
+                f"{by_key[key][step]:.3f}" if step in by_key.get(key, {}) else "-" for _, key in panels) + " |")
+    return lines
+
+
+def plot_study(study: StudyConfig, curves: dict[str, dict[str, dict[int, float]]], out_png: Path) -> Path:
+    """The curves, one panel each, every variant's mean over its seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = curve_panels(study)
+    columns = 3
+    grid_rows = -(-len(panels) // columns)
+    fig, grid = plt.subplots(grid_rows, columns, figsize=(6 * columns, 4.5 * grid_rows), squeeze=False)
+    axes = grid.flatten()
+    for ax in axes[len(panels):]:
+        ax.axis("off")
+    colors = plt.get_cmap("tab20").colors  # distinct colours for up to 20 variants
+    for index, variant in enumerate(study.variants):
+        for ax, (title, key) in zip(axes, panels):
+            curve = curves.get(variant, {}).get(key, {})
+            ax.plot(list(curve), list(curve.values()), label=variant, color=colors[index % len(colors)],
                     linestyle="-" if index < len(colors) else "--")
             ax.set_title(title)
             ax.set_xlabel("step")
@@ -295,6 +340,7 @@ def report(study: StudyConfig) -> list[dict]:
     wall = sum(r["time/run_wall"] for r in results)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "results.json", {"runs": results, "summary": summarize(results), "wall_s": wall})
-    atomic_write_text(out / "results.md", results_markdown(study, results, wall))
-    plot_study(study, results, out / "study.png")
+    curves = mean_curves(study, results)
+    atomic_write_text(out / "results.md", results_markdown(study, results, wall, curves))
+    plot_study(study, curves, out / "study.png")
     return results
