@@ -141,7 +141,7 @@ def cmd_sweep(args) -> int:
     if args.report:
         report(study)
     else:
-        run_study(study)
+        run_study(study, args.variant or [])
     out = Path(study.out_dir)
     print((out / "results.md").read_text())
     log.info(f"results: {out / 'results.md'}  {out / 'results.json'}  plot: {out / 'study.png'}")
@@ -229,6 +229,8 @@ def main(argv=None) -> int:
     p.add_argument("overrides", nargs="*", help="dotted overrides of the study config, e.g. 'seeds=[1]'")
     p.add_argument("--report", action="store_true", help="write the tables and the plot from the runs finished "
                                                          "so far; run nothing")
+    p.add_argument("--variant", action="append", help="run only this variant (repeatable; the report still covers "
+                                                      "every finished run): parts of a study side by side")
     p.set_defaults(fn=cmd_sweep)
     p = sub.add_parser("bench", help="the project's benchmarks, ratios measured side by side in one run")
     _config_args(p)

@@ -243,8 +243,14 @@ def _study_file(tmp_path, tiny_model, variants, extra="", more_overrides=()):
 
 def test_sweep_runs_every_variant_and_seed_and_does_not_rerun_finished_runs(tiny_model, tmp_path, monkeypatch, capsys):
     path = _study_file(tmp_path, tiny_model, {"grpo": ["soup.mix_fraction=0"], "soup": []})
-    assert main(["sweep", "--config", path]) == 0
     study_dir = tmp_path / "study"
+    # --variant: one part of the study (another process may run the rest beside it); the report covers what finished
+    assert main(["sweep", "--config", path, "--variant", "grpo"]) == 0
+    assert "(2 of 4 runs finished)" in (study_dir / "results.md").read_text()
+    assert not (study_dir / "soup").exists()
+    grpo_done = (study_dir / "grpo" / "seed1" / "result.json").stat().st_mtime_ns
+    assert main(["sweep", "--config", path]) == 0  # the rest: soup; grpo's runs are read back
+    assert (study_dir / "grpo" / "seed1" / "result.json").stat().st_mtime_ns == grpo_done
     results = json.loads((study_dir / "results.json").read_text())
     assert [(r["variant"], r["seed"]) for r in results["runs"]] == [("grpo", 1), ("grpo", 2), ("soup", 1), ("soup", 2)]
     grpo = results["summary"]["grpo"]["final/pass@1"]
@@ -299,6 +305,8 @@ def test_study_config_errors_are_clear(tiny_model, tmp_path):
     with pytest.raises(ConfigError, match=r"pairs entry \['soup', 'gpro'\]: expected \[variant, baseline\]"):
         load_study(_study_file(tmp_path, tiny_model, {"grpo": ["soup.mix_fraction=0"], "soup": []},
                                extra="pairs: [[soup, gpro]]\n"))
+    with pytest.raises(ConfigError, match=r"--variant 'gpro': not a variant of this study \(its variants: soup\)"):
+        run_study(load_study(_study_file(tmp_path, tiny_model, {"soup": []})), ["gpro"])
     with pytest.raises(ConfigError, match="variant name 'a/b'"):
         load_study(_study_file(tmp_path, tiny_model, {"a/b": []}))
 

@@ -316,11 +316,18 @@ def plot_study(study: StudyConfig, curves: dict[str, dict[str, dict[int, float]]
     return out_png
 
 
-def run_study(study: StudyConfig) -> list[dict]:
+def run_study(study: StudyConfig, only: list[str] = ()) -> list[dict]:
+    """Train and evaluate every (variant, seed) not finished yet, or only the variants named in `only` (so that
+    parts of one study can run side by side, each process on its own variants), then report on all finished."""
+    unknown = [name for name in only if name not in study.variants]
+    if unknown:
+        raise ConfigError(f"--variant {unknown[0]!r}: not a variant of this study (its variants: "
+                          f"{', '.join(study.variants)})")
     out = Path(study.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "study.yaml", OmegaConf.to_yaml(OmegaConf.structured(study)))
-    runs = [(v, s) for s in study.seeds for v in study.variants]  # seed-major: a partial study covers all variants
+    # seed-major: a partial study covers all variants
+    runs = [(v, s) for s in study.seeds for v in study.variants if not only or v in only]
     for i, (variant, seed) in enumerate(runs, start=1):
         started = time.perf_counter()
         log.info(f"[{i}/{len(runs)}] {variant} seed {seed}")
