@@ -1,6 +1,7 @@
 """Real SGLang servers on CPU (the SGLang venv from tools/setup_sglang.sh): continuation log-probs,
 weight updates, API keys, concurrency of the two groups, a server killed mid-rollout, cleanup."""
 
+import functools
 import json
 import os
 import re
@@ -343,6 +344,49 @@ def test_routing_gives_each_prompt_a_home_and_caps_in_flight_requests():
     assert balancer.pick((1,)) == "b"  # its home left rotation
     assert balancer.slots["b"]._value == len(keys)  # 0: no client-side cap
     assert _Balancer(["a", "b"], set(), 3, keys).slots["a"]._value == 3
+
+
+def test_a_restarted_server_is_reloaded_once_and_again_until_it_flushes(tmp_path, monkeypatch):
+    """SGLang answers that no run here produces on demand, played by an in-process transport (a three-node run
+    met the second once, and died of it): eight stale answers at once (a restarted server) give one reload; an
+    update refused with "cache was not flushed" (a request just finished still counted as running; the weights
+    are loaded but their version is not recorded) is sent again; a request the server aborted is re-sent and
+    not taken for a sample cut at its length."""
+    served = {"version": "default", "updates": [], "aborted": set()}
+
+    def server(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        if request.url.path == "/update_weights_from_disk":
+            served["updates"].append(body["weight_version"])
+            if len(served["updates"]) == 2:  # the reload's first try
+                return httpx.Response(400, json={"success": False, "message": "Weights were updated, but the cache "
+                                                 "was not flushed because requests are still running or queued."})
+            served["version"] = body["weight_version"]
+            return httpx.Response(200, json={"success": True, "message": ""})
+        token = body["input_ids"][0]
+        finish = {"type": "stop"}
+        if token == 3 and token not in served["aborted"] and served["version"] == "1":
+            served["aborted"].add(token)
+            finish = {"type": "abort", "message": "Abort in waiting queue"}
+        return httpx.Response(200, json={"meta_info": {
+            "weight_version": served["version"], "finish_reason": finish,
+            "output_token_logprobs": [[-0.5, token, None]], "prompt_tokens": 1, "cached_tokens": 0}})
+
+    transport = httpx.MockTransport(server)
+    monkeypatch.setattr(httpx, "AsyncClient", functools.partial(httpx.AsyncClient, transport=transport))
+    (tmp_path / "servers").mkdir()
+    (tmp_path / "servers" / "policy.json").write_text(json.dumps({"urls": ["http://n3:1"], "api_key": "k",
+                                                                   "supervised": ["http://n3:1"]}))
+    weights = tmp_path / "weights" / "v000001"
+    weights.mkdir(parents=True)
+    (weights / "config.json").write_text("{}")
+    (weights / "model.safetensors").write_bytes(b"")
+    engine = engine_for(tmp_path)
+    engine.load_weights(weights, 1)
+    served["version"] = "default"  # the server restarted with its launch weights
+    gens = engine.generate([GenerationRequest((t,), (), 4) for t in range(8)], 1.0, 0)
+    assert [g.token_ids for g in gens] == [[t] for t in range(8)] and all(g.finish_reason == "stop" for g in gens)
+    assert served["updates"] == ["1", "1", "1"] and served["aborted"] == {3}
 
 
 @ON_MODULE_SERVERS

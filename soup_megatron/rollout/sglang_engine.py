@@ -19,7 +19,8 @@
   run's watchdog or its serve process) and the request re-sent when it is healthy again; an external server that stops
   answering is dropped from rotation with a warning. Each result is stored by the request's index,
   so a retry can neither lose nor duplicate a sample. A server answering with another weight version
-  than the group's (a restarted one) gets the group's weights again before it is used.
+  than the group's (a restarted one) gets the group's weights again before it is used, once however many
+  of its answers were stale; a request the server aborted is sent again.
 """
 
 from __future__ import annotations
@@ -41,6 +42,14 @@ from .sglang_servers import ServerError, read_address_file
 
 log = get_logger(__name__)
 
+RELOAD_TRIES = 20  # updates of a restarted server's weights, 0.5 s apart, until SGLang flushes its cache
+CACHE_NOT_FLUSHED = "cache was not flushed"  # in SGLang's answer to an update while a request still runs
+
+
+def _finish_type(body: dict) -> str:
+    reason = body["meta_info"]["finish_reason"]
+    return reason["type"] if isinstance(reason, dict) else reason
+
 
 class _Balancer:
     """Each routing key (a prompt) has a home server, keys taken in turn; a key whose home left rotation,
@@ -55,6 +64,9 @@ class _Balancer:
                 self.home[key] = urls[len(self.home) % len(urls)]
         cap = per_server or max(1, len(keys))  # 0: no client-side cap
         self.slots = {u: asyncio.Semaphore(cap) for u in urls}
+        # one reload at a time per server; the weight version each server was given during this call
+        self.reloading = {u: asyncio.Lock() for u in urls}
+        self.reloaded: dict[str, int] = {}
 
     def pick(self, key: Optional[tuple]) -> str:
         if not self.in_flight:
@@ -134,12 +146,16 @@ class SGLangEngine:
                     raise ServerError(f"{url}{path}: HTTP {response.status_code}: {response.text[:300]}")
                 else:
                     body = response.json()
-                    if path == "/generate" and not await self._version_ok(client, url, body):
+                    if path == "/generate" and _finish_type(body) == "abort":  # e.g. another client's abort_all
+                        last_error = f"aborted by the server: {body['meta_info']['finish_reason']}"
+                        continue
+                    if path == "/generate" and not await self._version_ok(client, balancer, url, body):
                         last_error = "answered with stale weights (reloaded them)"
                         continue
                     return body
             except httpx.TransportError as exc:  # refused, reset, timed out
                 last_error = f"{type(exc).__name__}: {exc}"
+                balancer.reloaded.pop(url, None)  # restarted, it serves its launch weights again
                 if url in balancer.supervised:
                     await self._wait_healthy(client, url)  # its watchdog or serve process restarts it
                 elif len(balancer.in_flight) > 1:
@@ -162,15 +178,31 @@ class SGLangEngine:
                 pass
             await asyncio.sleep(1.0)
 
-    async def _version_ok(self, client, url: str, body: dict) -> bool:
+    async def _version_ok(self, client, balancer: _Balancer, url: str, body: dict) -> bool:
         served = body.get("meta_info", {}).get("weight_version")
         if self.weights_path is None or served == str(self.version):  # None: never loaded, nothing to restore
             return True
-        response = await client.post(url + "/update_weights_from_disk", json=self._update_payload())
-        if response.status_code != 200 or not response.json().get("success"):
-            raise ServerError(f"{url}: serves weight version {served!r}, and reloading version {self.version} "
-                              f"from {self.weights_path} failed: {response.text[:300]}")
+        async with balancer.reloading[url]:  # the first stale answer reloads; the server's others just retry
+            if balancer.reloaded.get(url) != self.version:
+                await self._reload(client, url, served)
+                balancer.reloaded[url] = self.version
         return False
+
+    async def _reload(self, client, url: str, served: Optional[str]) -> None:
+        """Give a server the group's weights while it serves others (restarted, it serves its launch weights).
+        SGLang waits for the requests in flight, loads the weights, then flushes the radix cache; a request
+        it has just finished may still count as running then, and it refuses the flush (the weights are
+        loaded, their version not recorded): the update is sent again until the flush goes through."""
+        for _ in range(RELOAD_TRIES):
+            response = await client.post(url + "/update_weights_from_disk", json=self._update_payload())
+            answer = response.json() if response.status_code in (200, 400) else {}
+            if answer.get("success"):
+                return
+            if CACHE_NOT_FLUSHED not in str(answer.get("message", "")):
+                break
+            await asyncio.sleep(0.5)
+        raise ServerError(f"{url}: serves weight version {served!r}, and reloading version {self.version} "
+                          f"from {self.weights_path} failed: {response.text[:300]}")
 
     def _update_payload(self) -> dict:
         return {"model_path": self.weights_path, "weight_version": str(self.version)}
@@ -194,9 +226,8 @@ class SGLangEngine:
         for i, body in zip(todo, bodies):
             meta = body["meta_info"]
             tokens = [int(t) for _, t, _ in meta["output_token_logprobs"]]
-            reason = meta["finish_reason"]["type"] if isinstance(meta["finish_reason"], dict) else meta["finish_reason"]
             results[i] = Generation(tokens, [float(lp) for lp, _, _ in meta["output_token_logprobs"]],
-                                    "stop" if reason == "stop" else "length", self.version,
+                                    "stop" if _finish_type(body) == "stop" else "length", self.version,
                                     self._routing(meta, len(payloads[todo.index(i)]["input_ids"]) + len(tokens) - 1))
             cached += meta.get("cached_tokens", 0)
             inputs += meta.get("prompt_tokens", 0)  # SGLang's name for all input tokens
