@@ -417,12 +417,11 @@ def tool_main(name: str, doc: str, argv=None) -> int:
     parser.add_argument("--warmup", type=int, help="first steps left out (default: the step benchmark, until "
                                                     "every variant's history pool is full; the others, 2)")
     if name == "step":
-        parser.add_argument("--records", metavar="FILE.json", help="also write every step record there")
         add_step_arguments(parser)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args(argv)
     exit_on_signals()
-    extra = {"records_path": args.records, **step_arguments(args)} if name == "step" else {}
+    extra = step_arguments(args) if name == "step" else {}
 
     def run() -> int:
         steps, warmup = steps_and_warmup(name, args.steps, args.warmup)

@@ -39,6 +39,7 @@ def add_step_arguments(parser) -> None:
                              "+-HALF_WIDTH (e.g. 0.05), up to --max-steps")
     parser.add_argument("--max-steps", type=int, help="step benchmark: the most steps --target-ci may run "
                                                       "(default 4 x --steps)")
+    parser.add_argument("--records", metavar="FILE.json", help="step benchmark: also write every step record there")
     parser.add_argument("--learning", action="store_true",
                         help="step benchmark: let the policy learn (default: frozen and every sample trained, "
                              f"{' '.join(FROZEN + EVERY_SAMPLE_TRAINED)})")
@@ -46,4 +47,4 @@ def add_step_arguments(parser) -> None:
 
 def step_arguments(args) -> dict:
     return {"variants": args.variant, "target_ci": args.target_ci, "max_steps": args.max_steps,
-            "learning": args.learning}
+            "learning": args.learning, "records_path": args.records}
