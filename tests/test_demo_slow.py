@@ -19,14 +19,15 @@ def run_cli(*args):
 
 @pytest.mark.slow
 def test_demo_learns(demo_model, tmp_path):
-    """The README demo's 80 steps. Held-out evaluation at the start and the end only: the assertions read
-    those two, and evaluation draws its own random stream, so the trained policy is the demo's (its 7
-    evaluations in between generate 7000 responses, against the 10240 samples of the 80 steps)."""
+    """The README demo's first 40 of its 80 steps (the README's pass@1 at step 40 is 0.647 from 0.381: the
+    bound below leaves room; half the steps halve the slow tier's longest test). Held-out evaluation at the
+    start and the end only: the assertions read those two, and evaluation draws its own random stream, so
+    the trained policy is the demo's."""
     run_cli("train", "--config", "configs/tiny_cpu.yaml", f"model.path={demo_model}", f"trainer.out_dir={tmp_path}/run",
-            "trainer.progress=false", "trainer.eval_interval=0")
+            "trainer.progress=false", "trainer.steps=40", "trainer.eval_interval=0")
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
     first, last = rows[0], rows[-1]
-    assert last["step"] == 80
+    assert last["step"] == 40
     assert 0.05 <= first["heldout/pass1"] <= 0.5, "the SFT start should be weak but not hopeless"
     assert last["heldout/pass1"] >= first["heldout/pass1"] + 0.15, (first, last)
     assert last["heldout/greedy_acc"] >= first["heldout/greedy_acc"] - 0.05
