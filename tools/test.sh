@@ -33,7 +33,9 @@ ruff check soup_megatron tests tools launch  # the linter settings are in pyproj
 # with one thread (OMP_NUM_THREADS=1, inherited by the trainers, torchrun ranks and SGLang servers its tests
 # start): with torch's two threads per process its compute-bound items slowed each other up to 5x (the demo
 # model's SFT: 134 s alone, 702 s beside another worker's tests); with one each, two workers ran the slow tier
-# in 30 min 24 s against 48 min 13 s in one process (2026-12-04, this 2-core machine).
+# in 30 min 24 s against 48 min 13 s in one process (2026-12-04, this 2-core machine). Three slow-tier workers
+# (tried 2026-12-07) left no core idle but were no faster (23 of 45 tests done after 22 min, two workers about
+# 25), and the demo model's SFT, pinned to 2 threads (SFT_THREADS), ran past pytest's 900 s limit beside them.
 workers=${SOUP_TEST_WORKERS:-2}
 if [ "${1:-}" = --all ]; then
   shift
