@@ -46,6 +46,15 @@ RELOAD_TRIES = 20  # updates of a restarted server's weights, 0.5 s apart, until
 CACHE_NOT_FLUSHED = "cache was not flushed"  # in SGLang's answer to an update while a request still runs
 
 
+def _update_answer(response) -> dict:
+    """SGLang's answer to /update_weights_from_disk ({"success", "message"}), or a failed one for a body that is
+    not JSON."""
+    try:
+        return response.json()
+    except ValueError:
+        return {"success": False, "message": f"HTTP {response.status_code}: {response.text[:200]}"}
+
+
 def _finish_type(body: dict) -> str:
     reason = body["meta_info"]["finish_reason"]
     return reason["type"] if isinstance(reason, dict) else reason
@@ -195,7 +204,7 @@ class SGLangEngine:
         loaded, their version not recorded): the update is sent again until the flush goes through."""
         for _ in range(RELOAD_TRIES):
             response = await client.post(url + "/update_weights_from_disk", json=self._update_payload())
-            answer = response.json() if response.status_code in (200, 400) else {}
+            answer = _update_answer(response)
             if answer.get("success"):
                 return
             if CACHE_NOT_FLUSHED not in str(answer.get("message", "")):
@@ -306,10 +315,7 @@ class SGLangEngine:
                     return {"success": True}
                 if response.status_code in (401, 403):
                     raise ServerError(f"{url} refused the weight update (HTTP {response.status_code}): wrong API key")
-                try:
-                    return response.json()
-                except ValueError:
-                    return {"success": False, "message": f"HTTP {response.status_code}: {response.text[:200]}"}
+                return _update_answer(response)
 
             return await asyncio.gather(*(one(u) for u in urls))
 
