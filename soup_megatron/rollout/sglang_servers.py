@@ -147,7 +147,7 @@ class ManagedServer:
             # with each other and the trainer, and the spinning waiters of busy processes made a GRPO step on
             # SmolLM2-135M 8x slower (360 s vs 43 s); a lone server on free cores runs 2.2x faster with ACTIVE
             env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-            env.update(SOUP_SGLANG_SHIMS="1", SGLANG_USE_CPU_ENGINE="1",
+            env.update(SOUP_SGLANG_SHIMS="1", SGLANG_USE_CPU_ENGINE="1", SOUP_SGLANG_FORK="1",
                        PYTHONPATH=os.pathsep.join(filter(None, [str(SERVER_PYTHONPATH), env.get("PYTHONPATH")])),
                        SOUP_SGL_KERNEL_LOG=str(self.workdir / "sgl_kernel_calls.log"))
         self.log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
