@@ -3,9 +3,12 @@
     torchrun --nproc-per-node N tests/mcore_ranks.py logits --tp T --out result.json MODEL_DIR...
     torchrun --nproc-per-node N tests/mcore_ranks.py actor --tp T [--pp P] [--vp V] [--cp C] [--sp] \\
         --out result.json --work DIR TINY_MODEL
+    torchrun --nproc-per-node N tests/mcore_ranks.py actors --layouts LAYOUTS.json --out results.json --work DIR
     torchrun --nproc-per-node N tests/mcore_ranks.py replayed --tp T --ep E --batch BATCH.pt --out logp.json MOE_MODEL
 
-Rank 0 writes the measured differences as JSON; the test asserts on them.
+Rank 0 writes the measured differences as JSON; the test asserts on them. `actors` runs `actor` for each
+layout of a JSON object {id: actor_parity's arguments} in turn, in one launch (each rank imports torch and
+megatron once: about 12 s a process here), and writes {id: differences}.
 """
 
 import argparse
@@ -102,8 +105,8 @@ def _max_rel(a: dict, b: dict) -> float:
     return max(float((a[k] - b[k]).abs().max() / b[k].abs().max().clamp(min=1e-12)) for k in a)
 
 
-def actor_parity(model_dir: str, tp: int, pp: int, vp: int, cp: int, sp: bool, work: Path, max_tokens: int = 0,
-                 ep: int = 1, replay: bool = False) -> dict:
+def actor_parity(model_dir: str, work: Path, tp: int = 1, pp: int = 1, vp: int = 1, cp: int = 1, sp: bool = False,
+                 max_tokens: int = 0, ep: int = 1, replay: bool = False) -> dict:
     """One SOUP update on the megatron actor (TP=tp, with sequence parallelism if sp, x PP=pp with vp model
     chunks per stage x CP=cp, the rest data parallel, a MoE model's experts over EP=ep of those; micro-batches
     by a token budget when max_tokens > 0; with `replay` both replay one routing, the local router's own
@@ -216,10 +219,11 @@ def replayed_logprobs(model_dir: str, tp: int, ep: int, batch_file: Path) -> dic
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("check", choices=["logits", "actor", "replayed"])
+    parser.add_argument("check", choices=["logits", "actor", "actors", "replayed"])
     parser.add_argument("--batch", type=Path, help="a saved TokenBatch (replayed)")
-    parser.add_argument("models", nargs="+")
-    parser.add_argument("--tp", type=int, required=True)
+    parser.add_argument("--layouts", type=Path, help="a JSON object {id: actor_parity's arguments} (actors)")
+    parser.add_argument("models", nargs="*")
+    parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--vp", type=int, default=1)
     parser.add_argument("--cp", type=int, default=1)
@@ -235,8 +239,15 @@ def main() -> None:
         result = logits_differences(args.models, args.tp)
     elif args.check == "replayed":
         result = replayed_logprobs(args.models[0], args.tp, args.ep, args.batch)
+    elif args.check == "actors":
+        result = {}
+        for layout_id, layout in json.loads(args.layouts.read_text()).items():
+            print(f"layout {layout_id}", flush=True)  # names the layout a failure's traceback follows
+            torch.manual_seed(0)
+            (args.work / layout_id).mkdir(parents=True, exist_ok=True)
+            result[layout_id] = actor_parity(**layout, work=args.work / layout_id)
     else:
-        result = actor_parity(args.models[0], args.tp, args.pp, args.vp, args.cp, args.sp, args.work, args.max_tokens,
+        result = actor_parity(args.models[0], args.work, args.tp, args.pp, args.vp, args.cp, args.sp, args.max_tokens,
                               args.ep, args.replay)
     if dist.get_rank() == 0:
         args.out.write_text(json.dumps(result, indent=1))

@@ -139,56 +139,92 @@ def test_megatron_logits_equal_hf_logits(families, tmp_path, tp):
         assert r["padding_columns"] == padded_vocab_size(VOCAB, MegatronConfig(tensor_parallel=tp)) - VOCAB > 0
 
 
-@pytest.mark.parametrize("tp, pp, vp, cp, sp, ranks", [
-    (2, 1, 1, 1, True, 2), pytest.param(1, 2, 1, 1, False, 2, marks=pytest.mark.slow), (1, 2, 2, 1, False, 2),
-    (1, 1, 1, 2, False, 2), pytest.param(2, 1, 1, 1, False, 2, marks=pytest.mark.slow),
-    *(pytest.param(*sizes, marks=pytest.mark.slow) for sizes in [(1, 1, 1, 1, False, 2), (2, 2, 1, 1, False, 4),
-                                                                 (1, 2, 1, 1, False, 4), (1, 2, 2, 1, False, 4),
-                                                                 (2, 1, 1, 2, True, 4)])],
-    ids=["tp2-sp", "pp2", "pp2-vp2", "cp2", "tp2", "dp2", "tp2-pp2", "pp2-dp2", "pp2-vp2-dp2", "tp2-sp-cp2"])
-def test_megatron_actor_matches_local_actor(tiny_model_kv2, tiny_model_4_layers, tmp_path, tp, pp, vp, cp, sp, ranks):
+# The actor parity layouts. Those of one tier and one number of ranks run in one torchrun launch, which the
+# first of their tests starts (`parity`): each rank imports torch and megatron once instead of once a layout.
+PARITY: dict[str, tuple[str, int, dict]] = {}  # layout id -> (its launch's group, ranks, actor_parity's sizes)
+
+
+def parity_layout(layout_id: str, ranks: int, model: str = "dense", slow: bool = False, **sizes) -> object:
+    """A layout of `ranks` ranks of `model` ("dense": two key/value heads, "4 layers", "moe") as a test
+    parameter: `sizes` are actor_parity's (tp, pp, vp, cp, sp, ep, replay, max_tokens)."""
+    group = f"megatron-parity-{ranks}-ranks{'-slow' if slow else ''}"
+    PARITY[layout_id] = (group, ranks, {"model": model, **sizes})
+    return pytest.param(layout_id, id=layout_id,
+                        marks=[pytest.mark.xdist_group(group), *([pytest.mark.slow] if slow else [])])
+
+
+@pytest.fixture(scope="module")
+def parity(request, tiny_model_kv2, tiny_model_4_layers, tiny_moe_model, tmp_path_factory):
+    """The measured differences of a layout: the first test of a group runs all of its group's layouts that this
+    session selected (the group's tests run on one pytest-xdist worker)."""
+    models = {"dense": tiny_model_kv2, "4 layers": tiny_model_4_layers, "moe": tiny_moe_model}
+    selected = {item.callspec.params.get("layout") for item in request.session.items if hasattr(item, "callspec")}
+    results: dict = {}
+
+    def result(layout_id: str) -> dict:
+        if layout_id not in results:
+            group, ranks, _ = PARITY[layout_id]
+            work = tmp_path_factory.mktemp(group)
+            layouts = {i: {"model_dir": str(models[sizes["model"]]),
+                           **{k: v for k, v in sizes.items() if k != "model"}}
+                       for i, (g, _, sizes) in PARITY.items() if g == group and i in selected}
+            (work / "layouts.json").write_text(json.dumps(layouts))
+            run("tests/mcore_ranks.py", "actors", "--layouts", work / "layouts.json", "--out", work / "r.json",
+                "--work", work, ranks=ranks, timeout=300 * len(layouts))
+            results.update(json.loads((work / "r.json").read_text()))
+        return results[layout_id]
+    return result
+
+
+def dense_layout(layout_id: str, tp=1, pp=1, vp=1, cp=1, sp=False, ranks=2, slow=False) -> object:
+    return parity_layout(layout_id, ranks, "4 layers" if vp > 1 else "dense", slow, tp=tp, pp=pp, vp=vp, cp=cp,
+                         sp=sp)  # 2 stages x 2 chunks need 4 layers
+
+
+@pytest.mark.parametrize("layout", [
+    dense_layout("tp2-sp", tp=2, sp=True), dense_layout("pp2", pp=2, slow=True), dense_layout("pp2-vp2", pp=2, vp=2),
+    dense_layout("cp2", cp=2), dense_layout("tp2", tp=2, slow=True), dense_layout("dp2", slow=True),
+    dense_layout("tp2-pp2", tp=2, pp=2, ranks=4, slow=True), dense_layout("pp2-dp2", pp=2, ranks=4, slow=True),
+    dense_layout("pp2-vp2-dp2", pp=2, vp=2, ranks=4, slow=True),
+    dense_layout("tp2-sp-cp2", tp=2, cp=2, sp=True, ranks=4, slow=True)])
+def test_megatron_actor_matches_local_actor(parity, layout):
     """Ranks as tensor-parallel slices (with sequence parallelism: each also holds 1/tp of the sequence
     between layers), pipeline stages (through megatron's 1F1B schedule, or its interleaved one over two
     model chunks per stage; the tied embedding lives on both end stages), context-parallel ranks (two
     chunks of each sequence apiece) and data-parallel replicas: log-probs, entropy, one SOUP update
     (loss, gradients, clipped norm, Adam update) equal the local actor's; save/resume (in the same actor
     and in a new one) repeats a step."""
-    model = tiny_model_4_layers if vp > 1 else tiny_model_kv2  # 2 stages x 2 chunks need 4 layers
-    run("tests/mcore_ranks.py", "actor", model, "--tp", tp, "--pp", pp, "--vp", vp, "--cp", cp,
-        *(["--sp"] if sp else []), "--out", tmp_path / "r.json", "--work", tmp_path, ranks=ranks)
-    assert_parity(json.loads((tmp_path / "r.json").read_text()), sp, nothing_sharded=ranks == tp * pp)
+    _, ranks, sizes = PARITY[layout]
+    assert_parity(parity(layout), sizes.get("sp", False), nothing_sharded=ranks == sizes["tp"] * sizes["pp"])
 
 
-@pytest.mark.parametrize("tp, ep, pp, replay, ranks", [
-    (1, 2, 1, True, 2), pytest.param(2, 2, 1, True, 4, marks=pytest.mark.slow),
-    pytest.param(1, 1, 2, True, 2, marks=pytest.mark.slow)],
-    ids=["ep2-replay", "tp2-sp-ep2-replay", "pp2-replay"])
-def test_megatron_moe_actor_matches_local_actor(tiny_moe_model, tmp_path, tp, ep, pp, replay, ranks):
+@pytest.mark.parametrize("layout", [
+    parity_layout("ep2-replay", 2, "moe", ep=2, replay=True),
+    parity_layout("tp2-sp-ep2-replay", 4, "moe", slow=True, tp=2, sp=True, ep=2, replay=True),
+    parity_layout("pp2-replay", 2, "moe", slow=True, pp=2, replay=True)])
+def test_megatron_moe_actor_matches_local_actor(parity, layout):
     """A Qwen3-MoE with its 4 experts split over two expert-parallel ranks (the alltoall dispatcher sends each
     token to the ranks of its experts; with tensor parallelism each expert is split too, under the sequence
     parallelism megatron requires there), or its layers over two pipeline stages: log-probs, one SOUP update
     and save/resume as in the dense layouts. With replay both actors route by one given routing (other experts
     than the routers' own at half the positions): it moves the log-probs, and megatron's routers report the
     same own choices as the local ones."""
-    run("tests/mcore_ranks.py", "actor", tiny_moe_model, "--tp", tp, "--ep", ep, "--pp", pp,
-        *(["--sp"] if tp > 1 else []), *(["--replay"] if replay else []),
-        "--out", tmp_path / "r.json", "--work", tmp_path, ranks=ranks)
-    r = json.loads((tmp_path / "r.json").read_text())
+    _, ranks, sizes = PARITY[layout]
+    tp, pp = sizes.get("tp", 1), sizes.get("pp", 1)
+    r = parity(layout)
     # an expert gets a share of the tokens only, so fewer of its gradient entries are clearly non-zero
     assert_parity(r, tp > 1, nothing_sharded=ranks == tp * pp, compared=0.8, tied=False)
-    if replay:
-        assert r["replay_moved_logp"] > 1e-3 and r["routing_differs_at"] == 0
+    assert r["replay_moved_logp"] > 1e-3 and r["routing_differs_at"] == 0
     local, megatron = r["expert_load_max"]  # the routers' balance over the update's tokens, summed over the ranks
     assert 1.0 <= local <= 2.0 and abs(local - megatron) < 1e-6
 
 
-def test_token_budget_micro_batches_match_row_micro_batches(tiny_model_kv2, tmp_path):
+@pytest.mark.parametrize("layout", [parity_layout("pp2-token-budget", 2, pp=2, max_tokens=60)])
+def test_token_budget_micro_batches_match_row_micro_batches(parity, layout):
     """The megatron actor's length-bucketed micro-batches (actor.max_tokens_per_micro_batch, through the
     1F1B schedule of two stages) give the local actor's loss, gradients and update made with row
     micro-batches."""
-    run("tests/mcore_ranks.py", "actor", tiny_model_kv2, "--tp", 1, "--pp", 2, "--max-tokens", 60,
-        "--out", tmp_path / "r.json", "--work", tmp_path, ranks=2)
-    r = json.loads((tmp_path / "r.json").read_text())
+    r = parity(layout)
     assert r["micro_batch_rows"] == [2, 2, 2, 2]  # rows of 30 .. 16 tokens, two per 60-token budget
     assert_parity(r, sp=False, nothing_sharded=True)
 

@@ -132,10 +132,12 @@ def initialize(cfg: MegatronConfig) -> Layout:
                             f"tensor_parallel {cfg.tensor_parallel} x expert_parallel {cfg.expert_parallel} (world "
                             f"{world} / pipeline_parallel {cfg.pipeline_parallel}); choose expert_parallel dividing "
                             "data x context parallel")
-    wanted = (cfg.tensor_parallel, cfg.pipeline_parallel, cfg.context_parallel, cfg.expert_parallel)
+    wanted = (cfg.tensor_parallel, cfg.pipeline_parallel, cfg.virtual_pipeline if cfg.virtual_pipeline > 1 else None,
+              cfg.context_parallel, cfg.expert_parallel)
     if ps.model_parallel_is_initialized():
         current = (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(),
-                   ps.get_context_parallel_world_size(), ps.get_expert_model_parallel_world_size())
+                   ps.get_virtual_pipeline_model_parallel_world_size(), ps.get_context_parallel_world_size(),
+                   ps.get_expert_model_parallel_world_size())
         if current != wanted:
             ps.destroy_model_parallel()
     if not ps.model_parallel_is_initialized():
