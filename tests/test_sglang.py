@@ -396,6 +396,16 @@ def test_stand_in_kernels_were_never_called(servers):
         (run_dir / "servers" / "sgl_kernel_calls.log").read_text()
 
 
+@ON_MODULE_SERVERS
+def test_cpu_servers_fork_their_scheduler_and_detokenizer(servers):
+    """SGLang asked for its "spawn" start method and got "fork" (its children set their own process titles, so
+    their command lines cannot tell): the launcher's note in each server's log."""
+    run_dir, _ = servers
+    for group in ("policy", "history"):
+        log = (run_dir / "servers" / f"{group}-0.log").read_text()
+        assert "SGLang's child processes are forked (it asked for 'spawn')" in log, log[-3000:]
+
+
 def _listening_ports() -> str:
     return subprocess.run(["ss", "-ltn"], capture_output=True, text=True).stdout
 

@@ -66,8 +66,13 @@ def fork_server_processes() -> None:
     which CUDA needs."""
     import multiprocessing
 
-    set_start_method = multiprocessing.set_start_method
-    multiprocessing.set_start_method = lambda method, force=False: set_start_method("fork", force=True)
+    original = multiprocessing.set_start_method
+
+    def set_start_method(method, force=False):
+        print(f"soup_sglang_launch: SGLang's child processes are forked (it asked for {method!r})", flush=True)
+        original("fork", force=True)
+
+    multiprocessing.set_start_method = set_start_method
 
 
 def main() -> None:
