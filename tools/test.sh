@@ -36,6 +36,8 @@ ruff check soup_megatron tests tools launch  # the linter settings are in pyproj
 # in 30 min 24 s against 48 min 13 s in one process (2026-12-04, this 2-core machine). Three slow-tier workers
 # (tried 2026-12-07) left no core idle but were no faster (23 of 45 tests done after 22 min, two workers about
 # 25), and the demo model's SFT, pinned to 2 threads (SFT_THREADS), ran past pytest's 900 s limit beside them.
+# Both tiers in one session of two one-thread workers (tried 2026-12-07, so the slow tier's waits could take the
+# default tier's work) were no faster either: 385 passed in 57 min 41 s against 12 min 29 s + 46 min 3 s apart.
 # OpenMP threads that wait passively: a process with two threads (torch's default here; the demo model's SFT)
 # beside another busy one spun its waiting thread on the core the other needed: 100 SFT steps took 104 s beside a
 # busy process, 57 s with PASSIVE, 32 s alone (2026-12-07). The wait policy changes no result (the same weights).
